@@ -1,0 +1,121 @@
+"""BERT encoder in Flax NNX with the Hugging Face ``BertModel`` architecture.
+
+Post-LayerNorm blocks, learned absolute positions, token types, exact GELU. Attribute
+names follow the HF module tree so that ``art_jax.models.hf`` maps weights by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from art_jax.models.layers import (KeyStream, attend, attention_bias_from_mask, dense, dropout,
+                                   embed, merge_heads, split_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    with_pooler: bool = True  # kept only so exported checkpoints are complete
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)), rngs=rngs)
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.word_embeddings = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
+        self.position_embeddings = embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"), **kw)
+        self.token_type_embeddings = embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), **kw)
+        self.LayerNorm = _layer_norm(cfg, rngs)
+        self.dropout_rate = cfg.hidden_dropout
+
+    def __call__(self, input_ids, token_type_ids, keys: KeyStream):
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(token_type_ids))
+        return dropout(self.LayerNorm(x), self.dropout_rate, keys())
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.query = dense(h, h, ("embed", "heads"), **kw)
+        self.key = dense(h, h, ("embed", "heads"), **kw)
+        self.value = dense(h, h, ("embed", "heads"), **kw)
+        self.attention_output = dense(h, h, ("heads", "embed"), **kw)
+        self.attention_norm = _layer_norm(cfg, rngs)
+        self.intermediate = dense(h, f, ("embed", "mlp"), **kw)
+        self.output = dense(f, h, ("mlp", "embed"), **kw)
+        self.output_norm = _layer_norm(cfg, rngs)
+        self.num_heads = cfg.num_heads
+        self.scale = cfg.head_dim ** -0.5
+        self.hidden_dropout = cfg.hidden_dropout
+        self.attention_dropout = cfg.attention_dropout
+
+    def __call__(self, x, bias, keys: KeyStream):
+        q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.query, self.key, self.value))
+        context = merge_heads(attend(q, k, v, bias, scale=self.scale,
+                                     dropout_rate=self.attention_dropout, key=keys()))
+        attended = dropout(self.attention_output(context), self.hidden_dropout, keys())
+        x = self.attention_norm(x + attended)
+        hidden = _ACTIVATIONS["gelu"](self.intermediate(x))
+        out = dropout(self.output(hidden), self.hidden_dropout, keys())
+        return self.output_norm(x + out)
+
+
+class BertPooler(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.dense = dense(cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), use_bias=True,
+                           dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Bert(nnx.Module):
+    """``Bert(cfg)(input_ids, attention_mask) -> last hidden states [B, L, H]``."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg, rngs)
+        self.layers = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.pooler = BertPooler(cfg, rngs) if cfg.with_pooler else None
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """Dropout is on exactly when ``dropout_key`` is given. Token type ids are all 0,
+        as DPR and ART feed them."""
+        keys = KeyStream(dropout_key)
+        x = self.embeddings(input_ids, jnp.zeros_like(input_ids), keys)
+        bias = attention_bias_from_mask(attention_mask)
+        for layer in self.layers:
+            x = layer(x, bias, keys)
+        return x
+
+    def embed_cls(self, input_ids, attention_mask, *, dropout_key=None) -> jax.Array:
+        """The retriever embedding: last-layer hidden state at [CLS], in float32."""
+        return self(input_ids, attention_mask, dropout_key=dropout_key)[:, 0].astype(jnp.float32)

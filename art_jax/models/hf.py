@@ -1,0 +1,430 @@
+"""Hugging Face checkpoints <-> art_jax parameters.
+
+A checkpoint is a folder (config.json + model.safetensors, sharded safetensors, or
+pytorch_model.bin), a hub id, or a gs:// folder. Loading is strict: a missing,
+unexpected or mis-shaped weight is an error that names it; nothing is ever left at
+its random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from art_jax.models.bert import Bert, BertConfig
+from art_jax.models.t5 import T5, T5Config
+from art_jax.sharding import DEFAULT_RULES, state_shardings
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file and keys."""
+
+
+# ---------------------------------------------------------------------------------------
+# Locating and reading checkpoint folders
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+def resolve_checkpoint(name: str) -> str:
+    """Local folder for a folder path, gs:// folder or hub id (downloads are cached)."""
+    if name.startswith("gs://"):
+        return _download_gcs(name)
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded):
+        raise CheckpointError(f"checkpoint {name!r} is a file; expected a folder with config.json")
+    if name.startswith(_LOCAL_PREFIXES) or name.count("/") > 1:
+        raise CheckpointError(f"checkpoint folder not found: {name}")
+    return _download_hub(name)
+
+
+def _download_hub(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "pytorch_model.bin", "*.model", "*.txt"])
+    except Exception as err:  # offline, unknown repo, auth: one message, the cause kept
+        raise CheckpointError(
+            f"checkpoint {repo_id!r} is not a local folder and could not be fetched from the "
+            f"Hugging Face hub ({type(err).__name__}: {err})") from err
+
+
+def _download_gcs(url: str) -> str:
+    import tensorflow as tf  # seqio's dependency; it reads gs:// natively
+
+    target = os.path.join(os.path.expanduser("~/.cache/art_jax/gcs"), re.sub(r"[^\w.-]", "_", url))
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    if not tf.io.gfile.isdir(url):
+        raise CheckpointError(f"checkpoint folder not found: {url}")
+    staging = tempfile.mkdtemp(dir=os.path.dirname(target) if os.path.isdir(os.path.dirname(target)) else None)
+    for name in tf.io.gfile.listdir(url):
+        if not name.endswith("/"):
+            tf.io.gfile.copy(f"{url.rstrip('/')}/{name}", os.path.join(staging, name), overwrite=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(staging, target)
+    return target
+
+
+def read_config(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no config.json in checkpoint folder {folder}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from err
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Memory-mapped arrays (bfloat16 included, which numpy's loader refuses)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        out[key] = data[start:end].view(dtype).reshape(info["shape"])
+    return out
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:
+        raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch installed "
+                              "(or convert the checkpoint to safetensors)") from err
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: (v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy())
+            for k, v in state.items()}
+
+
+def read_weights(folder: str) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder by their Hugging Face names."""
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    torch_bin = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return _read_safetensors(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            weights.update(_read_safetensors(os.path.join(folder, shard)))
+        return weights
+    if os.path.isfile(torch_bin):
+        return _read_torch_bin(torch_bin)
+    raise CheckpointError(f"no weights in checkpoint folder {folder} (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+# ---------------------------------------------------------------------------------------
+# Name tables: one entry per HF tensor, shared by loading and export.
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightName:
+    hf: str  # Hugging Face tensor name
+    ours: tuple[str | int, ...]  # path in the NNX state
+    transpose: bool  # torch Linear stores [out, in]; our kernels are [in, out]
+
+
+def _linear(hf: str, ours: tuple, *, bias: bool) -> list[WeightName]:
+    names = [WeightName(f"{hf}.weight", ours + ("kernel",), True)]
+    if bias:
+        names.append(WeightName(f"{hf}.bias", ours + ("bias",), False))
+    return names
+
+
+def _layer_norm(hf: str, ours: tuple) -> list[WeightName]:
+    return [WeightName(f"{hf}.weight", ours + ("scale",), False),
+            WeightName(f"{hf}.bias", ours + ("bias",), False)]
+
+
+def _embedding(hf: str, ours: tuple) -> list[WeightName]:
+    return [WeightName(f"{hf}.weight", ours + ("embedding",), False)]
+
+
+def bert_names(cfg: BertConfig) -> list[WeightName]:
+    names = []
+    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        names += _embedding(f"embeddings.{table}", ("embeddings", table))
+    names += _layer_norm("embeddings.LayerNorm", ("embeddings", "LayerNorm"))
+    for i in range(cfg.num_layers):
+        hf, ours = f"encoder.layer.{i}", ("layers", i)
+        for proj in ("query", "key", "value"):
+            names += _linear(f"{hf}.attention.self.{proj}", ours + (proj,), bias=True)
+        names += _linear(f"{hf}.attention.output.dense", ours + ("attention_output",), bias=True)
+        names += _layer_norm(f"{hf}.attention.output.LayerNorm", ours + ("attention_norm",))
+        names += _linear(f"{hf}.intermediate.dense", ours + ("intermediate",), bias=True)
+        names += _linear(f"{hf}.output.dense", ours + ("output",), bias=True)
+        names += _layer_norm(f"{hf}.output.LayerNorm", ours + ("output_norm",))
+    if cfg.with_pooler:
+        names += _linear("pooler.dense", ("pooler", "dense"), bias=True)
+    return names
+
+
+def t5_names(cfg: T5Config) -> list[WeightName]:
+    names = _embedding("shared", ("shared",))
+    ffn = ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")
+    for stack, count in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        for i in range(count):
+            hf, ours = f"{stack}.block.{i}.layer", (stack, "blocks", i)
+            sublayers = [("SelfAttention", "self_attention")]
+            if stack == "decoder":
+                sublayers.append(("EncDecAttention", "cross_attention"))
+            for j, (hf_attn, our_attn) in enumerate(sublayers):
+                for proj in ("q", "k", "v", "o"):
+                    names += _linear(f"{hf}.{j}.{hf_attn}.{proj}", ours + (our_attn, proj), bias=False)
+                names.append(WeightName(f"{hf}.{j}.layer_norm.weight", ours + (f"{our_attn}_norm", "weight"), False))
+            if i == 0:
+                names += _embedding(f"{hf}.0.SelfAttention.relative_attention_bias",
+                                    ours + ("self_attention", "relative_attention_bias"))
+            j = len(sublayers)
+            for proj in ffn:
+                names += _linear(f"{hf}.{j}.DenseReluDense.{proj}", ours + ("feed_forward", proj), bias=False)
+            names.append(WeightName(f"{hf}.{j}.layer_norm.weight", ours + ("feed_forward_norm", "weight"), False))
+        names.append(WeightName(f"{stack}.final_layer_norm.weight", (stack, "final_layer_norm", "weight"), False))
+    if cfg.untied_lm_head:
+        names += _linear("lm_head", ("lm_head",), bias=False)
+    return names
+
+
+# ---------------------------------------------------------------------------------------
+# Configs
+
+
+def bert_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **overrides) -> BertConfig:
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"config.json: hidden_act={act!r} is not supported (BERT uses exact 'gelu')")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError("config.json: only position_embedding_type='absolute' is supported")
+    cfg = BertConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        with_pooler="pooler.dense.weight" in weights)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def bert_config_to_hf(cfg: BertConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.layer_norm_eps, "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout, "hidden_act": "gelu",
+        "position_embedding_type": "absolute", "pad_token_id": 0, "initializer_range": 0.02,
+    }
+
+
+def t5_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **overrides) -> T5Config:
+    proj = hf.get("feed_forward_proj", "relu")
+    parts = proj.split("-")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+        raise CheckpointError(f"config.json: feed_forward_proj={proj!r} is not a T5 FFN kind")
+    activation = "gelu_new" if proj == "gated-gelu" else parts[-1]
+    if activation not in ("relu", "gelu_new", "gelu"):
+        raise CheckpointError(f"config.json: activation {activation!r} is not supported")
+    # transformers writes scale_decoder_outputs; older configs mean the same by tie_word_embeddings.
+    scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    head = weights.get("lm_head.weight")
+    untied = head is not None and not np.array_equal(head, weights.get("shared.weight"))
+    cfg = T5Config(
+        vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
+        num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        num_heads=hf["num_heads"], relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), gated=parts[0] == "gated",
+        activation=activation, untied_lm_head=untied, scale_decoder_outputs=bool(scale),
+        dropout_rate=hf.get("dropout_rate", 0.1))
+    return dataclasses.replace(cfg, **overrides)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+# Tensors a checkpoint may carry that the encoder has no use for.
+_BERT_IGNORED = re.compile(r"^(cls\.|embeddings\.position_ids$)")
+_T5_IGNORED = re.compile(
+    r"^((encoder|decoder)\.embed_tokens\.weight|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$")
+
+
+def _normalise_bert_names(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """bert-base-style files: a 'bert.' prefix and LayerNorm gamma/beta."""
+    out = {}
+    for key, value in weights.items():
+        key = key.removeprefix("bert.")
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
+        key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+        out[key] = value
+    return out
+
+
+def _fill_state(abstract_state: nnx.State, names: list[WeightName], weights: dict[str, np.ndarray],
+                ignored: re.Pattern, source: str, shardings, param_dtype) -> nnx.State:
+    flat = dict(nnx.to_flat_state(abstract_state))
+    expected = {n.hf for n in names}
+    missing = sorted(expected - weights.keys())
+    unexpected = sorted(k for k in weights.keys() - expected if not ignored.search(k))
+    mis_shaped = []
+    for n in names:
+        if n.hf in weights:
+            got = weights[n.hf].shape[::-1] if n.transpose else weights[n.hf].shape
+            if tuple(got) != tuple(flat[n.ours].shape):
+                mis_shaped.append(f"{n.hf} {tuple(weights[n.hf].shape)} (expected "
+                                  f"{tuple(flat[n.ours].shape[::-1] if n.transpose else flat[n.ours].shape)})")
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label} weights: {shown}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
+
+    flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    values = {}
+    for n in names:
+        array = np.asarray(weights[n.hf])
+        array = (array.T if n.transpose else array).astype(param_dtype)
+        sharding = flat_shardings.get(n.ours)
+        values[n.ours] = jax.device_put(array, getattr(sharding, "value", sharding))
+    return nnx.from_flat_state({path: var.replace(values[path]) for path, var in flat.items()})
+
+
+def _abstract(module_cls, cfg):
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
+
+
+def init_module(module_cls, cfg, seed: int = 0, mesh=None, rules=DEFAULT_RULES):
+    """A randomly initialised module, its parameters placed by the mesh's rules."""
+    with nnx.use_eager_sharding(False):
+        model = module_cls(cfg, rngs=nnx.Rngs(seed))
+    if mesh is not None:
+        graphdef, state = nnx.split(model)
+        shardings = state_shardings(state, mesh, rules)
+        state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+        model = nnx.merge(graphdef, state)
+    return model
+
+
+def _load(folder: str, module_cls, cfg, names, weights, ignored, mesh, rules):
+    model = _abstract(module_cls, cfg)
+    graphdef, abstract_state = nnx.split(model)
+    shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
+    state = _fill_state(abstract_state, names, weights, ignored, folder, shardings,
+                        getattr(cfg, "param_dtype", "float32"))
+    return nnx.merge(graphdef, state)
+
+
+def _check_model_type(hf_config: dict, folder: str, wanted: str) -> None:
+    kind = hf_config.get("model_type")
+    if kind != wanted:
+        raise CheckpointError(f"{folder}/config.json: model_type={kind!r} is not a supported "
+                              f"architecture here (expected {wanted!r})")
+
+
+def load_bert(name: str, *, mesh=None, rules=DEFAULT_RULES, **overrides) -> Bert:
+    """A BERT encoder from a Hugging Face checkpoint; ``overrides`` set BertConfig fields
+    (dtype, dropout)."""
+    folder = resolve_checkpoint(name)
+    hf_config = read_config(folder)
+    _check_model_type(hf_config, folder, "bert")
+    weights = _normalise_bert_names(read_weights(folder))
+    cfg = bert_config_from_hf(hf_config, weights, **overrides)
+    return _load(folder, Bert, cfg, bert_names(cfg), weights, _BERT_IGNORED, mesh, rules)
+
+
+def load_t5(name: str, *, mesh=None, rules=DEFAULT_RULES, **overrides) -> T5:
+    """A T5 / T0 encoder-decoder from a Hugging Face checkpoint."""
+    folder = resolve_checkpoint(name)
+    hf_config = read_config(folder)
+    _check_model_type(hf_config, folder, "t5")
+    weights = read_weights(folder)
+    cfg = t5_config_from_hf(hf_config, weights, **overrides)
+    return _load(folder, T5, cfg, t5_names(cfg), weights, _T5_IGNORED, mesh, rules)
+
+
+def load_tokenizer(name: str):
+    """The fast tokenizer stored beside a checkpoint."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_checkpoint(name)
+    try:
+        return AutoTokenizer.from_pretrained(folder, use_fast=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"no usable tokenizer in checkpoint folder {folder} ({err})") from err
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+
+
+def bert_state_dict(model: Bert) -> dict[str, np.ndarray]:
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    out = {}
+    for n in bert_names(model.config):
+        array = np.asarray(jax.device_get(flat[n.ours][...]), dtype=np.float32)
+        out[n.hf] = np.ascontiguousarray(array.T if n.transpose else array)
+    return out
+
+
+def export_bert(model: Bert, tokenizer, out_dir: str) -> str:
+    """Write a Hugging Face folder (config, safetensors, tokenizer) that
+    ``transformers.AutoModel`` loads; published by an atomic rename."""
+    from safetensors.numpy import save_file
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(bert_config_to_hf(model.config), f, indent=2)
+        save_file(bert_state_dict(model), os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+LOADERS: dict[str, Callable[..., Any]] = {"bert": load_bert, "t5": load_t5}
