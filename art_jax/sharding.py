@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from art_jax.errors import UserError
+
 # Megatron-style tensor parallelism for a scorer too big to replicate: attention
 # heads, FFN width and vocabulary split over `model`; everything else replicated.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
@@ -29,10 +31,10 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
     devices = list(devices if devices is not None else jax.devices())
     if data == -1:
         if len(devices) % model:
-            raise ValueError(f"mesh: model={model} does not divide the {len(devices)} devices")
+            raise UserError(f"mesh: model={model} does not divide the {len(devices)} devices")
         data = len(devices) // model
     if data * model != len(devices):
-        raise ValueError(f"mesh: data={data} x model={model} != {len(devices)} devices")
+        raise UserError(f"mesh: data={data} x model={model} != {len(devices)} devices")
     return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
 
 

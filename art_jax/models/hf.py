@@ -15,7 +15,6 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,13 +23,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from art_jax.errors import CheckpointError
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.t5 import T5, T5Config
 from art_jax.sharding import DEFAULT_RULES, state_shardings
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names the file and keys."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,6 +270,22 @@ def t5_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **over
     return dataclasses.replace(cfg, **overrides)
 
 
+def t5_config_to_hf(cfg: T5Config) -> dict[str, Any]:
+    proj = ("gated-" if cfg.gated else "") + ("gelu" if cfg.activation == "gelu_new" and cfg.gated else cfg.activation)
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_layers": cfg.num_layers,
+        "num_decoder_layers": cfg.num_decoder_layers, "num_heads": cfg.num_heads,
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon, "feed_forward_proj": proj,
+        "dropout_rate": cfg.dropout_rate, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+        # the two flags transformers reads to decide head tying and output scaling
+        "tie_word_embeddings": not cfg.untied_lm_head and cfg.scale_decoder_outputs,
+        "scale_decoder_outputs": cfg.scale_decoder_outputs,
+    }
+
+
 # ---------------------------------------------------------------------------------------
 # Loading
 
@@ -395,27 +407,30 @@ def load_tokenizer(name: str):
 # Export
 
 
-def bert_state_dict(model: Bert) -> dict[str, np.ndarray]:
+def state_dict(model: Bert | T5) -> dict[str, np.ndarray]:
+    """Float32 tensors by Hugging Face name (the inverse of loading)."""
+    names = bert_names(model.config) if isinstance(model, Bert) else t5_names(model.config)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out = {}
-    for n in bert_names(model.config):
+    for n in names:
         array = np.asarray(jax.device_get(flat[n.ours][...]), dtype=np.float32)
         out[n.hf] = np.ascontiguousarray(array.T if n.transpose else array)
     return out
 
 
-def export_bert(model: Bert, tokenizer, out_dir: str) -> str:
-    """Write a Hugging Face folder (config, safetensors, tokenizer) that
-    ``transformers.AutoModel`` loads; published by an atomic rename."""
+def export(model: Bert | T5, tokenizer, out_dir: str) -> str:
+    """Write a Hugging Face folder (config, safetensors, tokenizer) that transformers'
+    ``AutoModel`` / ``T5ForConditionalGeneration`` load; published by an atomic rename."""
     from safetensors.numpy import save_file
 
+    hf_config = bert_config_to_hf(model.config) if isinstance(model, Bert) else t5_config_to_hf(model.config)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(bert_config_to_hf(model.config), f, indent=2)
-        save_file(bert_state_dict(model), os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+            json.dump(hf_config, f, indent=2)
+        save_file(state_dict(model), os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if os.path.exists(out_dir):
@@ -425,6 +440,3 @@ def export_bert(model: Bert, tokenizer, out_dir: str) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-LOADERS: dict[str, Callable[..., Any]] = {"bert": load_bert, "t5": load_t5}

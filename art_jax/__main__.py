@@ -1,0 +1,3 @@
+from art_jax.cli import main
+
+main()

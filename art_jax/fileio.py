@@ -1,0 +1,58 @@
+"""Reading user files with errors that name the line, and writing results atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from art_jax.errors import UserError
+
+
+def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Objects of a JSONL file; a bad line is an error naming file and line."""
+    if not os.path.isfile(path):
+        raise UserError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object")
+            missing = [k for k in required if not isinstance(row.get(k), str)]
+            if missing:
+                raise UserError(f"{path}:{number}: missing or non-string field(s) {', '.join(missing)}")
+            yield row
+
+
+def read_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise UserError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,83 @@
+"""The dual encoder: question and passage BERT towers, [CLS] embeddings.
+
+Inputs follow DPR/ART: question ``[CLS] q [SEP]``, passage ``[CLS] title [SEP] text [SEP]``
+with only the text cut to fit, token type ids all 0 (the towers ignore them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from art_jax.errors import UserError
+from art_jax.models.bert import Bert
+from art_jax.models.hf import load_bert, load_tokenizer
+
+
+@dataclasses.dataclass
+class Tokens:
+    """A padded batch: int32 ids and 0/1 mask, both [B, L]."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+
+
+def _pad(rows: list[list[int]], pad_id: int, length: int | None = None, multiple: int = 8) -> Tokens:
+    longest = max((len(r) for r in rows), default=1)
+    length = length or -(-longest // multiple) * multiple  # few distinct shapes -> few compiles
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return Tokens(ids, mask)
+
+
+def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int, *,
+                       pad_to: int | None = None) -> Tokens:
+    for i, q in enumerate(questions):
+        if not q or not q.strip():
+            raise UserError(f"question {i} is empty")
+    rows = tokenizer(list(questions), truncation=True, max_length=max_length)["input_ids"]
+    return _pad(rows, tokenizer.pad_token_id, pad_to)
+
+
+def tokenize_passages(tokenizer, titles: Sequence[str], texts: Sequence[str], max_length: int, *,
+                      pad_to: int | None = None) -> Tokens:
+    rows = tokenizer(list(titles), list(texts), truncation="only_second", max_length=max_length)["input_ids"]
+    return _pad(rows, tokenizer.pad_token_id, pad_to)
+
+
+@dataclasses.dataclass
+class DualEncoder:
+    """Two towers (the same module when shared) and their tokenizer."""
+
+    question: Bert
+    passage: Bert
+    tokenizer: object
+    question_max_length: int = 256
+    passage_max_length: int = 256
+
+    @classmethod
+    def from_pretrained(cls, question: str, passage: str | None = None, *, shared: bool = False,
+                        mesh=None, **overrides) -> "DualEncoder":
+        """Towers from Hugging Face checkpoints. With one checkpoint both towers start from
+        it (separate weights unless ``shared``)."""
+        q_tower = load_bert(question, mesh=mesh, **overrides)
+        p_tower = q_tower if shared else load_bert(passage or question, mesh=mesh, **overrides)
+        return cls(q_tower, p_tower, load_tokenizer(question))
+
+    def embed_questions(self, questions: Sequence[str]) -> jax.Array:
+        tokens = tokenize_questions(self.tokenizer, questions, self.question_max_length)
+        return _embed(self.question, tokens.ids, tokens.mask)
+
+    def embed_passages(self, titles: Sequence[str], texts: Sequence[str]) -> jax.Array:
+        tokens = tokenize_passages(self.tokenizer, titles, texts, self.passage_max_length)
+        return _embed(self.passage, tokens.ids, tokens.mask)
+
+
+# NNX modules are pytrees: the tower is an ordinary jit argument.
+_embed = jax.jit(lambda tower, ids, mask: tower.embed_cls(ids, mask))

@@ -1,0 +1,146 @@
+"""Frozen teachers that score how well a passage reconstructs a question.
+
+``T5Scorer`` is ART's teacher: the mean log-probability of every target token of
+``Question: {q}</s>`` given ``Passage: {title} {text} . Please write a question based on
+this passage.</s>`` under a frozen T5/T0 (bfloat16 parameters, float32 logits).
+The same scorer re-ranks retrieved passages zero-shot (UPR).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from art_jax.errors import UserError
+from art_jax.models.hf import load_t5, load_tokenizer
+from art_jax.models.t5 import T5
+from art_jax.sharding import DEFAULT_RULES, batch_sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    head: str = "Passage: "
+    verbalizer: str = " . Please write a question based on this passage."
+    question_prefix: str = "Question: "
+    max_encoder_tokens: int = 512  # passage prompt, verbalizer and </s> included
+    max_decoder_tokens: int = 128  # question target, </s> included
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+class PromptBuilder:
+    """Token ids of ART's teacher prompts, built from ids as the reference does: the
+    passage part ``head + title + text`` is cut from its end so that it, the verbalizer
+    and </s> fit ``max_encoder_tokens``; the question keeps its </s> when cut."""
+
+    def __init__(self, tokenizer, prompt: PromptConfig = PromptConfig()):
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.eos = tokenizer.eos_token_id
+        self.head = self._ids([prompt.head])[0]
+        self.verbalizer = self._ids([prompt.verbalizer])[0]
+        self.passage_budget = prompt.max_encoder_tokens - len(self.verbalizer) - 1
+        if self.passage_budget < len(self.head):
+            raise UserError(f"prompt: max_encoder_tokens={prompt.max_encoder_tokens} leaves no room "
+                             "for the passage after the head and verbalizer")
+
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def encoder_ids(self, titles: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
+        rows = []
+        for title, text in zip(self._ids(titles), self._ids(texts)):
+            passage = (self.head + title + text)[:self.passage_budget]
+            rows.append(passage + self.verbalizer + [self.eos])
+        return rows
+
+    def decoder_ids(self, questions: Sequence[str]) -> list[list[int]]:
+        for i, q in enumerate(questions):
+            if not q or not q.strip():
+                raise UserError(f"question {i} is empty")
+        budget = self.prompt.max_decoder_tokens - 1
+        return [ids[:budget] + [self.eos] for ids in self._ids([self.prompt.question_prefix + q for q in questions])]
+
+
+def pad_rows(rows: list[list[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def teacher_scores(model: T5, enc_ids, enc_mask, labels, label_mask) -> jax.Array:
+    """ART score per pair: mean over the target tokens of log p(token | prefix, passage)."""
+    log_probs = model.target_log_probs(enc_ids, enc_mask, labels)
+    label_mask = label_mask.astype(jnp.float32)
+    return jnp.sum(log_probs * label_mask, axis=-1) / jnp.maximum(jnp.sum(label_mask, axis=-1), 1.0)
+
+
+_teacher_scores = jax.jit(teacher_scores)
+
+
+class T5Scorer:
+    """A frozen T5/T0 teacher: bfloat16 parameters by default, outside any optimizer."""
+
+    def __init__(self, model: T5, tokenizer, prompt: PromptConfig = PromptConfig(), mesh=None,
+                 length_multiple: int = 32):
+        self.model = model
+        self.builder = PromptBuilder(tokenizer, prompt)
+        self.mesh = mesh
+        self.length_multiple = length_multiple
+
+    @classmethod
+    def from_pretrained(cls, name: str, *, dtype: str = "bfloat16", prompt: PromptConfig = PromptConfig(),
+                        mesh=None, rules=DEFAULT_RULES) -> "T5Scorer":
+        model = load_t5(name, mesh=mesh, rules=rules, dtype=dtype, param_dtype=dtype)
+        return cls(model, load_tokenizer(name), prompt, mesh)
+
+    @property
+    def data_parallelism(self) -> int:
+        return self.mesh.shape["data"] if self.mesh is not None else 1
+
+    def score_rows(self, enc_rows: list[list[int]], dec_rows: list[list[int]]) -> np.ndarray:
+        """Scores of one batch of already-built prompts (padded to a few static shapes)."""
+        count = len(enc_rows)
+        batch = _round_up(count, self.data_parallelism)
+        enc_rows = enc_rows + [enc_rows[0]] * (batch - count)  # filler rows, dropped below
+        dec_rows = dec_rows + [dec_rows[0]] * (batch - count)
+        enc = pad_rows(enc_rows, _round_up(max(map(len, enc_rows)), self.length_multiple))
+        dec = pad_rows(dec_rows, _round_up(max(map(len, dec_rows)), 16))
+        arrays = (*enc, *dec)
+        if self.mesh is not None:
+            arrays = tuple(jax.device_put(a, batch_sharding(self.mesh, 2)) for a in arrays)
+        return np.asarray(_teacher_scores(self.model, *arrays))[:count]
+
+    def score(self, titles: Sequence[str], texts: Sequence[str], questions: Sequence[str], *,
+              batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """ART teacher score of each (passage, question) pair, float32 [N], input order.
+
+        Pairs are scored in order of prompt length so that each batch pads little."""
+        if not (len(titles) == len(texts) == len(questions)):
+            raise ValueError("score: titles, texts and questions must have the same length")
+        enc_rows = self.builder.encoder_ids(titles, texts)
+        dec_rows = self.builder.decoder_ids(questions)
+        order = np.argsort([len(r) for r in enc_rows], kind="stable")
+        scores = np.empty(len(order), np.float32)
+        with tqdm(total=len(order), desc="scoring", unit="pair", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                scores[chunk] = self.score_rows([enc_rows[i] for i in chunk], [dec_rows[i] for i in chunk])
+                bar.update(len(chunk))
+        return scores
+
+
+def teacher_log_softmax(scores: jax.Array) -> jax.Array:
+    """Teacher distribution over the K retrieved passages: softmax of the raw scores
+    (no temperature, as in ART)."""
+    return jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)

@@ -1,0 +1,61 @@
+"""`art-jax selfcheck`: prove an install works, offline, in well under a minute.
+
+Builds tiny random BERT and T5 checkpoints with their own tokenizers, writes them as
+Hugging Face folders, loads them back through the real loaders, then embeds, searches
+by inner product and scores with the ART teacher prompt on every local device.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from art_jax.data.tokenizers import train_unigram, train_wordpiece
+from art_jax.models.bert import Bert, BertConfig
+from art_jax.models.hf import export, init_module
+from art_jax.models.t5 import T5, T5Config
+from art_jax.retriever import DualEncoder
+from art_jax.scorer import T5Scorer
+from art_jax.sharding import make_mesh
+
+PASSAGES = [
+    ("Aurora Station", "Aurora Station is a research base on the ice shelf, founded in 1961 by glaciologists."),
+    ("Copper Vale", "Copper Vale is a mining town whose river turns green every spring."),
+    ("Lumen Orchestra", "The Lumen Orchestra plays only music written by its own percussionists."),
+    ("Tessel Bridge", "Tessel Bridge crosses the Marrow estuary and opened to trains in 1894."),
+]
+QUESTIONS = ["who founded aurora station?", "which river turns green?", "when did tessel bridge open?",
+             "what music does the lumen orchestra play?"]
+
+
+def run() -> dict:
+    start = time.perf_counter()
+    texts = [f"{t} {x}" for t, x in PASSAGES] + QUESTIONS
+    mesh = make_mesh()
+    print(f"art_jax selfcheck: jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_wordpiece(texts, 200)
+        cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4,
+                         intermediate_size=64, max_position_embeddings=128)
+        bert_dir = export(init_module(Bert, cfg, seed=0), tokenizer, os.path.join(tmp, "bert"))
+        t5_cfg = T5Config(vocab_size=len(t5_tokenizer := train_unigram(texts, 120)), d_model=32, d_kv=8,
+                          d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, gated=True,
+                          activation="gelu_new", untied_lm_head=True, scale_decoder_outputs=False)
+        t5_dir = export(init_module(T5, t5_cfg, seed=1), t5_tokenizer, os.path.join(tmp, "t5"))
+        encoder = DualEncoder.from_pretrained(bert_dir, mesh=mesh)
+        scorer = T5Scorer.from_pretrained(t5_dir, mesh=mesh)
+    titles, bodies = zip(*PASSAGES)
+    q = np.asarray(encoder.embed_questions(QUESTIONS))
+    p = np.asarray(encoder.embed_passages(titles, bodies))
+    top = np.argsort(-(q @ p.T), axis=1)[:, 0]
+    scores = scorer.score([titles[i] for i in top], [bodies[i] for i in top], QUESTIONS)
+    for question, i, s in zip(QUESTIONS, top, scores):
+        print(f"  {question!r:45} -> {titles[i]!r:18} teacher log-prob {s:7.3f}")
+    ok = bool(np.all(np.isfinite(scores)) and np.all(scores < 0) and q.shape == (len(QUESTIONS), 32))
+    print(f"selfcheck {'passed' if ok else 'FAILED'} in {time.perf_counter() - start:.1f}s "
+          "(random tiny models: the pairings are arbitrary, the plumbing is real)")
+    return {"ok": ok, "scores": scores}
