@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from art_jax.batching import pad_rows, round_up
 from art_jax.errors import UserError
 from art_jax.models.bert import Bert
 from art_jax.models.hf import load_bert, load_tokenizer
@@ -25,15 +26,8 @@ class Tokens:
     mask: np.ndarray
 
 
-def _pad(rows: list[list[int]], pad_id: int, length: int | None = None, multiple: int = 8) -> Tokens:
-    longest = max((len(r) for r in rows), default=1)
-    length = length or -(-longest // multiple) * multiple  # few distinct shapes -> few compiles
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    return Tokens(ids, mask)
+def _pad(rows: list[list[int]], pad_id: int, length: int | None) -> Tokens:
+    return Tokens(*pad_rows(rows, length or round_up(max(map(len, rows), default=1), 8), pad_id))
 
 
 def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int, *,

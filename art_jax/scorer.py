@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from art_jax.batching import pad_rows, round_up
 from art_jax.errors import UserError
 from art_jax.models.hf import load_t5, load_tokenizer
 from art_jax.models.t5 import T5
@@ -29,10 +30,6 @@ class PromptConfig:
     question_prefix: str = "Question: "
     max_encoder_tokens: int = 512  # passage prompt, verbalizer and </s> included
     max_decoder_tokens: int = 128  # question target, </s> included
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
 
 
 class PromptBuilder:
@@ -69,15 +66,6 @@ class PromptBuilder:
         return [ids[:budget] + [self.eos] for ids in self._ids([self.prompt.question_prefix + q for q in questions])]
 
 
-def pad_rows(rows: list[list[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    return ids, mask
-
-
 def teacher_scores(model: T5, enc_ids, enc_mask, labels, label_mask) -> jax.Array:
     """ART score per pair: mean over the target tokens of log p(token | prefix, passage)."""
     log_probs = model.target_log_probs(enc_ids, enc_mask, labels)
@@ -111,11 +99,11 @@ class T5Scorer:
     def score_rows(self, enc_rows: list[list[int]], dec_rows: list[list[int]]) -> np.ndarray:
         """Scores of one batch of already-built prompts (padded to a few static shapes)."""
         count = len(enc_rows)
-        batch = _round_up(count, self.data_parallelism)
+        batch = round_up(count, self.data_parallelism)
         enc_rows = enc_rows + [enc_rows[0]] * (batch - count)  # filler rows, dropped below
         dec_rows = dec_rows + [dec_rows[0]] * (batch - count)
-        enc = pad_rows(enc_rows, _round_up(max(map(len, enc_rows)), self.length_multiple))
-        dec = pad_rows(dec_rows, _round_up(max(map(len, dec_rows)), 16))
+        enc = pad_rows(enc_rows, round_up(max(map(len, enc_rows)), self.length_multiple))
+        dec = pad_rows(dec_rows, round_up(max(map(len, dec_rows)), 16))
         arrays = (*enc, *dec)
         if self.mesh is not None:
             arrays = tuple(jax.device_put(a, batch_sharding(self.mesh, 2)) for a in arrays)

@@ -23,10 +23,10 @@ CORPUS = [
 ] + ["Who visited the bridge? When was the castle painted? Where is the harbour?"]
 
 
-def make_bert_checkpoint(folder: str, *, seed: int = 0, vocab_size: int = 300, **overrides) -> str:
+def make_bert_checkpoint(folder: str, *, seed: int = 0, tokenizer_vocab: int = 300, **overrides) -> str:
     from transformers import BertConfig, BertModel
 
-    tokenizer = train_wordpiece(CORPUS, vocab_size)
+    tokenizer = train_wordpiece(CORPUS, tokenizer_vocab)
     cfg = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=48, max_position_embeddings=128)
     cfg.update(overrides)
@@ -36,10 +36,10 @@ def make_bert_checkpoint(folder: str, *, seed: int = 0, vocab_size: int = 300, *
     return folder
 
 
-def make_t5_checkpoint(folder: str, *, version: str, seed: int = 0, vocab_size: int = 200, **overrides) -> str:
+def make_t5_checkpoint(folder: str, *, version: str, seed: int = 0, tokenizer_vocab: int = 200, **overrides) -> str:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    tokenizer = train_unigram(CORPUS, vocab_size)
+    tokenizer = train_unigram(CORPUS, tokenizer_vocab)
     cfg = dict(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                decoder_start_token_id=0, feed_forward_proj="relu" if version == "1.0" else "gated-gelu")
