@@ -11,8 +11,10 @@ from typing import Any
 from art_jax.errors import UserError
 
 
-def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
-    """Objects of a JSONL file; a bad line is an error naming file and line."""
+def read_jsonl(path: str, required: tuple[str, ...] = (),
+               nonblank: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Objects of a JSONL file; a bad line is an error naming file and line. ``required``
+    fields must be strings; ``nonblank`` ones must also hold more than whitespace."""
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -28,6 +30,9 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> Iterator[dict[str, 
             missing = [k for k in required if not isinstance(row.get(k), str)]
             if missing:
                 raise UserError(f"{path}:{number}: missing or non-string field(s) {', '.join(missing)}")
+            blank = [k for k in nonblank if not isinstance(row.get(k), str) or not row[k].strip()]
+            if blank:
+                raise UserError(f"{path}:{number}: empty {', '.join(blank)}")
             yield row
 
 

@@ -14,10 +14,7 @@ from art_jax.scorer import T5Scorer
 def score_pairs_file(scorer: T5Scorer, pairs_path: str, out_path: str, *, batch_size: int = 32,
                      progress: bool = True) -> np.ndarray:
     """``{"title","text","question"}`` per line -> ``{"score": s}`` per line, input order."""
-    rows = list(read_jsonl(pairs_path, required=("title", "text", "question")))
-    for number, row in enumerate(rows, 1):
-        if not row["question"].strip():
-            raise UserError(f"{pairs_path}: pair {number}: empty question")
+    rows = list(read_jsonl(pairs_path, required=("title", "text", "question"), nonblank=("question",)))
     scores = scorer.score([r["title"] for r in rows], [r["text"] for r in rows], [r["question"] for r in rows],
                           batch_size=batch_size, progress=progress)
     atomic_write(out_path, "".join(json.dumps({"score": float(s)}) + "\n" for s in scores))

@@ -40,7 +40,8 @@ def make_t5_checkpoint(folder: str, *, version: str, seed: int = 0, tokenizer_vo
     from transformers import T5Config, T5ForConditionalGeneration
 
     tokenizer = train_unigram(CORPUS, tokenizer_vocab)
-    cfg = dict(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+    # padded past the tokenizer, as real T5 vocabularies (32128) are
+    cfg = dict(vocab_size=-(-len(tokenizer) // 8) * 8, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                decoder_start_token_id=0, feed_forward_proj="relu" if version == "1.0" else "gated-gelu")
     cfg.update(overrides)

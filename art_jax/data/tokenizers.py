@@ -7,6 +7,8 @@ bert-base-uncased or T0 runs unchanged on a machine with no hub access.
 
 from __future__ import annotations
 
+import collections
+import math
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -32,16 +34,32 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):
 
 
 def train_unigram(texts: Iterable[str], vocab_size: int = 2000):
-    """A SentencePiece-style Unigram tokenizer with T5's ids, as a ``T5TokenizerFast``."""
+    """A SentencePiece-style Unigram tokenizer with T5's ids, as a ``T5TokenizerFast``.
+
+    The vocabulary is built directly, not by the EM trainer (whose result varies from
+    run to run): the most frequent whole words, then every character seen, each with its
+    log frequency as the Unigram score. Same texts, same ids, every time.
+    """
     from transformers import T5TokenizerFast
 
+    normalizer = normalizers.NFKC()
+    words = collections.Counter()
+    for text in texts:
+        words.update("\u2581" + w for w in normalizer.normalize_str(text).split())
+    chars = collections.Counter()
+    for word, count in words.items():
+        chars.update({c: count for c in word})
+        chars["\u2581" + word[1]] += count  # a word-initial piece for each first character
     specials = ["<pad>", "</s>", "<unk>"]
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
+    pieces = sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))
+    room = max(0, vocab_size - len(specials) - len(pieces))
+    pieces += sorted((kv for kv in words.items() if len(kv[0]) > 2), key=lambda kv: (-kv[1], kv[0]))[:room]
+    total = sum(words.values()) + sum(chars.values())
+    vocab = [(s, 0.0) for s in specials] + [(p, math.log(c / total)) for p, c in pieces]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=specials.index("<unk>")))
+    tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
     return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",

@@ -327,13 +327,13 @@ def _fill_state(abstract_state: nnx.State, names: list[WeightName], weights: dic
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
 
-    flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    flat_shardings = ({path: var.get_value() for path, var in nnx.to_flat_state(shardings)}
+                      if shardings is not None else {})
     values = {}
     for n in names:
         array = np.asarray(weights[n.hf])
         array = (array.T if n.transpose else array).astype(param_dtype)
-        sharding = flat_shardings.get(n.ours)
-        values[n.ours] = jax.device_put(array, getattr(sharding, "value", sharding))
+        values[n.ours] = jax.device_put(array, flat_shardings.get(n.ours))
     return nnx.from_flat_state({path: var.replace(values[path]) for path, var in flat.items()})
 
 
