@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
+from art_jax.batching import pad_rows, round_up
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models import hf
 from art_jax.models.hf import CheckpointError, init_module, load_bert, load_t5, load_tokenizer
@@ -30,8 +31,7 @@ from art_jax.sharding import batch_sharding, make_mesh
 
 transformers = pytest.importorskip("transformers")
 
-# The exporter was `export_bert`; it is now `export`, for BERT and T5 alike.
-export = getattr(hf, "export", None) or hf.export_bert
+export = hf.export
 
 # One jitted function per computation: an NNX module is an ordinary pytree argument, so
 # equal configs and shapes share a compilation.
@@ -63,15 +63,6 @@ def _rewrite_weights(folder: str, edit) -> None:
     save_file(weights, path, metadata={"format": "pt"})
 
 
-def _pad(rows: list[list[int]], pad: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(rows), length), pad, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    return ids, mask
-
-
 def _flat_params(model) -> dict:
     return {path: np.asarray(var.get_value())
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -80,7 +71,7 @@ def _flat_params(model) -> dict:
 def _bert_batch(folder: str, texts: list[str], length: int = 24):
     rows = load_tokenizer(folder)(texts)["input_ids"]
     assert len({len(r) for r in rows}) > 1, "the batch should mix lengths"
-    return _pad(rows, 0, length)
+    return pad_rows(rows, length, 0)
 
 
 BERT_TEXTS = [
@@ -111,8 +102,8 @@ def _t5_batch(folder: str, batch: int = 4):
                "Kyoto", "in 1920"] * (batch // 4)
     enc_rows, label_rows = tok(sources)["input_ids"], tok(targets)["input_ids"]
     assert len({len(r) for r in enc_rows}) > 1 and len({len(r) for r in label_rows}) > 1
-    enc_ids, enc_mask = _pad(enc_rows, tok.pad_token_id, 8 * -(-max(map(len, enc_rows)) // 8))
-    labels, label_mask = _pad(label_rows, tok.pad_token_id, 8 * -(-max(map(len, label_rows)) // 8))
+    enc_ids, enc_mask = pad_rows(enc_rows, round_up(max(map(len, enc_rows)), 8), tok.pad_token_id)
+    labels, label_mask = pad_rows(label_rows, round_up(max(map(len, label_rows)), 8), tok.pad_token_id)
     return enc_ids, enc_mask, labels, label_mask
 
 
