@@ -96,39 +96,43 @@ class T5Scorer:
     def data_parallelism(self) -> int:
         return self.mesh.shape["data"] if self.mesh is not None else 1
 
-    def score_rows(self, enc_rows: list[list[int]], dec_rows: list[list[int]]) -> np.ndarray:
-        """Scores of one batch of already-built prompts (padded to a few static shapes)."""
-        count = len(enc_rows)
-        batch = round_up(count, self.data_parallelism)
-        enc_rows = enc_rows + [enc_rows[0]] * (batch - count)  # filler rows, dropped below
-        dec_rows = dec_rows + [dec_rows[0]] * (batch - count)
-        enc = pad_rows(enc_rows, round_up(max(map(len, enc_rows)), self.length_multiple))
-        dec = pad_rows(dec_rows, round_up(max(map(len, dec_rows)), 16))
+    def dispatch(self, enc_rows: list[list[int]], dec_rows: list[list[int]]) -> jax.Array:
+        """Start scoring one batch of built prompts; returns the (padded) device result
+        without waiting, so the host can prepare the next batch meanwhile."""
+        batch = round_up(len(enc_rows), self.data_parallelism)
+        filler = batch - len(enc_rows)  # rows that make the batch divide the mesh, dropped later
+        enc = pad_rows(enc_rows + enc_rows[:1] * filler, round_up(max(map(len, enc_rows)), self.length_multiple))
+        dec = pad_rows(dec_rows + dec_rows[:1] * filler, round_up(max(map(len, dec_rows)), 16))
         arrays = (*enc, *dec)
         if self.mesh is not None:
             arrays = tuple(jax.device_put(a, batch_sharding(self.mesh, 2)) for a in arrays)
-        return np.asarray(_teacher_scores(self.model, *arrays))[:count]
+        return _teacher_scores(self.model, *arrays)
 
     def score(self, titles: Sequence[str], texts: Sequence[str], questions: Sequence[str], *,
               batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """ART teacher score of each (passage, question) pair, float32 [N], input order.
 
-        Pairs are scored in order of prompt length so that each batch pads little."""
+        Pairs are scored in order of prompt length so that each batch pads little; two
+        batches are kept in flight."""
         if not (len(titles) == len(texts) == len(questions)):
             raise ValueError("score: titles, texts and questions must have the same length")
         enc_rows = self.builder.encoder_ids(titles, texts)
         dec_rows = self.builder.decoder_ids(questions)
         order = np.argsort([len(r) for r in enc_rows], kind="stable")
         scores = np.empty(len(order), np.float32)
+        in_flight: list[tuple[np.ndarray, jax.Array]] = []
         with tqdm(total=len(order), desc="scoring", unit="pair", disable=not progress) as bar:
+            def collect():
+                chunk, result = in_flight.pop(0)
+                scores[chunk] = np.asarray(result)[:len(chunk)]
+                bar.update(len(chunk))
+
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                scores[chunk] = self.score_rows([enc_rows[i] for i in chunk], [dec_rows[i] for i in chunk])
-                bar.update(len(chunk))
+                in_flight.append((chunk, self.dispatch([enc_rows[i] for i in chunk], [dec_rows[i] for i in chunk])))
+                if len(in_flight) > 2:
+                    collect()
+            while in_flight:
+                collect()
         return scores
 
-
-def teacher_log_softmax(scores: jax.Array) -> jax.Array:
-    """Teacher distribution over the K retrieved passages: softmax of the raw scores
-    (no temperature, as in ART)."""
-    return jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
