@@ -7,8 +7,9 @@ and the same pairs, in one process. Prints pairs/s and the ratio.
 Both sides start from strings and include tokenization; both compute float32 on CPU
 (``--dtype bfloat16`` times art_jax's default teacher precision as an extra line).
 The peer is timed twice: in input order and sorted by length (art_jax sorts), and the
-ratio is taken against the faster of the two. On a GPU it also prints the bf16 MFU of
-the scorer forward.
+ratio is taken against the faster of the two. It also prints the achieved FLOP rate of
+one fixed-shape scorer forward (XLA's own FLOP count) and, given ``--peak-tflops`` (the
+chip's dense peak for the dtype, e.g. 989 for bf16 on an H100 SXM), its MFU.
 """
 
 from __future__ import annotations
@@ -75,6 +76,24 @@ def timed(fn, repeats: int):
     return best, result
 
 
+def forward_flop_rate(scorer, batch: int, enc_len: int, dec_len: int, repeats: int = 10) -> float:
+    """FLOP/s of the jitted scorer forward at one shape, FLOPs as XLA counts them."""
+    import jax
+
+    from art_jax.scorer import _teacher_scores
+
+    rng = np.random.default_rng(0)
+    vocab = scorer.model.config.vocab_size
+    args = (rng.integers(2, vocab, (batch, enc_len), dtype=np.int32), np.ones((batch, enc_len), np.int32),
+            rng.integers(2, vocab, (batch, dec_len), dtype=np.int32), np.ones((batch, dec_len), np.int32))
+    args = jax.device_put(args)
+    compiled = _teacher_scores.lower(scorer.model, *args).compile()
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    seconds, _ = timed(lambda: jax.block_until_ready(compiled(scorer.model, *args)), repeats)
+    return flops / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="small")
@@ -82,6 +101,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense peak of the device for --dtype, to print MFU (H100 SXM bf16: 989)")
     args = parser.parse_args()
 
     import jax
@@ -119,6 +140,12 @@ def main() -> None:
         t_lowp, _ = timed(lambda: ours_lowp.score(titles, texts, questions, batch_size=args.batch_size),
                           args.repeats)
         print(f"  art_jax bfloat16              {rate(t_lowp):9.1f} pairs/s")
+    fixed = ours_lowp or ours
+    flop_rate = forward_flop_rate(fixed, args.batch_size, 512, 32)
+    line = f"scorer forward at [{args.batch_size} x 512 -> 32], {args.dtype}: {flop_rate / 1e12:.3f} TFLOP/s"
+    if args.peak_tflops:
+        line += f", MFU {flop_rate / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops:g} TFLOP/s"
+    print(line)
 
 
 if __name__ == "__main__":
