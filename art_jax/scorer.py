@@ -102,7 +102,7 @@ class T5Scorer:
         batch = round_up(len(enc_rows), self.data_parallelism)
         filler = batch - len(enc_rows)  # rows that make the batch divide the mesh, dropped later
         enc = pad_rows(enc_rows + enc_rows[:1] * filler, round_up(max(map(len, enc_rows)), self.length_multiple))
-        dec = pad_rows(dec_rows + dec_rows[:1] * filler, round_up(max(map(len, dec_rows)), 16))
+        dec = pad_rows(dec_rows + dec_rows[:1] * filler, round_up(max(map(len, dec_rows)), 8))
         arrays = (*enc, *dec)
         if self.mesh is not None:
             arrays = tuple(jax.device_put(a, batch_sharding(self.mesh, 2)) for a in arrays)

@@ -356,7 +356,6 @@ def test_export_of_random_model_round_trips_exactly(tmp_path, with_pooler):
     assert np.max(np.abs(np.asarray(_bert_cls(model, ids, mask)) - reference.numpy())) <= 1e-4
 
 
-@pytest.mark.skipif(not hasattr(hf, "export"), reason="this version exports BERT only")
 @pytest.mark.parametrize("version", ["1.0", "1.1"])
 def test_t5_export_round_trips_through_transformers(t5_v10_dir, t5_v11_dir, tmp_path, version):
     folder = _perturbed_copy(t5_v10_dir if version == "1.0" else t5_v11_dir, str(tmp_path / "src"))
@@ -381,6 +380,32 @@ def test_t5_export_round_trips_through_transformers(t5_v10_dir, t5_v11_dir, tmp_
 
 # ---------------------------------------------------------------------------------------
 # 6. Bad input: clear errors that name the problem
+
+
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "pytorch-bin", "bf16-safetensors"])
+def test_other_weight_layouts_load_the_same_tensors(bert_dir, tmp_path, layout):
+    """Sharded safetensors, pytorch_model.bin and bfloat16 files, written by transformers/torch."""
+    model = transformers.BertModel.from_pretrained(bert_dir)
+    folder = str(tmp_path / layout)
+    if layout == "sharded-safetensors":
+        model.save_pretrained(folder, max_shard_size="20KB")
+        assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+    elif layout == "pytorch-bin":
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    else:
+        model.to(torch.bfloat16).save_pretrained(folder)
+    expected = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    loaded = hf.state_dict(load_bert(folder))
+    assert loaded.keys() <= expected.keys() and len(loaded) > 10
+    for key, value in loaded.items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+
+def test_unreachable_hub_id_is_one_clear_error():
+    """A name that is no local path goes to the hub; offline, that is one CheckpointError."""
+    with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face hub"):
+        load_bert("art-jax-tests/no-such-model")
 
 
 def test_missing_folder(tmp_path):

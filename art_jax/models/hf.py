@@ -70,11 +70,11 @@ def _download_gcs(url: str) -> str:
         return target
     if not tf.io.gfile.isdir(url):
         raise CheckpointError(f"checkpoint folder not found: {url}")
-    staging = tempfile.mkdtemp(dir=os.path.dirname(target) if os.path.isdir(os.path.dirname(target)) else None)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(target))  # same filesystem: the rename is atomic
     for name in tf.io.gfile.listdir(url):
         if not name.endswith("/"):
             tf.io.gfile.copy(f"{url.rstrip('/')}/{name}", os.path.join(staging, name), overwrite=True)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     os.replace(staging, target)
     return target
 
