@@ -259,8 +259,10 @@ def test_bfloat16_teacher_distribution_matches_float32(version, t5_v10_dir, t5_v
     # A random tiny teacher is nearly uniform over the 8 passages (KL to uniform is about
     # 1e-4), so the bound above alone would pass even a constant bfloat16 scorer. The
     # bfloat16 teacher must also keep the float32 preferences: its divergence is a small
-    # part of the distribution's own, and the scores rank alike.
-    assert np.all(kl <= 0.05 * _kl(s32, np.zeros_like(s32))), kl
+    # part of the distribution's own (summed over questions: one nearly flat question
+    # would make a per-question ratio measure bfloat16 rounding alone), and the scores
+    # rank alike.
+    assert kl.sum() <= 0.05 * _kl(s32, np.zeros_like(s32)).sum(), kl
     for a, b in zip(s32, s16):
         assert np.corrcoef(a, b)[0, 1] > 0.95
 
