@@ -32,6 +32,63 @@ def _export(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _prepare_corpus(args) -> None:
+    from art_jax.corpus import TokenizerSpec, prepare_corpus
+    from art_jax.models.hf import load_tokenizer
+
+    scorer = TokenizerSpec(args.scorer, args.scorer_max_length) if args.scorer else None
+    store = prepare_corpus(args.corpus, args.out, load_tokenizer(args.retriever),
+                           TokenizerSpec(args.retriever, args.retriever_max_length),
+                           load_tokenizer(args.scorer) if args.scorer else None, scorer,
+                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows)
+    print(f"wrote {args.out}: {len(store)} passages, {store.meta['skipped_rows']} bad row(s) skipped")
+
+
+def _embed(args) -> None:
+    from art_jax.corpus import CorpusStore
+    from art_jax.embed import embed_corpus, load_passage_tower
+
+    store = CorpusStore(args.corpus)
+    path = embed_corpus(load_passage_tower(args.retriever), store, args.out, checkpoint=args.retriever,
+                        version=args.version, dtype=args.dtype, max_length=args.max_length,
+                        chunk_rows=args.chunk_rows, batch_size=args.batch_size)
+    print(f"published {path}")
+
+
+def _search(args) -> None:
+    import json
+
+    from art_jax.data.questions import read_questions
+    from art_jax.evaluation import format_table
+    from art_jax.index import IndexVersion
+    from art_jax.retrieval_jobs import open_corpus_for, search_file
+    from art_jax.retriever import DualEncoder
+    from art_jax.search import ShardedIndex
+    from art_jax.sharding import make_mesh
+
+    questions = read_questions(args.questions)
+    version = IndexVersion.open(args.index)
+    store = open_corpus_for(version, args.corpus)
+    index = ShardedIndex.from_version(version, make_mesh(), rows_per_device=args.rows_per_device)
+    encoder = DualEncoder.from_pretrained(args.retriever, shared=True)
+    encoder.question_max_length = args.max_length
+    accuracy = search_file(encoder, version, index, store, questions, args.out, args.topk,
+                           batch_size=args.batch_size, match=args.match)
+    print(f"wrote {args.out}: {len(questions)} questions x top-{args.topk} from {version.path}")
+    print(format_table(accuracy))
+    print(json.dumps({"top_k": {str(k): a for k, a in accuracy.items()}}))
+
+
+def _evaluate(args) -> None:
+    import json
+
+    from art_jax.evaluation import evaluate_file, format_table
+
+    report = evaluate_file(args.results, args.match, args.topk, args.annotated_out)
+    print(format_table({int(k): a for k, a in report["top_k"].items()}))
+    print(json.dumps(report))
+
+
 def _selfcheck(args) -> None:
     from art_jax import selfcheck
 
@@ -66,6 +123,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retriever", required=True, help="checkpoint of the tower (Hugging Face folder or hub id)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.set_defaults(run=_export)
+
+    p = commands.add_parser("prepare-corpus", help="stream an evidence TSV/JSONL into a pre-tokenized store")
+    p.add_argument("--corpus", required=True, help="DPR evidence TSV (id, text, title) or JSONL")
+    p.add_argument("--retriever", required=True, help="retriever checkpoint whose tokenizer to use")
+    p.add_argument("--scorer", help="scorer (T5/T0) checkpoint whose tokenizer to use, for training")
+    p.add_argument("--out", required=True, help="store folder (replaced atomically)")
+    p.add_argument("--retriever-max-length", type=int, default=512,
+                   help="tokens kept per passage (indexing re-cuts to 256, training re-embeds at 512)")
+    p.add_argument("--scorer-max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--skip-bad-rows", action="store_true", help="count and report bad rows instead of failing")
+    p.set_defaults(run=_prepare_corpus)
+
+    p = commands.add_parser("embed", help="embed a prepared corpus into a new index version")
+    p.add_argument("--retriever", required=True, help="checkpoint of the passage tower")
+    p.add_argument("--corpus", required=True, help="corpus store from prepare-corpus")
+    p.add_argument("--out", required=True, help="index folder; the version is published inside it")
+    p.add_argument("--version", type=int, help="version number (default: the one after the newest)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--chunk-rows", type=int, default=8192, help="rows per written (and resumable) chunk")
+    p.set_defaults(run=_embed)
+
+    p = commands.add_parser("search", help="exact top-K retrieval for a question file -> DPR-format results")
+    p.add_argument("--retriever", required=True, help="checkpoint of the question tower")
+    p.add_argument("--index", required=True, help="index folder (newest version) or one version folder")
+    p.add_argument("--questions", required=True, help="TSV question<TAB>[answers], DPR JSON or JSONL")
+    p.add_argument("--out", required=True)
+    p.add_argument("--topk", type=int, default=100)
+    p.add_argument("--corpus", help="corpus store (default: the one recorded in the index)")
+    p.add_argument("--match", default="string", choices=("string", "regex"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256, help="question tokens")
+    p.add_argument("--rows-per-device", type=int, help="index rows each device scores per block")
+    p.set_defaults(run=_search)
+
+    p = commands.add_parser("evaluate", help="top-K accuracy of DPR-format results (DPR's answer matching)")
+    p.add_argument("--results", required=True)
+    p.add_argument("--match", default="string", choices=("string", "regex"))
+    p.add_argument("--topk", type=int, nargs="+", default=[1, 5, 20, 50, 100])
+    p.add_argument("--annotated-out", help="write the results with has_answer recomputed")
+    p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("selfcheck", help="prove the install works: tiny random models, end to end")
     p.set_defaults(run=_selfcheck)

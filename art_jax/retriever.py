@@ -39,10 +39,14 @@ def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int, *,
     return _pad(rows, tokenizer.pad_token_id, pad_to)
 
 
+def passage_rows(tokenizer, titles: Sequence[str], texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """``[CLS] title [SEP] text [SEP]`` ids, only the text cut to fit ``max_length``."""
+    return tokenizer(list(titles), list(texts), truncation="only_second", max_length=max_length)["input_ids"]
+
+
 def tokenize_passages(tokenizer, titles: Sequence[str], texts: Sequence[str], max_length: int, *,
                       pad_to: int | None = None) -> Tokens:
-    rows = tokenizer(list(titles), list(texts), truncation="only_second", max_length=max_length)["input_ids"]
-    return _pad(rows, tokenizer.pad_token_id, pad_to)
+    return _pad(passage_rows(tokenizer, titles, texts, max_length), tokenizer.pad_token_id, pad_to)
 
 
 @dataclasses.dataclass

@@ -51,12 +51,15 @@ class PromptBuilder:
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
+    def passage_ids(self, titles: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
+        """Title ids followed by text ids, no separator (what the corpus store keeps)."""
+        return [title + text for title, text in zip(self._ids(titles), self._ids(texts))]
+
     def encoder_ids(self, titles: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
-        rows = []
-        for title, text in zip(self._ids(titles), self._ids(texts)):
-            passage = (self.head + title + text)[:self.passage_budget]
-            rows.append(passage + self.verbalizer + [self.eos])
-        return rows
+        return self.encoder_ids_from_passages(self.passage_ids(titles, texts))
+
+    def encoder_ids_from_passages(self, passages: Sequence[Sequence[int]]) -> list[list[int]]:
+        return [(self.head + list(p))[:self.passage_budget] + self.verbalizer + [self.eos] for p in passages]
 
     def decoder_ids(self, questions: Sequence[str]) -> list[list[int]]:
         for i, q in enumerate(questions):

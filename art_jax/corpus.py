@@ -1,0 +1,368 @@
+"""Evidence corpora: streaming DPR TSV / JSONL rows, and the pre-tokenized store.
+
+The store is a folder of flat memory-mapped arrays, built once by ``art-jax
+prepare-corpus``: passage ids, the raw title/text bytes (for results files), the
+retriever's ``[CLS] title [SEP] text [SEP]`` ids and the scorer's ``title + text`` ids.
+Ragged rows are one flat array plus int64 offsets, so the tokens of any retrieved
+rows are one vectorised gather, not a Python loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from art_jax.batching import round_up
+from art_jax.errors import UserError
+from art_jax.fileio import atomic_write
+from art_jax.retriever import Tokens, passage_rows
+
+STORE_FORMAT = 1
+TSV_COLUMNS = ("id", "text", "title")
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    line: int
+    end: int  # byte offset just past this row, for progress
+    id: int
+    title: str
+    text: str
+
+
+class _BadRow(Exception):
+    pass
+
+
+class _IdSet:
+    """Seen passage ids: a bitmap for the dense small ids evidence files use (DPR: 1..21M),
+    a set for the rest, so 21M ids cost megabytes, not a gigabyte of Python ints."""
+
+    DENSE_LIMIT = 1 << 28
+
+    def __init__(self):
+        self.dense = np.zeros(1 << 20, bool)
+        self.sparse: set[int] = set()
+
+    def add(self, pid: int) -> bool:
+        """False when ``pid`` was seen before."""
+        if not 0 <= pid < self.DENSE_LIMIT:
+            if pid in self.sparse:
+                return False
+            self.sparse.add(pid)
+            return True
+        if pid >= len(self.dense):
+            self.dense = np.concatenate([self.dense, np.zeros(max(len(self.dense), pid + 1), bool)])
+        if self.dense[pid]:
+            return False
+        self.dense[pid] = True
+        return True
+
+
+def _parse_id(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _BadRow(f"id {value!r} is not an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise _BadRow(f"id {value!r} is not an integer") from None
+
+
+def _tsv_fields(path: str, header: str) -> tuple[int, int, int]:
+    names = next(csv.reader([header], delimiter="\t"))
+    missing = [c for c in TSV_COLUMNS if c not in names]
+    if missing:
+        raise UserError(f"{path}:1: header {names} lacks column(s) {missing}; expected id<TAB>text<TAB>title")
+    return tuple(names.index(c) for c in TSV_COLUMNS)
+
+
+def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | None = None) -> Iterator[Passage]:
+    """Stream an evidence file: DPR TSV (header ``id text title``, csv quoting) or JSONL
+    (``{"id","title","text"}``). A bad row (column count, non-integer or duplicate id,
+    invalid UTF-8, empty text) is an error naming file and line, or with
+    ``skip_bad_rows`` is skipped and appended to ``bad_rows`` as ``(line, reason)``."""
+    if not os.path.isfile(path):
+        raise UserError(f"file not found: {path}")
+    jsonl = path.endswith((".jsonl", ".json"))
+    seen = _IdSet()
+    with open(path, "rb") as f:
+        columns, end = None, 0
+        for number, raw in enumerate(f, 1):
+            end += len(raw)
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if not jsonl and columns is None:
+                    columns = _tsv_fields(path, line)
+                    continue
+                passage = _parse_json(line, number, end) if jsonl else _parse_tsv(line, number, end, columns)
+                if not passage.text.strip():
+                    raise _BadRow("empty text")
+                if not seen.add(passage.id):
+                    raise _BadRow(f"duplicate id {passage.id}")
+            except (_BadRow, UnicodeDecodeError) as err:
+                reason = "invalid UTF-8" if isinstance(err, UnicodeDecodeError) else str(err)
+                if not skip_bad_rows:
+                    raise UserError(f"{path}:{number}: {reason} (use --skip-bad-rows to skip such rows)") from None
+                if bad_rows is not None:
+                    bad_rows.append((number, reason))
+                continue
+            yield passage
+    if not jsonl and columns is None:
+        raise UserError(f"{path}: empty file (expected a header id<TAB>text<TAB>title)")
+
+
+def _parse_tsv(line: str, number: int, end: int, columns: tuple[int, int, int]) -> Passage:
+    fields = next(csv.reader([line], delimiter="\t"))
+    if len(fields) != len(TSV_COLUMNS):
+        raise _BadRow(f"{len(fields)} columns, expected {len(TSV_COLUMNS)}")
+    pid, text, title = (fields[i] for i in columns)
+    return Passage(number, end, _parse_id(pid), title, text)
+
+
+def _parse_json(line: str, number: int, end: int) -> Passage:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise _BadRow(f"invalid JSON ({err.msg})") from None
+    if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("text"), str):
+        raise _BadRow('expected an object with "id" and "text"')
+    title = row.get("title") or ""
+    if not isinstance(title, str):
+        raise _BadRow('"title" is not a string')
+    return Passage(number, end, _parse_id(row["id"]), title, row["text"])
+
+
+# ---------------------------------------------------------------- ragged arrays
+
+class _RaggedWriter:
+    def __init__(self, folder: str, name: str, dtype):
+        self.folder, self.name, self.dtype = folder, name, np.dtype(dtype)
+        self.file = open(os.path.join(folder, f"{name}.bin"), "wb")
+        self.offsets = [np.zeros(1, np.int64)]
+        self.end = 0
+
+    def append(self, rows: Sequence[Sequence[int]] | Sequence[bytes]) -> None:
+        lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+        if self.dtype == np.uint8:
+            self.file.write(b"".join(rows))
+        elif len(rows):
+            self.file.write(np.concatenate([np.asarray(r, self.dtype) for r in rows]).tobytes())
+        self.offsets.append(self.end + np.cumsum(lengths))
+        self.end += int(lengths.sum())
+
+    def close(self) -> None:
+        self.file.close()
+        np.save(os.path.join(self.folder, f"{self.name}.offsets.npy"), np.concatenate(self.offsets))
+
+
+class Ragged:
+    """Read side: ``data[offsets[i]:offsets[i + 1]]`` is row i; both memory-mapped."""
+
+    def __init__(self, folder: str, name: str, dtype):
+        self.offsets = np.load(os.path.join(folder, f"{name}.offsets.npy"), mmap_mode="r")
+        path = os.path.join(folder, f"{name}.bin")
+        # an empty file cannot be mapped; one dummy element keeps gather's indexing valid
+        self.data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(1, dtype)
+
+    def lengths(self, rows=None) -> np.ndarray:
+        rows = np.arange(len(self.offsets) - 1) if rows is None else np.asarray(rows)
+        return np.asarray(self.offsets[rows + 1] - self.offsets[rows])
+
+    def row(self, i: int) -> np.ndarray:
+        return np.asarray(self.data[self.offsets[i]:self.offsets[i + 1]])
+
+    def gather(self, rows, length: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Rows cut/padded to ``length``: values [R, length] and true lengths [R]."""
+        rows = np.asarray(rows, np.int64)
+        starts = np.asarray(self.offsets[rows])
+        lengths = np.minimum(np.asarray(self.offsets[rows + 1]) - starts, length)
+        positions = np.arange(length)
+        valid = positions[None, :] < lengths[:, None]
+        values = np.where(valid, self.data[np.where(valid, starts[:, None] + positions, 0)], pad)
+        return values, lengths
+
+
+def _token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+# ---------------------------------------------------------------- the store
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """Which tokenizer produced a token column, for the store's metadata."""
+
+    name: str
+    max_length: int
+
+
+class CorpusStore:
+    """A prepared corpus: ``len(store)`` passages, row r has passage id ``store.ids[r]``."""
+
+    def __init__(self, path: str):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"{path}: not a corpus store (no meta.json); build one with art-jax prepare-corpus")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        if self.meta.get("format") != STORE_FORMAT:
+            raise UserError(f"{path}: corpus store format {self.meta.get('format')}, expected {STORE_FORMAT}")
+        self.path = path
+        self.ids = np.load(os.path.join(path, "ids.npy"), mmap_mode="r")
+        self.titles = Ragged(path, "title", np.uint8)
+        self.texts = Ragged(path, "text", np.uint8)
+        retriever = self.meta["retriever"]
+        self.retriever = Ragged(path, "retriever", retriever["dtype"])
+        scorer = self.meta.get("scorer")
+        self.scorer = Ragged(path, "scorer", scorer["dtype"]) if scorer else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def title(self, row: int) -> str:
+        return self.titles.row(row).tobytes().decode("utf-8")
+
+    def text(self, row: int) -> str:
+        return self.texts.row(row).tobytes().decode("utf-8")
+
+    def retriever_tokens(self, rows, max_length: int, multiple: int | None = None) -> Tokens:
+        """Passage-tower input for ``rows``, re-cut to ``max_length`` exactly as the tokenizer's
+        only-second truncation would (the text loses its end, the final [SEP] stays).
+        Padded to ``max_length``, or with ``multiple`` to the longest row rounded up to it."""
+        meta = self.meta["retriever"]
+        if max_length > meta["max_length"]:
+            raise UserError(f"{self.path}: tokens were stored at max length {meta['max_length']}, "
+                            f"{max_length} requested; rebuild with a larger --retriever-max-length")
+        full = self.retriever.lengths(rows)
+        lengths = np.minimum(full, max_length)
+        width = min(max_length, round_up(int(lengths.max(initial=1)), multiple)) if multiple else max_length
+        ids, _ = self.retriever.gather(rows, width, meta["pad_id"])
+        ids = ids.astype(np.int32)
+        cut = np.flatnonzero(full > max_length)
+        if cut.size:  # then width == max_length
+            ids[cut, max_length - 1] = meta["sep_id"]
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+        return Tokens(ids, mask)
+
+    def scorer_passages(self, rows) -> list[list[int]]:
+        """``title + text`` scorer ids of ``rows`` (the prompt builder adds head and verbalizer)."""
+        if self.scorer is None:
+            raise UserError(f"{self.path}: built without --scorer, so it holds no scorer tokens")
+        return [self.scorer.row(int(r)).tolist() for r in rows]
+
+
+def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: TokenizerSpec,
+                   scorer_tokenizer=None, scorer: TokenizerSpec | None = None, *, batch_size: int = 2048,
+                   skip_bad_rows: bool = False, progress: bool = True) -> CorpusStore:
+    """Stream ``corpus_path`` into a store at ``out`` (written beside it, then renamed into
+    place). Tokenization of one batch overlaps parsing the next (fast tokenizers release
+    the GIL and use their own threads)."""
+    from art_jax.scorer import PromptBuilder
+
+    if not os.path.isfile(corpus_path):
+        raise UserError(f"file not found: {corpus_path}")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+    builder = PromptBuilder(scorer_tokenizer) if scorer_tokenizer is not None else None
+    writers = {
+        "title": _RaggedWriter(staging, "title", np.uint8),
+        "text": _RaggedWriter(staging, "text", np.uint8),
+        "retriever": _RaggedWriter(staging, "retriever", _token_dtype(len(retriever_tokenizer))),
+    }
+    if builder is not None:
+        writers["scorer"] = _RaggedWriter(staging, "scorer", _token_dtype(len(scorer_tokenizer)))
+    ids: list[np.ndarray] = []
+    bad_rows: list[tuple[int, str]] = []
+
+    def tokenize(batch: list[Passage]):
+        titles, texts = [p.title for p in batch], [p.text for p in batch]
+        out = {"retriever": passage_rows(retriever_tokenizer, titles, texts, retriever.max_length)}
+        if builder is not None:
+            out["scorer"] = [row[:scorer.max_length] for row in builder.passage_ids(titles, texts)]
+        return batch, out
+
+    def write(job) -> int:
+        batch, tokens = job.result()
+        ids.append(np.fromiter((p.id for p in batch), np.int64, len(batch)))
+        writers["title"].append([p.title.encode("utf-8") for p in batch])
+        writers["text"].append([p.text.encode("utf-8") for p in batch])
+        for name, rows in tokens.items():
+            writers[name].append(rows)
+        return len(batch)
+
+    try:
+        passages = iter_passages(corpus_path, skip_bad_rows=skip_bad_rows, bad_rows=bad_rows)
+        with (concurrent.futures.ThreadPoolExecutor(1) as pool,
+              tqdm(total=os.path.getsize(corpus_path), unit="B", unit_scale=True, desc="prepare-corpus",
+                   disable=not progress) as bar):
+            pending, done = None, 0
+            for batch in _batches(passages, batch_size):
+                job = pool.submit(tokenize, batch)
+                if pending is not None:
+                    done += write(pending)
+                pending = job
+                bar.update(batch[-1].end - bar.n)
+                bar.set_postfix(passages=done + len(batch), refresh=False)
+            if pending is not None:
+                write(pending)
+        for writer in writers.values():
+            writer.close()
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        if not len(all_ids):
+            raise UserError(f"{corpus_path}: no passages")
+        np.save(os.path.join(staging, "ids.npy"), all_ids)
+        meta = {
+            "format": STORE_FORMAT, "count": len(all_ids), "source": os.path.abspath(corpus_path),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "skipped_rows": len(bad_rows), "skipped_examples": [list(b) for b in bad_rows[:20]],
+            "retriever": _token_meta(retriever_tokenizer, retriever, sep_id=retriever_tokenizer.sep_token_id),
+            "scorer": _token_meta(scorer_tokenizer, scorer) if builder is not None else None,
+        }
+        atomic_write(os.path.join(staging, "meta.json"), json.dumps(meta, indent=1))
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if bad_rows and progress:
+        print(f"prepare-corpus: skipped {len(bad_rows)} bad row(s), e.g. line {bad_rows[0][0]}: {bad_rows[0][1]}")
+    return CorpusStore(out)
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _token_meta(tokenizer, spec: TokenizerSpec, **extra) -> dict:
+    return {"tokenizer": spec.name, "max_length": spec.max_length, "vocab_size": len(tokenizer),
+            "dtype": np.dtype(_token_dtype(len(tokenizer))).name, "pad_id": tokenizer.pad_token_id, **extra}
+
+
+def _publish(staging: str, out: str) -> None:
+    """Swap the finished folder into place: a reader sees the old store or the new one."""
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(os.path.abspath(out)))
+        os.rename(out, os.path.join(old, "store"))
+        os.rename(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out)

@@ -1,0 +1,119 @@
+"""`art-jax embed`: a prepared corpus through the passage tower into an index version.
+
+Each process embeds its share of the index chunks (chunk c goes to process c mod P)
+on its local devices, data parallel. Within a chunk, passages are taken in order of
+length so each batch pads little; batches are dispatched asynchronously, two in
+flight, so gathering the next batch's tokens on the host overlaps device compute.
+Finished chunks are recorded, so a killed job rerun with the same arguments redoes
+only the chunks that were not written.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from art_jax.batching import round_up
+from art_jax.corpus import CorpusStore
+from art_jax.errors import UserError
+from art_jax.index import DTYPES, IndexBuilder, IndexPlan, published_versions
+from art_jax.models.bert import Bert
+from art_jax.sharding import batch_sharding, make_mesh
+
+
+def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint: str, step: int | None = None,
+                 version: int | None = None, dtype: str = "float16", max_length: int = 256,
+                 chunk_rows: int = 8192, batch_size: int = 128, length_multiple: int = 32,
+                 progress: bool = True) -> str:
+    """Build (or resume) one index version of ``store`` and publish it; returns its folder.
+    ``version`` defaults to the one after the newest published, so rerunning a killed job
+    finds its own unfinished build."""
+    if dtype not in DTYPES:
+        raise UserError(f"embed: dtype {dtype!r} is not one of {DTYPES}")
+    if version is None:
+        version = (published_versions(index_dir) or [-1])[-1] + 1
+    plan = IndexPlan(count=len(store), dim=tower.config.hidden_size, dtype=dtype, chunk_rows=chunk_rows,
+                     corpus=store.path, checkpoint=checkpoint, step=step, max_length=max_length)
+    builder = IndexBuilder(index_dir, version, plan)
+    lead = jax.process_index() == 0
+    if lead:
+        builder.open(create=True)
+    _barrier("art_jax.embed.open")
+    if not lead:
+        builder.open(create=False)
+    done = builder.done_chunks()
+    mine = [c for c in range(plan.num_chunks) if c % jax.process_count() == jax.process_index()]
+    todo = [c for c in mine if c not in done]
+    total = sum(plan.chunk_size(c) for c in mine)
+    left = sum(plan.chunk_size(c) for c in todo)
+    mesh = make_mesh(devices=jax.local_devices())
+    batch_size = round_up(batch_size, mesh.shape["data"])
+    with tqdm(total=total, initial=total - left, unit="passage", desc=f"embed v{version}",
+              disable=not progress) as bar:
+        for chunk, embeddings in _embed_chunks(tower, store, plan, todo, mesh, batch_size, length_multiple):
+            builder.write_chunk(chunk, embeddings)
+            bar.update(len(embeddings))
+    _barrier("art_jax.embed.written")
+    if lead:
+        builder.publish(store.ids)
+    _barrier("art_jax.embed.published")
+    return builder.final
+
+
+def _embed_chunks(tower, store, plan, chunks, mesh, batch_size, length_multiple):
+    """Yields (chunk, embeddings in row order) as chunks complete, keeping the device busy
+    across chunk boundaries."""
+    sharding = batch_sharding(mesh, 2)
+    in_flight = collections.deque()
+    buffers = {}
+
+    def batches():
+        for chunk in chunks:
+            start, stop = plan.chunk_range(chunk)
+            rows = start + np.argsort(store.retriever.lengths(np.arange(start, stop)), kind="stable")
+            buffers[chunk] = [np.empty((stop - start, plan.dim), plan.dtype), stop - start]
+            for i in range(0, len(rows), batch_size):
+                yield chunk, rows[i:i + batch_size]
+
+    for chunk, rows in batches():
+        padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])  # fixed batch shape
+        tokens = store.retriever_tokens(padded, plan.max_length, multiple=length_multiple)
+        ids, mask = (jax.device_put(a, sharding) for a in (tokens.ids, tokens.mask))
+        in_flight.append((chunk, rows, _embed_as(tower, ids, mask, plan.dtype)))
+        if len(in_flight) > 2:
+            yield from _collect(in_flight.popleft(), plan, buffers)
+    while in_flight:
+        yield from _collect(in_flight.popleft(), plan, buffers)
+
+
+def _collect(job, plan, buffers):
+    chunk, rows, result = job
+    buffer = buffers[chunk]
+    buffer[0][rows - plan.chunk_range(chunk)[0]] = np.asarray(result)[:len(rows)]
+    buffer[1] -= len(rows)
+    if buffer[1] == 0:
+        yield chunk, buffers.pop(chunk)[0]
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _embed_as(tower, ids, mask, dtype):
+    # cast on device: half the bytes to bring back
+    return tower.embed_cls(ids, mask).astype(dtype)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def load_passage_tower(checkpoint: str) -> Bert:
+    """The passage tower of a retriever checkpoint (a Hugging Face BERT folder or hub id),
+    replicated on this process's devices."""
+    from art_jax.models.hf import load_bert
+
+    return load_bert(checkpoint, mesh=make_mesh(devices=jax.local_devices()))

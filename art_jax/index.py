@@ -1,0 +1,170 @@
+"""Versioned evidence-embedding indexes on disk.
+
+An index folder holds versions ``v000000, v000001, ...``. A version is built in a
+hidden ``.vNNNNNN.building`` folder - the embeddings as a tensorstore zarr array
+[count, dim] (float16 or bfloat16) written chunk by chunk, each finished chunk
+recorded by a marker file - and published by renaming it into place once every chunk
+and ``meta.json`` are written. Readers open only published versions, so they never see
+half an index; a killed build resumes from its markers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import tensorstore as ts
+
+from art_jax.errors import UserError
+from art_jax.fileio import atomic_write
+
+INDEX_FORMAT = 1
+DTYPES = ("float16", "bfloat16")
+_VERSION = re.compile(r"^v(\d{6,})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexPlan:
+    """What a version will hold; a resumed build must match it exactly."""
+
+    count: int
+    dim: int
+    dtype: str
+    chunk_rows: int
+    corpus: str  # the corpus store the rows come from (row r = store row r)
+    checkpoint: str  # which retriever produced the embeddings
+    step: int | None = None  # training step of that checkpoint, when known
+    max_length: int = 256
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.count // self.chunk_rows)
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.chunk_rows, min(self.count, (chunk + 1) * self.chunk_rows)
+
+    def chunk_size(self, chunk: int) -> int:
+        start, stop = self.chunk_range(chunk)
+        return stop - start
+
+
+def version_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def published_versions(index_dir: str) -> list[int]:
+    if not os.path.isdir(index_dir):
+        return []
+    found = [(m, name) for name in os.listdir(index_dir) if (m := _VERSION.match(name))]
+    return sorted(int(m.group(1)) for m, name in found if os.path.isfile(os.path.join(index_dir, name, "meta.json")))
+
+
+def resolve_version(path: str) -> str:
+    """A published version folder: ``path`` itself, or the newest version inside it."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    versions = published_versions(path)
+    if not versions:
+        raise UserError(f"{path}: no published index version (build one with art-jax embed)")
+    return os.path.join(path, version_name(versions[-1]))
+
+
+def _embeddings_spec(folder: str) -> dict:
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(folder, "embeddings")}}
+
+
+class IndexBuilder:
+    """Writes one version chunk by chunk. Several processes may share a build: each
+    writes its own chunks (disjoint zarr chunks) and markers; one of them publishes."""
+
+    def __init__(self, index_dir: str, version: int, plan: IndexPlan):
+        self.index_dir, self.version, self.plan = index_dir, version, plan
+        self.final = os.path.join(index_dir, version_name(version))
+        self.folder = os.path.join(index_dir, f".{version_name(version)}.building")
+
+    def open(self, *, create: bool) -> "IndexBuilder":
+        """Start the build, or continue one with the same plan (a different plan starts over).
+        With ``create=False`` (processes other than the first) wait for the folder instead."""
+        if os.path.isdir(self.final):
+            raise UserError(f"{self.final}: this index version is already published")
+        plan_path = os.path.join(self.folder, "plan.json")
+        if create:
+            if os.path.isfile(plan_path) and _read(plan_path) != dataclasses.asdict(self.plan):
+                shutil.rmtree(self.folder)
+            if not os.path.isfile(plan_path):
+                shutil.rmtree(self.folder, ignore_errors=True)
+                os.makedirs(os.path.join(self.folder, "done"))
+                ts.open(_embeddings_spec(self.folder), create=True, dtype=getattr(ts, self.plan.dtype),
+                        shape=[self.plan.count, self.plan.dim],
+                        chunk_layout=ts.ChunkLayout(write_chunk_shape=[self.plan.chunk_rows, self.plan.dim])).result()
+                atomic_write(plan_path, json.dumps(dataclasses.asdict(self.plan), indent=1))
+        self.array = ts.open(_embeddings_spec(self.folder)).result()
+        return self
+
+    def done_chunks(self) -> set[int]:
+        return {int(name) for name in os.listdir(os.path.join(self.folder, "done"))}
+
+    def write_chunk(self, chunk: int, embeddings: np.ndarray) -> None:
+        """Store one chunk, then mark it done (the marker comes only after the data is durable)."""
+        start, stop = self.plan.chunk_range(chunk)
+        if embeddings.shape != (stop - start, self.plan.dim):
+            raise ValueError(f"chunk {chunk}: embeddings {embeddings.shape}, expected {(stop - start, self.plan.dim)}")
+        self.array[start:stop].write(embeddings).result()
+        open(os.path.join(self.folder, "done", f"{chunk:08d}"), "w").close()
+
+    def publish(self, ids: np.ndarray) -> str:
+        """Write ids and metadata, then rename the finished build into place."""
+        missing = self.plan.num_chunks - len(self.done_chunks())
+        if missing:
+            raise RuntimeError(f"{self.folder}: {missing} chunk(s) not written yet; cannot publish")
+        np.save(os.path.join(self.folder, "ids.npy"), np.asarray(ids, np.int64))
+        meta = {"format": INDEX_FORMAT, **dataclasses.asdict(self.plan), "version": self.version,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write(os.path.join(self.folder, "meta.json"), json.dumps(meta, indent=1))
+        os.rename(self.folder, self.final)
+        return self.final
+
+
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass
+class IndexVersion:
+    """A published version, opened lazily: rows are read from tensorstore on demand."""
+
+    path: str
+    meta: dict
+    ids: np.ndarray
+    array: ts.TensorStore
+
+    @classmethod
+    def open(cls, path: str) -> "IndexVersion":
+        path = resolve_version(path)
+        meta = _read(os.path.join(path, "meta.json"))
+        if meta.get("format") != INDEX_FORMAT:
+            raise UserError(f"{path}: index format {meta.get('format')}, expected {INDEX_FORMAT}")
+        ids = np.load(os.path.join(path, "ids.npy"), mmap_mode="r")
+        return cls(path, meta, ids, ts.open(_embeddings_spec(path), open=True).result())
+
+    @property
+    def count(self) -> int:
+        return self.meta["count"]
+
+    @property
+    def dim(self) -> int:
+        return self.meta["dim"]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop), zero rows past the end (the padding of the last shard)."""
+        out = np.zeros((stop - start, self.dim), self.array.dtype.numpy_dtype)
+        real = max(0, min(stop, self.count) - start)
+        if real:
+            out[:real] = self.array[start:start + real].read().result()
+        return out

@@ -1,0 +1,73 @@
+"""`art-jax search`: questions -> question tower -> exact top-K over the sharded index ->
+DPR-format results ``[{"question","answers","ctxs":[{"id","title","text","score","has_answer"}]}]``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from art_jax.corpus import CorpusStore
+from art_jax.data.questions import Question
+from art_jax.errors import UserError
+from art_jax.evaluation import evaluate_results
+from art_jax.fileio import atomic_write
+from art_jax.index import IndexVersion
+from art_jax.retriever import DualEncoder
+from art_jax.search import ShardedIndex
+
+
+def open_corpus_for(version: IndexVersion, corpus: str | None) -> CorpusStore:
+    """The corpus store an index was built from (or ``corpus``), checked to match it."""
+    path = corpus or version.meta["corpus"]
+    if not os.path.isdir(path):
+        raise UserError(f"{version.path}: its corpus store {path} is missing; pass --corpus")
+    store = CorpusStore(path)
+    if len(store) != version.count or not np.array_equal(store.ids[:1000], version.ids[:1000]):
+        raise UserError(f"{path}: this corpus store does not match index {version.path} "
+                        f"({len(store)} vs {version.count} passages)")
+    return store
+
+
+def retrieve(encoder: DualEncoder, index: ShardedIndex, questions: list[Question], k: int, *,
+             batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and index rows [Q, k] of each question's top-k passages."""
+    scores, rows = [], []
+    with tqdm(total=len(questions), unit="question", desc="search", disable=not progress) as bar:
+        for start in range(0, len(questions), batch_size):
+            batch = [q.question for q in questions[start:start + batch_size]]
+            s, r = index.search(np.asarray(encoder.embed_questions(batch)), k)
+            scores.append(s)
+            rows.append(r)
+            bar.update(len(batch))
+    return np.concatenate(scores), np.concatenate(rows)
+
+
+def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray, store: CorpusStore, ids,
+                match: str = "string") -> tuple[dict[int, float], list[dict]]:
+    """DPR-format results with has_answer computed from each passage's text, and top-k accuracy."""
+    results = [{
+        "question": q.question, "answers": list(q.answers),
+        "ctxs": [{"id": str(int(ids[r])), "title": store.title(r), "text": store.text(r), "score": float(s)}
+                 for s, r in zip(q_scores, q_rows)],
+    } for q, q_scores, q_rows in zip(questions, scores, rows)]
+    accuracy, annotated = evaluate_results(results, match, ks=_ks_up_to(rows.shape[1]))
+    return accuracy, annotated
+
+
+def _ks_up_to(k: int) -> tuple[int, ...]:
+    return tuple(x for x in (1, 5, 20, 50, 100) if x <= k) or (k,)
+
+
+def search_file(encoder: DualEncoder, version: IndexVersion, index: ShardedIndex, store: CorpusStore,
+                questions: list[Question], out: str, k: int, *, batch_size: int = 64, match: str = "string",
+                progress: bool = True) -> dict[int, float]:
+    """Every process searches (the index spans all of them); process 0 writes ``out``."""
+    scores, rows = retrieve(encoder, index, questions, k, batch_size=batch_size, progress=progress)
+    accuracy, results = dpr_results(questions, scores, rows, store, version.ids, match)
+    if jax.process_index() == 0:
+        atomic_write(out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    return accuracy
