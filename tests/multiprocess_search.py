@@ -1,0 +1,31 @@
+"""One process of a 2-process x 2-CPU-device search (run by tests/test_search.py).
+
+usage: python -m tests.multiprocess_search PORT PROCESS_ID INDEX QUERIES.npy OUT.npz
+"""
+
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def main(port, process_id, index_dir, queries_path, out_path):
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id),
+                               initialization_timeout=120)
+    import numpy as np
+
+    from art_jax.index import IndexVersion
+    from art_jax.search import ShardedIndex
+    from art_jax.sharding import make_mesh
+
+    index = ShardedIndex.from_version(IndexVersion.open(index_dir), make_mesh(), rows_per_device=16)
+    scores, rows = index.search(np.load(queries_path), 30)
+    np.savez(out_path, scores=scores, rows=rows, global_devices=jax.device_count(),
+             local_devices=jax.local_device_count())
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
