@@ -16,6 +16,7 @@ from art_jax.index import IndexBuilder, IndexVersion, published_versions
 from art_jax.models.hf import load_tokenizer
 from art_jax.retriever import DualEncoder
 from tests.hf_fixtures import CORPUS
+from tests.multiprocess import run_two_processes
 
 TITLES = ["Paris notes", "", "Kyoto", "A very long title about bridges and castles"]
 
@@ -175,3 +176,13 @@ def test_search_against_a_different_corpus_is_refused(tower, store, tmp_path, be
         open_corpus_for(version, other.path)
     assert len(open_corpus_for(version, None)) == len(store)
     assert isinstance(open_corpus_for(version, store.path), CorpusStore)
+
+
+def test_two_processes_embed_their_own_chunks_into_one_version(tower, store, bert_dir, tmp_path):
+    single = IndexVersion.open(_embed(tower, store, tmp_path / "single"))
+    run_two_processes("embed", bert_dir, store.path, str(tmp_path / "index"))
+    both = IndexVersion.open(str(tmp_path / "index"))
+    assert both.meta["count"] == single.meta["count"] and published_versions(str(tmp_path / "index")) == [0]
+    np.testing.assert_array_equal(both.ids, single.ids)
+    np.testing.assert_allclose(both.read(0, both.count).astype(np.float32),
+                               single.read(0, single.count).astype(np.float32), atol=2e-3, rtol=2e-3)

@@ -1,11 +1,6 @@
 """Exact sharded search against numpy brute force and faiss, on 1, 2 and 8 devices and
 under 2 processes x 2 devices (jax.distributed on localhost, CPU collectives)."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import faiss
 import jax
 import ml_dtypes
@@ -16,6 +11,7 @@ from art_jax.errors import UserError
 from art_jax.index import IndexBuilder, IndexPlan, IndexVersion
 from art_jax.search import ShardedIndex
 from art_jax.sharding import make_mesh
+from tests.multiprocess import run_two_processes
 
 
 def _data(n, dim=24, batch=7, seed=0):
@@ -92,27 +88,13 @@ def _write_version(folder, x, version=0):
     return builder.publish(np.arange(len(x)) + 100)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_two_devices_each_equal_one_process(tmp_path):
     x, q = _data(301, dim=16, batch=5)
     _write_version(tmp_path / "index", x)
     version = IndexVersion.open(str(tmp_path / "index"))
     single = ShardedIndex.from_version(version, _mesh(4), rows_per_device=16).search(q, 30)
     np.save(tmp_path / "queries.npy", q)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_search", str(port), str(i),
-                                 str(tmp_path / "index"), str(tmp_path / "queries.npy"), str(tmp_path / f"out{i}.npz")],
-                                env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    for w in workers:
-        output, _ = w.communicate(timeout=240)
-        assert w.returncode == 0, output
+    run_two_processes("search", str(tmp_path / "index"), str(tmp_path / "queries.npy"), str(tmp_path / "out{i}.npz"))
     for i in range(2):
         result = np.load(tmp_path / f"out{i}.npz")
         assert int(result["global_devices"]) == 4 and int(result["local_devices"]) == 2
