@@ -14,17 +14,18 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from art_jax.batching import round_up
 from art_jax.errors import UserError
-from art_jax.fileio import atomic_write
+from art_jax.fileio import FOLDER_MODE, atomic_write
+from art_jax.progress import progress_bar
 from art_jax.retriever import Tokens, passage_rows
 
 STORE_FORMAT = 1
@@ -69,21 +70,39 @@ class _IdSet:
         return True
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 def _parse_id(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, str) and _INTEGER.fullmatch(value)):
         raise _BadRow(f"id {value!r} is not an integer")
-    try:
-        return int(value)
-    except ValueError:
-        raise _BadRow(f"id {value!r} is not an integer") from None
+    value = int(value)
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise _BadRow(f"id {value} does not fit in 64 bits")
+    return value
 
 
-def _tsv_fields(path: str, header: str) -> tuple[int, int, int]:
-    names = next(csv.reader([header], delimiter="\t"))
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    width: int
+    columns: tuple[int, int, int]  # positions of id, text, title
+
+
+def _tsv_header(path: str, number: int, line: str) -> _Header:
+    names = _csv_fields(line.removeprefix("\ufeff"))
     missing = [c for c in TSV_COLUMNS if c not in names]
     if missing:
-        raise UserError(f"{path}:1: header {names} lacks column(s) {missing}; expected id<TAB>text<TAB>title")
-    return tuple(names.index(c) for c in TSV_COLUMNS)
+        raise UserError(f"{path}:{number}: header {names} lacks column(s) {missing}; "
+                        "expected id<TAB>text<TAB>title")
+    return _Header(len(names), tuple(names.index(c) for c in TSV_COLUMNS))
+
+
+def _csv_fields(line: str) -> list[str]:
+    try:
+        return next(csv.reader([line], delimiter="\t"))
+    except csv.Error as err:
+        raise _BadRow(f"unreadable TSV row ({err})") from None
 
 
 def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | None = None) -> Iterator[Passage]:
@@ -96,17 +115,17 @@ def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | No
     jsonl = path.endswith((".jsonl", ".json"))
     seen = _IdSet()
     with open(path, "rb") as f:
-        columns, end = None, 0
+        header, end = None, 0
         for number, raw in enumerate(f, 1):
             end += len(raw)
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
-                if not line.strip():
+                if not line.strip(" "):
                     continue
-                if not jsonl and columns is None:
-                    columns = _tsv_fields(path, line)
+                if not jsonl and header is None:
+                    header = _tsv_header(path, number, line)
                     continue
-                passage = _parse_json(line, number, end) if jsonl else _parse_tsv(line, number, end, columns)
+                passage = _parse_json(line, number, end) if jsonl else _parse_tsv(line, number, end, header)
                 if not passage.text.strip():
                     raise _BadRow("empty text")
                 if not seen.add(passage.id):
@@ -119,15 +138,15 @@ def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | No
                     bad_rows.append((number, reason))
                 continue
             yield passage
-    if not jsonl and columns is None:
+    if not jsonl and header is None:
         raise UserError(f"{path}: empty file (expected a header id<TAB>text<TAB>title)")
 
 
-def _parse_tsv(line: str, number: int, end: int, columns: tuple[int, int, int]) -> Passage:
-    fields = next(csv.reader([line], delimiter="\t"))
-    if len(fields) != len(TSV_COLUMNS):
-        raise _BadRow(f"{len(fields)} columns, expected {len(TSV_COLUMNS)}")
-    pid, text, title = (fields[i] for i in columns)
+def _parse_tsv(line: str, number: int, end: int, header: _Header) -> Passage:
+    fields = _csv_fields(line)
+    if len(fields) != header.width:
+        raise _BadRow(f"{len(fields)} columns, expected {header.width} as in the header")
+    pid, text, title = (fields[i] for i in header.columns)
     return Passage(number, end, _parse_id(pid), title, text)
 
 
@@ -138,7 +157,7 @@ def _parse_json(line: str, number: int, end: int) -> Passage:
         raise _BadRow(f"invalid JSON ({err.msg})") from None
     if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("text"), str):
         raise _BadRow('expected an object with "id" and "text"')
-    title = row.get("title") or ""
+    title = "" if row.get("title") is None else row["title"]
     if not isinstance(title, str):
         raise _BadRow('"title" is not a string')
     return Passage(number, end, _parse_id(row["id"]), title, row["text"])
@@ -177,7 +196,7 @@ class Ragged:
         self.data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(1, dtype)
 
     def lengths(self, rows=None) -> np.ndarray:
-        rows = np.arange(len(self.offsets) - 1) if rows is None else np.asarray(rows)
+        rows = np.arange(len(self.offsets) - 1) if rows is None else np.asarray(rows, np.int64)
         return np.asarray(self.offsets[rows + 1] - self.offsets[rows])
 
     def row(self, i: int) -> np.ndarray:
@@ -306,7 +325,7 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     try:
         passages = iter_passages(corpus_path, skip_bad_rows=skip_bad_rows, bad_rows=bad_rows)
         with (concurrent.futures.ThreadPoolExecutor(1) as pool,
-              tqdm(total=os.path.getsize(corpus_path), unit="B", unit_scale=True, desc="prepare-corpus",
+              progress_bar(total=os.path.getsize(corpus_path), unit="B", unit_scale=True, desc="prepare-corpus",
                    disable=not progress) as bar):
             pending, done = None, 0
             for batch in _batches(passages, batch_size):
@@ -332,6 +351,7 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
             "scorer": _token_meta(scorer_tokenizer, scorer) if builder is not None else None,
         }
         atomic_write(os.path.join(staging, "meta.json"), json.dumps(meta, indent=1))
+        os.chmod(staging, FOLDER_MODE)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -358,7 +378,8 @@ def _token_meta(tokenizer, spec: TokenizerSpec, **extra) -> dict:
 
 
 def _publish(staging: str, out: str) -> None:
-    """Swap the finished folder into place: a reader sees the old store or the new one."""
+    """Swap the finished folder into place: a reader sees the old store or the new one
+    complete (or, between the two renames, no store at all), never a mix of both."""
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(os.path.abspath(out)))
         os.rename(out, os.path.join(old, "store"))

@@ -16,13 +16,13 @@ import functools
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from art_jax.batching import round_up
 from art_jax.corpus import CorpusStore
 from art_jax.errors import UserError
 from art_jax.index import DTYPES, IndexBuilder, IndexPlan, published_versions
 from art_jax.models.bert import Bert
+from art_jax.progress import progress_bar
 from art_jax.sharding import batch_sharding, make_mesh
 
 
@@ -53,7 +53,7 @@ def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint:
     left = sum(plan.chunk_size(c) for c in todo)
     mesh = make_mesh(devices=jax.local_devices())
     batch_size = round_up(batch_size, mesh.shape["data"])
-    with tqdm(total=total, initial=total - left, unit="passage", desc=f"embed v{version}",
+    with progress_bar(total=total, initial=total - left, unit="passage", desc=f"embed v{version}",
               disable=not progress) as bar:
         for chunk, embeddings in _embed_chunks(tower, store, plan, todo, mesh, batch_size, length_multiple):
             builder.write_chunk(chunk, embeddings)

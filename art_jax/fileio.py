@@ -46,6 +46,17 @@ def read_json(path: str) -> Any:
             raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private files; published results get the usual permissions
+FILE_MODE = 0o666 & ~_umask()
+FOLDER_MODE = 0o777 & ~_umask()
+
+
 def atomic_write(path: str, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -56,6 +67,7 @@ def atomic_write(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -8,7 +8,6 @@ import os
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from art_jax.corpus import CorpusStore
 from art_jax.data.questions import Question
@@ -16,6 +15,7 @@ from art_jax.errors import UserError
 from art_jax.evaluation import evaluate_results
 from art_jax.fileio import atomic_write
 from art_jax.index import IndexVersion
+from art_jax.progress import progress_bar
 from art_jax.retriever import DualEncoder
 from art_jax.search import ShardedIndex
 
@@ -36,7 +36,7 @@ def retrieve(encoder: DualEncoder, index: ShardedIndex, questions: list[Question
              batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Scores and index rows [Q, k] of each question's top-k passages."""
     scores, rows = [], []
-    with tqdm(total=len(questions), unit="question", desc="search", disable=not progress) as bar:
+    with progress_bar(total=len(questions), unit="question", desc="search", disable=not progress) as bar:
         for start in range(0, len(questions), batch_size):
             batch = [q.question for q in questions[start:start + batch_size]]
             s, r = index.search(np.asarray(encoder.embed_questions(batch)), k)

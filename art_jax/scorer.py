@@ -14,12 +14,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from art_jax.batching import pad_rows, round_up
 from art_jax.errors import UserError
 from art_jax.models.hf import load_t5, load_tokenizer
 from art_jax.models.t5 import T5
+from art_jax.progress import progress_bar
 from art_jax.sharding import DEFAULT_RULES, batch_sharding
 
 
@@ -124,7 +124,7 @@ class T5Scorer:
         order = np.argsort([len(r) for r in enc_rows], kind="stable")
         scores = np.empty(len(order), np.float32)
         in_flight: list[tuple[np.ndarray, jax.Array]] = []
-        with tqdm(total=len(order), desc="scoring", unit="pair", disable=not progress) as bar:
+        with progress_bar(total=len(order), desc="scoring", unit="pair", disable=not progress) as bar:
             def collect():
                 chunk, result = in_flight.pop(0)
                 scores[chunk] = np.asarray(result)[:len(chunk)]

@@ -1,0 +1,21 @@
+"""Progress bars for long jobs: rate and ETA on stderr, cleared when the job fails so
+that the error stays the one line the user reads."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from tqdm import tqdm
+
+
+@contextlib.contextmanager
+def progress_bar(**kwargs) -> Iterator[tqdm]:
+    bar = tqdm(**kwargs)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
