@@ -66,18 +66,24 @@ class _Killed(Exception):
     pass
 
 
-def test_killed_embed_resumes_without_redoing_finished_chunks(tower, store, tmp_path, monkeypatch):
-    reference = IndexVersion.open(_embed(tower, store, tmp_path / "reference", dtype="bfloat16"))
+def _kill_after(monkeypatch, chunks: int) -> list[int]:
+    """Makes the build die after writing ``chunks`` chunks; returns the list of written ones."""
     written = []
     real_write = IndexBuilder.write_chunk
 
-    def write_then_die(self, chunk, embeddings):
-        if len(written) == 2:
+    def write(self, chunk, embeddings):
+        if len(written) == chunks:
             raise _Killed
         real_write(self, chunk, embeddings)
         written.append(chunk)
 
-    monkeypatch.setattr(IndexBuilder, "write_chunk", write_then_die)
+    monkeypatch.setattr(IndexBuilder, "write_chunk", write)
+    return written
+
+
+def test_killed_embed_resumes_without_redoing_finished_chunks(tower, store, tmp_path, monkeypatch):
+    reference = IndexVersion.open(_embed(tower, store, tmp_path / "reference", dtype="bfloat16"))
+    first = _kill_after(monkeypatch, 2)
     with pytest.raises(_Killed):
         _embed(tower, store, tmp_path / "index", dtype="bfloat16")
     # nothing is published: readers see no index at all
@@ -85,9 +91,8 @@ def test_killed_embed_resumes_without_redoing_finished_chunks(tower, store, tmp_
     with pytest.raises(UserError, match="no published index version"):
         IndexVersion.open(str(tmp_path / "index"))
 
-    first = list(written)
-    written.clear()
-    monkeypatch.setattr(IndexBuilder, "write_chunk", lambda self, c, e: (real_write(self, c, e), written.append(c)))
+    monkeypatch.undo()
+    written = _kill_after(monkeypatch, 10 ** 6)
     resumed = IndexVersion.open(_embed(tower, store, tmp_path / "index", dtype="bfloat16"))
     total = -(-len(store) // 48)
     assert sorted(first + written) == list(range(total)) and not set(first) & set(written)
@@ -95,16 +100,7 @@ def test_killed_embed_resumes_without_redoing_finished_chunks(tower, store, tmp_
 
 
 def test_a_changed_plan_starts_the_build_over(tower, store, tmp_path, monkeypatch):
-    calls = []
-    real_write = IndexBuilder.write_chunk
-
-    def die_after_one(self, chunk, embeddings):
-        if calls:
-            raise _Killed
-        real_write(self, chunk, embeddings)
-        calls.append(chunk)
-
-    monkeypatch.setattr(IndexBuilder, "write_chunk", die_after_one)
+    _kill_after(monkeypatch, 1)
     with pytest.raises(_Killed):
         _embed(tower, store, tmp_path / "index", dtype="float16")
     monkeypatch.undo()
@@ -116,7 +112,7 @@ def test_a_changed_plan_starts_the_build_over(tower, store, tmp_path, monkeypatc
 
 def test_readers_see_only_published_versions(tower, store, tmp_path, monkeypatch):
     first = _embed(tower, store, tmp_path / "index")
-    monkeypatch.setattr(IndexBuilder, "write_chunk", lambda *a: (_ for _ in ()).throw(_Killed()))
+    _kill_after(monkeypatch, 0)
     with pytest.raises(_Killed):
         _embed(tower, store, tmp_path / "index")
     assert os.path.isdir(tmp_path / "index" / ".v000001.building")
