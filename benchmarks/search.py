@@ -121,7 +121,8 @@ def main() -> None:
         for dtype_name in args.dtypes:
             for n in args.scaling:
                 x, q = random_data(n, args.dim, args.batch)
-                index = ShardedIndex.from_array(x.astype(dtype_name), make_mesh(), rows_per_device=args.rows_per_device)
+                index = ShardedIndex.from_array(x.astype(dtype_name, copy=False), make_mesh(),
+                                               rows_per_device=args.rows_per_device)
                 del x
                 t = best_time(lambda: index.search(q, args.k), args.repeats)
                 print(f"{dtype_name:>8} N={n:>9,}: {t * 1e3:8.1f} ms  {t / n * 1e9:6.2f} ns/row  "
