@@ -89,6 +89,22 @@ def _evaluate(args) -> None:
     print(json.dumps(report))
 
 
+def _train(args) -> None:
+    from art_jax.config import load_config
+    from art_jax.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.demo.enabled:
+        from art_jax.data.demo import prepare_demo
+
+        prepare_demo(cfg, args.workdir)
+    result = Trainer(cfg, args.workdir).run()
+    if result["before"]:
+        gains = ", ".join(f"top-{k} {100 * result['before'][k]:.1f}% -> {100 * result['after'][k]:.1f}%"
+                          for k in sorted(result["after"]))
+        print(f"dev accuracy: {gains}")
+
+
 def _selfcheck(args) -> None:
     from art_jax import selfcheck
 
@@ -167,13 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotated-out", help="write the results with has_answer recomputed")
     p.set_defaults(run=_evaluate)
 
+    p = commands.add_parser("train", help="train the dual encoder with ART (configs/*.py)")
+    p.add_argument("--config", required=True, help="config file defining get_config(), optionally FILE.py:ARG")
+    p.add_argument("--workdir", required=True, help="checkpoints, indexes, metrics and the resolved config")
+    p.set_defaults(run=_train)
+
     p = commands.add_parser("selfcheck", help="prove the install works: tiny random models, end to end")
     p.set_defaults(run=_selfcheck)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `train` takes ml_collections-style overrides: --config.train.steps=100
+    unknown = [a for a in extra if args.command != "train" or not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = extra
     try:
         args.run(args)
     except UserError as err:

@@ -1,0 +1,115 @@
+"""ml_collections configs: ``--config=FILE.py[:ARG]`` plus ``--config.a.b=value`` overrides.
+
+A config file defines ``get_config(arg=None) -> ConfigDict`` (the ml_collections
+convention). Overrides are parsed with the type of the value they replace, and an
+unknown key is an error naming it; the resolved config is written into the workdir.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from art_jax.errors import UserError
+from art_jax.fileio import atomic_write
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"art_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"{path}: defines no get_config()")
+    cfg = module.get_config(arg) if arg else module.get_config()
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
+    """``config.a.b=value`` (a leading ``--`` allowed); the value takes the old value's type."""
+    key, sep, raw = item.removeprefix("--").partition("=")
+    if not sep or not key.startswith("config."):
+        raise UserError(f"bad override {item!r}; expected --config.section.key=value")
+    *parents, leaf = key.removeprefix("config.").split(".")
+    node = cfg
+    for name in parents:
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            raise UserError(f"unknown config key {key!r}")
+        node = node[name]
+    if leaf not in node:
+        raise UserError(f"unknown config key {key!r}")
+    node[leaf] = _parse(raw, node[leaf], key)
+
+
+def _parse(raw: str, old, key: str):
+    if isinstance(old, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise UserError(f"{key}: expected true or false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    if isinstance(old, str) or old is None:
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise UserError(f"{key}: cannot parse {raw!r} as {type(old).__name__}") from None
+    if isinstance(old, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(old)(value)
+    if type(value) is not type(old):
+        raise UserError(f"{key}: expected {type(old).__name__}, got {raw!r}")
+    return value
+
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    path = os.path.join(workdir, "config.json")
+    atomic_write(path, json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with the paper's NQ values; experiment files change a few."""
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 1234
+    cfg.retriever = ml_collections.ConfigDict(dict(
+        checkpoint="bert-base-uncased",  # a Hugging Face BERT folder/hub id; both towers start from it
+        shared_towers=False,
+        question_max_length=64,
+        passage_max_length=256,  # when indexing
+        train_passage_max_length=512,  # when re-embedding the retrieved passages in a step
+    ))
+    cfg.scorer = ml_collections.ConfigDict(dict(
+        kind="t5",  # "t5" (T0 and friends) or "query_likelihood" (no weights needed)
+        checkpoint="bigscience/T0_3B",
+        dtype="bfloat16",
+        batch_size=64,
+        mu=50.0,  # query_likelihood: Dirichlet prior
+        scale=1.0,  # query_likelihood: multiplies the mean log-likelihood (sharpens the teacher)
+    ))
+    cfg.data = ml_collections.ConfigDict(dict(
+        corpus="",  # evidence TSV/JSONL, prepared into WORKDIR/corpus_store when no store is given
+        corpus_store="",
+        train_questions="",
+        dev_questions="",
+    ))
+    cfg.index = ml_collections.ConfigDict(dict(
+        dtype="float16", chunk_rows=8192, embed_batch_size=128, rows_per_device=0, progress=True,
+    ))
+    cfg.train = ml_collections.ConfigDict(dict(
+        batch_size=64, topk=32, epochs=10, steps=0,  # steps > 0 overrides epochs
+        learning_rate=2e-5, warmup_fraction=0.01, weight_decay=0.1, clip_norm=1.0,
+        temperature_multiplier=1.0, accumulation=1,
+        train_question_tower=True, train_passage_tower=True,
+        refresh_every=500, eval_every=500, log_every=10, eval_topk=(1, 5, 20, 50, 100),
+    ))
+    cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
+                                              layers=2, heads=4))
+    return cfg

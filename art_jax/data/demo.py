@@ -1,0 +1,31 @@
+"""Materialise the offline demo: a generated world, a tokenizer trained on it and a tiny
+random BERT, written once into WORKDIR/demo; the config is pointed at them."""
+
+from __future__ import annotations
+
+import os
+
+from art_jax.data.demo_world import make_world, write_world
+from art_jax.data.tokenizers import train_wordpiece
+from art_jax.models.bert import Bert, BertConfig
+from art_jax.models.hf import export, init_module
+
+
+def prepare_demo(cfg, workdir: str) -> None:
+    folder = os.path.join(workdir, "demo")
+    bert_dir = os.path.join(folder, "bert")
+    paths = {name: os.path.join(folder, file) for name, file in
+             (("corpus", "corpus.tsv"), ("train", "train.jsonl"), ("dev", "dev.jsonl"))}
+    if not os.path.isfile(os.path.join(bert_dir, "config.json")):  # written last: the demo is complete
+        world = make_world(seed=cfg.seed, entities=cfg.demo.entities)
+        paths = write_world(world, folder)
+        texts = [f"{title} {text}" for _, title, text in world.passages] + [q.question for q in world.train]
+        tokenizer = train_wordpiece(texts, cfg.demo.vocab_size)
+        bert = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.demo.hidden_size, num_layers=cfg.demo.layers,
+                          num_heads=cfg.demo.heads, intermediate_size=4 * cfg.demo.hidden_size,
+                          max_position_embeddings=max(128, cfg.retriever.train_passage_max_length))
+        export(init_module(Bert, bert, seed=cfg.seed), tokenizer, bert_dir)
+    cfg.retriever.checkpoint = bert_dir
+    cfg.data.corpus = paths["corpus"]
+    cfg.data.train_questions = paths["train"]
+    cfg.data.dev_questions = paths["dev"]

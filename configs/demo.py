@@ -1,0 +1,34 @@
+"""The embedded default: ART on a generated world, offline, in minutes on 2 CPU cores.
+
+`art-jax train --config=configs/demo.py --workdir=/tmp/art-demo` generates a small
+corpus of made-up entities with questions and answers, a WordPiece tokenizer and a tiny
+random BERT, and trains it with a Dirichlet query-likelihood teacher (no weights).
+"""
+
+from art_jax.config import default_config
+
+
+def get_config(arg=None):
+    cfg = default_config()
+    cfg.demo.enabled = True
+    cfg.scorer.kind = "query_likelihood"
+    cfg.scorer.scale = 6.0  # about the question length: the mean becomes a sum, a sharp teacher
+    cfg.retriever.question_max_length = 32
+    cfg.retriever.passage_max_length = 64
+    cfg.retriever.train_passage_max_length = 64
+    cfg.index.chunk_rows = 512
+    cfg.index.embed_batch_size = 64
+    cfg.index.progress = False
+    cfg.train.batch_size = 32
+    cfg.train.topk = 32
+    cfg.train.steps = 800
+    cfg.train.learning_rate = 3e-3
+    cfg.train.refresh_every = 25
+    cfg.train.eval_every = 200
+    cfg.train.log_every = 25
+    cfg.train.eval_topk = (1, 5, 20)
+    if arg == "smoke":  # a quick look: a few steps
+        cfg.train.steps = 10
+        cfg.train.refresh_every = 5
+        cfg.train.eval_every = 10
+    return cfg

@@ -1,0 +1,151 @@
+"""The ART objective and update: numpy KL, gradients into both towers only, frozen towers,
+non-finite steps skipped, gradient accumulation, the learning-rate schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from art_jax.models.bert import Bert, BertConfig
+from art_jax.models.hf import init_module
+from art_jax.objectives import art_loss
+from art_jax.train_step import OptimConfig, Towers, init_state, learning_rate_schedule, make_optimizer, update
+
+
+def _numpy_kl(q, p, teacher, m=1.0):
+    scores = np.einsum("bh,bkh->bk", q.astype(np.float64), p.astype(np.float64)) / (m * np.sqrt(q.shape[-1]))
+    log_s = scores - np.log(np.exp(scores - scores.max(1, keepdims=True)).sum(1, keepdims=True)) - scores.max(1, keepdims=True)
+    t = teacher.astype(np.float64)
+    log_t = t - t.max(1, keepdims=True) - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True))
+    return np.mean(np.sum(np.exp(log_t) * (log_t - log_s), axis=1))
+
+
+@pytest.mark.parametrize("m", [1.0, 0.5])
+def test_art_loss_equals_numpy_kl(m):
+    rng = np.random.default_rng(0)
+    q, p = rng.standard_normal((6, 16)), rng.standard_normal((6, 8, 16))
+    teacher = rng.standard_normal((6, 8)) * 3
+    loss, metrics = art_loss(jnp.asarray(q, jnp.float32), jnp.asarray(p, jnp.float32), jnp.asarray(teacher), m)
+    np.testing.assert_allclose(float(loss), _numpy_kl(q, p, teacher, m), rtol=1e-5)
+    t = np.exp(teacher - teacher.max(1, keepdims=True))
+    t /= t.sum(1, keepdims=True)
+    np.testing.assert_allclose(float(metrics["teacher_entropy"]), -np.mean(np.sum(t * np.log(t), 1)), rtol=1e-5)
+    # the KL is zero exactly when the student matches the teacher
+    same, _ = art_loss(jnp.asarray(q, jnp.float32), jnp.asarray(p, jnp.float32),
+                       jnp.einsum("bh,bkh->bk", q, p) / (m * 4.0), m)
+    assert abs(float(same)) < 1e-5
+
+
+def _towers(shared=False):
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                     max_position_embeddings=32)
+    question = init_module(Bert, cfg, seed=0)
+    passage = question if shared else init_module(Bert, cfg, seed=1)
+    return Towers.split(question, passage)
+
+
+def _batch(b=4, k=3, lq=6, lp=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"question_ids": jnp.asarray(rng.integers(5, 50, (b, lq)), jnp.int32),
+            "question_mask": jnp.ones((b, lq), jnp.int32),
+            "passage_ids": jnp.asarray(rng.integers(5, 50, (b, k, lp)), jnp.int32),
+            "passage_mask": jnp.asarray(np.arange(lp)[None, None] < rng.integers(3, lp + 1, (b, k, 1)), jnp.int32),
+            "teacher_scores": jnp.asarray(rng.standard_normal((b, k)) * 2, jnp.float32)}
+
+
+def _setup(**optim):
+    towers, params = _towers()
+    cfg = OptimConfig(learning_rate=1e-2, total_steps=10, **optim)
+    optimizer = make_optimizer(cfg, params)
+    step = jax.jit(lambda s, b: update(towers, optimizer, learning_rate_schedule(cfg), s, b, **_setup.kwargs))
+    return init_state(params, optimizer, seed=0), step
+
+
+_setup.kwargs = {}
+
+
+def _changed(before, after):
+    return any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_both_towers_learn_and_the_loss_falls():
+    state, step = _setup()
+    batch = _batch()
+    first = state.params
+    losses = []
+    for _ in range(5):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert _changed(first["question"], state.params["question"]) and _changed(first["passage"], state.params["passage"])
+    assert losses[-1] < losses[0]
+    assert int(state.step) == 5 and int(state.skipped) == 0
+
+
+def test_no_gradient_reaches_the_teacher_scores():
+    towers, params = _towers()
+    from art_jax.train_step import _loss
+
+    batch = _batch()
+    keys = jax.random.split(jax.random.key(0))
+    grad = jax.grad(lambda t: _loss(towers, params, {**batch, "teacher_scores": t}, *keys, 1.0)[0])(
+        batch["teacher_scores"])
+    assert np.all(np.asarray(grad) == 0)
+
+
+@pytest.mark.parametrize("frozen", ["question", "passage"])
+def test_a_frozen_tower_stays_fixed(frozen):
+    state, step = _setup(**{f"train_{frozen}_tower": False})
+    before = state.params
+    for _ in range(2):  # the first step has learning rate 0 (warmup starts there)
+        state, _ = step(state, _batch())
+    other = "passage" if frozen == "question" else "question"
+    assert not _changed(before[frozen], state.params[frozen]) and _changed(before[other], state.params[other])
+
+
+def test_a_non_finite_step_is_skipped_and_counted():
+    state, step = _setup()
+    before = state
+    bad = {**_batch(), "teacher_scores": jnp.full((4, 3), jnp.nan)}
+    state, metrics = step(state, bad)
+    assert int(state.skipped) == 1 and int(state.step) == 1
+    assert not _changed(before.params, state.params) and not _changed(before.opt_state, state.opt_state)
+    for _ in range(2):  # training goes on
+        state, _ = step(state, _batch())
+    assert int(state.skipped) == 1 and int(state.step) == 3 and _changed(before.params, state.params)
+
+
+def test_accumulation_gives_the_same_gradient_without_dropout():
+    towers, params = _towers()
+    from art_jax.train_step import _loss
+
+    batch = _batch(b=8)
+    full = jax.grad(lambda p: _loss(towers, p, batch, None, None, 1.0)[0])(params)
+    halves = [jax.tree.map(lambda x: x[i * 4:(i + 1) * 4], batch) for i in range(2)]
+    parts = [jax.grad(lambda p: _loss(towers, p, h, None, None, 1.0)[0])(params) for h in halves]
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, *parts)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(mean)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # and the update with accumulation=2 runs and moves the parameters
+    cfg = OptimConfig(learning_rate=1e-2, total_steps=10, warmup_fraction=0.0)
+    optimizer = make_optimizer(cfg, params)
+    state = init_state(params, optimizer, 0)
+    new, metrics = jax.jit(lambda s, b: update(towers, optimizer, learning_rate_schedule(cfg), s, b,
+                                               accumulation=2))(state, batch)
+    assert _changed(state.params, new.params) and np.isfinite(float(metrics["loss"]))
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    schedule = learning_rate_schedule(OptimConfig(learning_rate=2e-5, total_steps=1000, warmup_fraction=0.01))
+    assert float(schedule(0)) == 0 and float(schedule(10)) == pytest.approx(2e-5)
+    assert float(schedule(505)) == pytest.approx(1e-5, rel=1e-3) and float(schedule(1000)) == pytest.approx(0, abs=1e-12)
+
+
+def test_weight_decay_skips_biases_and_layer_norm():
+    towers, params = _towers()
+    cfg = OptimConfig(learning_rate=1.0, total_steps=10, warmup_fraction=0.0, weight_decay=0.5, clip_norm=1e9)
+    optimizer = make_optimizer(cfg, params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zero, optimizer.init(params), params)  # zero gradient: only decay moves
+    for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params)):
+        moved = bool(np.any(np.asarray(u) != 0))
+        assert moved == (p.ndim >= 2), (jax.tree_util.keystr(path), p.shape)
