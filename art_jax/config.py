@@ -109,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
         temperature_multiplier=1.0, accumulation=1,
         train_question_tower=True, train_passage_tower=True,
         refresh_every=500, eval_every=500, log_every=10, eval_topk=(1, 5, 20, 50, 100),
+        checkpoint_every=500, keep_checkpoints=3,
     ))
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
                                               layers=2, heads=4))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import time
 
 import jax
@@ -17,13 +18,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from art_jax.checkpoints import Checkpoints
 from art_jax.config import write_config
 from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import Question, read_questions
 from art_jax.embed import embed_corpus
 from art_jax.errors import UserError
 from art_jax.evaluation import format_table
-from art_jax.index import IndexVersion
+from art_jax.index import IndexVersion, version_name
 from art_jax.models.hf import load_bert, load_tokenizer
 from art_jax.retrieval_jobs import dpr_results, retrieve
 from art_jax.retriever import DualEncoder, tokenize_questions
@@ -128,7 +130,9 @@ class Trainer:
             in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
             donate_argnums=0)
         self.index: ShardedIndex | None = None
-        self.index_step = 0
+        self.index_version, self.index_step = None, 0
+        self.checkpoints = Checkpoints(workdir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
+        self.preempted = False
 
     # ------------------------------------------------------------------ stages
 
@@ -141,9 +145,31 @@ class Trainer:
                             dtype=cfg.index.dtype, max_length=cfg.retriever.passage_max_length,
                             chunk_rows=cfg.index.chunk_rows, batch_size=cfg.index.embed_batch_size,
                             progress=cfg.index.progress)
-        self.index = ShardedIndex.from_version(IndexVersion.open(path), self.mesh,
-                                               rows_per_device=cfg.index.rows_per_device or None)
-        self.index_step = step
+        self.load_index(path, step)
+
+    def load_index(self, path: str, step: int) -> None:
+        version = IndexVersion.open(path)
+        self.index = ShardedIndex.from_version(version, self.mesh,
+                                               rows_per_device=self.cfg.index.rows_per_device or None)
+        self.index_version, self.index_step = version.meta["version"], step
+
+    def resume(self) -> int:
+        """Restores the newest checkpoint and the index it was training against; returns
+        the step to continue from (0 for a fresh run, which builds the first index)."""
+        step = self.checkpoints.latest_step()
+        if step is None:
+            self.refresh_index(0)
+            return 0
+        self.state, record = self.checkpoints.restore(step, self.state)
+        self.load_index(os.path.join(self.workdir, "index", version_name(record["index_version"])),
+                        record["index_step"])
+        print(f"resumed from step {step} (index v{record['index_version']} from step {record['index_step']})")
+        return step
+
+    def save(self, step: int, *, force: bool = False) -> None:
+        record = {"step": step, "data_position": step, "index_version": self.index_version,
+                  "index_step": self.index_step}
+        self.checkpoints.save(step, self.state, record, force=force)
 
     def evaluate(self) -> dict[int, float]:
         if not self.dev_questions:
@@ -190,31 +216,46 @@ class Trainer:
 
     def run(self) -> dict[str, dict[int, float]]:
         cfg = self.cfg
-        self.refresh_index(0)
-        first = self.evaluate()
+        start = self.resume()
+        first = self.evaluate() if start == 0 else {}
         self._report(0, {}, first, "before training")
         log = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
         started = time.perf_counter()
-        for step in range(self.total_steps):
-            if step and step % cfg.train.refresh_every == 0:
-                self.refresh_index(step)
-            metrics = self.train_step(step)
-            done = step + 1
-            accuracy = {}
-            if done % cfg.train.eval_every == 0 or done == self.total_steps:
-                if done == self.total_steps:
-                    self.refresh_index(done)
-                accuracy = self.evaluate()
-            if done % cfg.train.log_every == 0 or accuracy or done == self.total_steps:
-                elapsed = time.perf_counter() - started
-                metrics["eta_s"] = elapsed / done * (self.total_steps - done)
-                self._report(done, metrics, accuracy)
-            log.write(json.dumps({"step": done, **metrics,
-                                  **{f"top{k}": v for k, v in accuracy.items()}}) + "\n")
-        log.close()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            for step in range(start, self.total_steps):
+                self._one_step(step, start, started, log)
+                if self.preempted:
+                    self.save(step + 1, force=True)
+                    print(f"preempted: saved step {step + 1}; rerun the same command to resume")
+                    return {"before": first, "after": {}}
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            log.close()
+            self.checkpoints.close()
         last = self.evaluate()
         self._report(self.total_steps, {}, last, "after training")
         return {"before": first, "after": last}
+
+    def _on_sigterm(self, *_) -> None:
+        self.preempted = True  # finish the step, save, stop
+
+    def _one_step(self, step: int, start: int, started: float, log) -> None:
+        cfg = self.cfg
+        if step and step % cfg.train.refresh_every == 0 and self.index_step != step:
+            self.refresh_index(step)
+        metrics = self.train_step(step)
+        done = step + 1
+        accuracy = {}
+        if done == self.total_steps:
+            self.refresh_index(done)  # the final index, from the final passage tower
+        elif done % cfg.train.eval_every == 0:
+            accuracy = self.evaluate()
+        if done % cfg.train.log_every == 0 or accuracy or done == self.total_steps:
+            metrics["eta_s"] = (time.perf_counter() - started) / (done - start) * (self.total_steps - done)
+            self._report(done, metrics, accuracy)
+        log.write(json.dumps({"step": done, **metrics, **{f"top{k}": v for k, v in accuracy.items()}}) + "\n")
+        self.save(done, force=done == self.total_steps)
 
     def _report(self, step: int, metrics: dict, accuracy: dict, title: str = "") -> None:
         if jax.process_index() != 0:

@@ -26,6 +26,7 @@ def get_config(arg=None):
     cfg.train.refresh_every = 25
     cfg.train.eval_every = 200
     cfg.train.log_every = 25
+    cfg.train.checkpoint_every = 100
     cfg.train.eval_topk = (1, 5, 20)
     if arg == "smoke":  # a quick look: a few steps
         cfg.train.steps = 10
