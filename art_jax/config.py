@@ -112,5 +112,5 @@ def default_config() -> ml_collections.ConfigDict:
         checkpoint_every=500, keep_checkpoints=3,
     ))
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
-                                              layers=2, heads=4))
+                                              layers=2, heads=4, initializer_range=0.15))
     return cfg

@@ -13,10 +13,12 @@ from art_jax.train_step import OptimConfig, Towers, init_state, learning_rate_sc
 
 
 def _numpy_kl(q, p, teacher, m=1.0):
+    def log_softmax(x):
+        x = x - x.max(1, keepdims=True)
+        return x - np.log(np.exp(x).sum(1, keepdims=True))
+
     scores = np.einsum("bh,bkh->bk", q.astype(np.float64), p.astype(np.float64)) / (m * np.sqrt(q.shape[-1]))
-    log_s = scores - np.log(np.exp(scores - scores.max(1, keepdims=True)).sum(1, keepdims=True)) - scores.max(1, keepdims=True)
-    t = teacher.astype(np.float64)
-    log_t = t - t.max(1, keepdims=True) - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True))
+    log_s, log_t = log_softmax(scores), log_softmax(teacher.astype(np.float64))
     return np.mean(np.sum(np.exp(log_t) * (log_t - log_s), axis=1))
 
 

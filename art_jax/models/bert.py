@@ -28,6 +28,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    initializer_range: float = 0.02  # std of the random init (Hugging Face's name)
     with_pooler: bool = True  # kept only so exported checkpoints are complete
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
@@ -48,7 +49,7 @@ def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 class BertEmbeddings(nnx.Module):
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+        kw = dict(dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs, stddev=cfg.initializer_range)
         self.word_embeddings = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.position_embeddings = embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"), **kw)
         self.token_type_embeddings = embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), **kw)
@@ -64,7 +65,7 @@ class BertEmbeddings(nnx.Module):
 
 class BertLayer(nnx.Module):
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+        kw = dict(use_bias=True, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs, stddev=cfg.initializer_range)
         h, f = cfg.hidden_size, cfg.intermediate_size
         self.query = dense(h, h, ("embed", "heads"), **kw)
         self.key = dense(h, h, ("embed", "heads"), **kw)

@@ -230,7 +230,7 @@ def bert_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **ov
         max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        with_pooler="pooler.dense.weight" in weights)
+        initializer_range=hf.get("initializer_range", 0.02), with_pooler="pooler.dense.weight" in weights)
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -242,7 +242,7 @@ def bert_config_to_hf(cfg: BertConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
         "layer_norm_eps": cfg.layer_norm_eps, "hidden_dropout_prob": cfg.hidden_dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout, "hidden_act": "gelu",
-        "position_embedding_type": "absolute", "pad_token_id": 0, "initializer_range": 0.02,
+        "position_embedding_type": "absolute", "pad_token_id": 0, "initializer_range": cfg.initializer_range,
     }
 
 
