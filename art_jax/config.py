@@ -114,3 +114,38 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
                                               layers=2, heads=4, initializer_range=0.15))
     return cfg
+
+
+# The paper's per-dataset settings (art-recipe: examples/zero-shot-retriever-training): question
+# files under data/ (DPR's names), global batch, top-K, epochs.
+PAPER_DATASETS = {
+    "nq": ("nq", 64, 32, 10),
+    "trivia": ("trivia", 64, 32, 10),
+    "squad": ("squad1", 64, 32, 10),
+    "webq": ("webq", 16, 32, 20),
+    "msmarco": ("msmarco", 512, 4, 10),  # the msmarco branch uses K=4 (the paper's text says 8)
+}
+TEACHERS = {
+    "t0-3b": ("bigscience/T0_3B", 500),
+    "t5-xxl-lm-adapt": ("google/t5-xxl-lm-adapt", 1000),  # the 11B teacher: batch 32, K=16, intervals 1000
+}
+
+
+def paper_config(dataset: str, teacher: str = "t0-3b") -> ml_collections.ConfigDict:
+    """ART as the paper trains it on ``dataset`` with ``teacher``: BERT-base towers, AdamW 2e-5,
+    refresh / evaluation / checkpoint at the teacher's interval."""
+    if dataset not in PAPER_DATASETS or teacher not in TEACHERS:
+        raise UserError(f"unknown dataset {dataset!r} or teacher {teacher!r}; "
+                        f"datasets {sorted(PAPER_DATASETS)}, teachers {sorted(TEACHERS)}")
+    files, batch, topk, epochs = PAPER_DATASETS[dataset]
+    checkpoint, interval = TEACHERS[teacher]
+    cfg = default_config()
+    cfg.scorer.checkpoint = checkpoint
+    cfg.data.corpus_store = "data/wikipedia_store"  # art-jax prepare-corpus --corpus psgs_w100.tsv ...
+    cfg.data.train_questions = f"data/{files}-train.qa.csv"
+    cfg.data.dev_questions = f"data/{files}-dev.qa.csv"
+    cfg.train.batch_size, cfg.train.topk, cfg.train.epochs = batch, topk, epochs
+    if teacher == "t5-xxl-lm-adapt":
+        cfg.train.batch_size, cfg.train.topk = 32, 16
+    cfg.train.refresh_every = cfg.train.eval_every = cfg.train.checkpoint_every = interval
+    return cfg

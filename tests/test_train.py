@@ -93,3 +93,17 @@ def test_unknown_override_key_is_named():
         apply_override(default_config(), "--config.train.stepz=3")
     with pytest.raises(UserError, match="config.train.steps: cannot parse .three. as int"):
         apply_override(default_config(), "--config.train.steps=three")
+
+
+@pytest.mark.parametrize("arg,batch,topk,epochs,interval", [
+    ("nq", 64, 32, 10, 500), ("webq", 16, 32, 20, 500), ("msmarco", 512, 4, 10, 500),
+    ("nq,t5-xxl-lm-adapt", 32, 16, 10, 1000),
+])
+def test_paper_configs_carry_the_recipe(arg, batch, topk, epochs, interval):
+    from art_jax.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", f"art_nq_base.py:{arg}"))
+    assert (cfg.train.batch_size, cfg.train.topk, cfg.train.epochs) == (batch, topk, epochs)
+    assert cfg.train.refresh_every == cfg.train.eval_every == cfg.train.checkpoint_every == interval
+    assert (cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.warmup_fraction) == (2e-5, 0.1, 0.01)
+    assert cfg.retriever.passage_max_length == 256 and cfg.retriever.train_passage_max_length == 512
