@@ -201,7 +201,7 @@ class Trainer:
 
         start = time.perf_counter()
         passages = self.store.retriever_tokens(rows.reshape(-1), cfg.retriever.train_passage_max_length,
-                                               multiple=16)
+                                               multiple=8)
         b, k = rows.shape
         batch = {"question_ids": q_tokens.ids, "question_mask": q_tokens.mask,
                  "passage_ids": passages.ids.reshape(b, k, -1), "passage_mask": passages.mask.reshape(b, k, -1),
