@@ -13,17 +13,29 @@ import jax
 import orbax.checkpoint as ocp
 
 
+# A leaf of ``like`` that ``Checkpoints.restore`` does not read (it comes back as is): the
+# refresher reads only the passage tower out of a whole train state.
+SKIP = ocp.PLACEHOLDER
+
+
 class Checkpoints:
-    def __init__(self, workdir: str, *, every: int, keep: int):
+    def __init__(self, workdir: str, *, every: int = 0, keep: int = 0, read_only: bool = False):
+        """``read_only``: another process's view of a run (the refresher): it never saves or
+        deletes, and ``steps()`` re-lists the folder, which the writing process keeps changing."""
         self.every = every
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
-                                                 enable_async_checkpointing=True),
-            item_names=("state", "record"))
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False) if read_only else
+                   ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
+                                                enable_async_checkpointing=True))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "record"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """Every finished checkpoint's step, oldest first, as on disk now."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, record: dict, *, force: bool = False) -> bool:
         """Saves at multiples of ``every`` (or when forced: preemption, the last step)."""
@@ -33,10 +45,13 @@ class Checkpoints:
                                                                record=ocp.args.JsonSave(record)), force=force)
 
     def restore(self, step: int, like) -> tuple[object, dict]:
-        """The state at ``step``, placed like ``like`` (same tree, shapes and shardings)."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                      record=ocp.args.JsonRestore()))
+        """The state at ``step``, placed like ``like`` (same tree, shapes and shardings; ``SKIP``
+        leaves are not read)."""
+        abstract = jax.tree.map(lambda x: x if x is SKIP else ocp.utils.to_shape_dtype_struct(x), like)
+        state = ocp.args.StandardRestore(abstract)
+        if any(x is SKIP for x in jax.tree.leaves(abstract)):  # StandardRestore refuses placeholders
+            state = ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract))
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=state, record=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["record"])
 
     def close(self) -> None:

@@ -105,6 +105,14 @@ def _train(args) -> None:
         print(f"dev accuracy: {gains}")
 
 
+def _refresh(args) -> None:
+    from art_jax.refresh import Refresher
+
+    if args.poll_seconds <= 0:
+        raise UserError(f"--poll-seconds must be positive, got {args.poll_seconds}")
+    Refresher(args.workdir).run(once=args.once, poll_seconds=args.poll_seconds)
+
+
 def _selfcheck(args) -> None:
     from art_jax import selfcheck
 
@@ -187,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="config file defining get_config(), optionally FILE.py:ARG")
     p.add_argument("--workdir", required=True, help="checkpoints, indexes, metrics and the resolved config")
     p.set_defaults(run=_train)
+
+    p = commands.add_parser("refresh", help="build indexes from a training run's checkpoints as they appear "
+                                           "(train.refresh_mode=async), beside the trainer")
+    p.add_argument("--workdir", required=True, help="the training run's workdir (config.json, checkpoints/)")
+    p.add_argument("--once", action="store_true", help="index the newest checkpoint if it is not yet, then exit")
+    p.add_argument("--poll-seconds", type=float, default=10.0, help="how often to look for a new checkpoint")
+    p.set_defaults(run=_refresh)
 
     p = commands.add_parser("selfcheck", help="prove the install works: tiny random models, end to end")
     p.set_defaults(run=_selfcheck)

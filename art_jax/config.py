@@ -99,6 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
         corpus_store="",
         train_questions="",
         dev_questions="",
+        # a published index version (or an index folder: its newest) of the corpus store to train
+        # against from step 0, instead of the trainer embedding the corpus before the first step
+        initial_index="",
     ))
     cfg.index = ml_collections.ConfigDict(dict(
         dtype="float16", chunk_rows=8192, embed_batch_size=128, rows_per_device=0, progress=True,
@@ -109,10 +112,14 @@ def default_config() -> ml_collections.ConfigDict:
         temperature_multiplier=1.0, accumulation=1,
         train_question_tower=True, train_passage_tower=True,
         refresh_every=500, eval_every=500, log_every=10, eval_topk=(1, 5, 20, 50, 100),
+        # "sync": the trainer stops and re-embeds the corpus every refresh_every steps; "async": it
+        # checkpoints then and goes on, `art-jax refresh --workdir=...` builds the index beside it
+        # and the trainer swaps to each published version at a step boundary
+        refresh_mode="sync",
         checkpoint_every=500, keep_checkpoints=3,
     ))
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
-                                              layers=2, heads=4, initializer_range=0.15))
+                                              layers=2, heads=4, initializer_range=0.15, dropout=0.1))
     return cfg
 
 

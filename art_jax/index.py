@@ -57,6 +57,11 @@ def version_name(version: int) -> str:
     return f"v{version:06d}"
 
 
+def building_folder(index_dir: str, version: int) -> str:
+    """Where ``version`` is built before it is published (a killed build resumes there)."""
+    return os.path.join(index_dir, f".{version_name(version)}.building")
+
+
 def published_versions(index_dir: str) -> list[int]:
     if not os.path.isdir(index_dir):
         return []
@@ -85,7 +90,7 @@ class IndexBuilder:
     def __init__(self, index_dir: str, version: int, plan: IndexPlan):
         self.index_dir, self.version, self.plan = index_dir, version, plan
         self.final = os.path.join(index_dir, version_name(version))
-        self.folder = os.path.join(index_dir, f".{version_name(version)}.building")
+        self.folder = building_folder(index_dir, version)
 
     def open(self, *, create: bool) -> "IndexBuilder":
         """Start the build, or continue one with the same plan (a different plan starts over).

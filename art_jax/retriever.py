@@ -41,7 +41,8 @@ def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int, *,
 
 def passage_rows(tokenizer, titles: Sequence[str], texts: Sequence[str], max_length: int) -> list[list[int]]:
     """``[CLS] title [SEP] text [SEP]`` ids, only the text cut to fit ``max_length`` (a title
-    too long to leave room for any text is cut too, rather than failing the batch)."""
+    too long to leave room for any text is cut too, rather than failing the batch: the pair
+    loses its end and keeps its final [SEP], as the corpus store re-cuts it)."""
     try:
         return tokenizer(list(titles), list(texts), truncation="only_second", max_length=max_length)["input_ids"]
     except Exception:  # the fast tokenizer refuses a pair whose first part alone is too long
@@ -52,7 +53,7 @@ def _passage_row(tokenizer, title: str, text: str, max_length: int) -> list[int]
     try:
         return tokenizer(title, text, truncation="only_second", max_length=max_length)["input_ids"]
     except Exception:
-        return tokenizer(title, text, truncation="longest_first", max_length=max_length)["input_ids"]
+        return tokenizer(title, text)["input_ids"][:max_length - 1] + [tokenizer.sep_token_id]
 
 
 def tokenize_passages(tokenizer, titles: Sequence[str], texts: Sequence[str], max_length: int, *,

@@ -18,21 +18,22 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from art_jax.batching import round_up
 from art_jax.checkpoints import Checkpoints
 from art_jax.config import write_config
 from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import Question, read_questions
-from art_jax.embed import embed_corpus
 from art_jax.errors import UserError
 from art_jax.evaluation import format_table
 from art_jax.index import IndexVersion, version_name
 from art_jax.models.hf import load_bert, load_tokenizer
+from art_jax.refresh import IndexWatcher, build_index, initial_index, mark_finished
 from art_jax.retrieval_jobs import dpr_results, retrieve
 from art_jax.retriever import DualEncoder, tokenize_questions
 from art_jax.search import ShardedIndex
 from art_jax.sharding import make_mesh
-from art_jax.train_step import OptimConfig, Towers, embed_questions, init_state, learning_rate_schedule, \
-    make_optimizer, update
+from art_jax.train_step import PER_QUESTION, OptimConfig, Towers, embed_questions, init_state, \
+    learning_rate_schedule, make_optimizer, unique_passages, update
 
 
 class QuestionStream:
@@ -55,6 +56,8 @@ def _check_config(cfg, devices: int, store: CorpusStore) -> None:
     if cfg.train.batch_size % (devices * cfg.train.accumulation):
         raise UserError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {devices} devices "
                         f"x train.accumulation={cfg.train.accumulation}")
+    if cfg.train.refresh_mode not in ("sync", "async"):
+        raise UserError(f"train.refresh_mode: {cfg.train.refresh_mode!r} is not 'sync' or 'async'")
     if cfg.train.topk > len(store):
         raise UserError(f"train.topk={cfg.train.topk} is larger than the corpus ({len(store)} passages)")
     for key in ("train_questions", "dev_questions"):
@@ -91,6 +94,19 @@ def make_teacher(cfg, tokenizer, store, mesh):
     raise UserError(f"scorer.kind: {cfg.scorer.kind!r} is not 't5' or 'query_likelihood'")
 
 
+def build_model(cfg, total_steps: int):
+    """(towers, optimizer config, optimizer, params) as a run starts from ``retriever.checkpoint``:
+    what its train state is made of (the refresher rebuilds the state's shape from this)."""
+    question = load_bert(cfg.retriever.checkpoint)
+    passage = question if cfg.retriever.shared_towers else load_bert(cfg.retriever.checkpoint)
+    towers, params = Towers.split(question, passage)
+    optim = OptimConfig(learning_rate=cfg.train.learning_rate, total_steps=total_steps,
+                        warmup_fraction=cfg.train.warmup_fraction, weight_decay=cfg.train.weight_decay,
+                        clip_norm=cfg.train.clip_norm, train_question_tower=cfg.train.train_question_tower,
+                        train_passage_tower=cfg.train.train_passage_tower)
+    return towers, optim, make_optimizer(optim, params), params
+
+
 class Trainer:
     """Holds what one run needs; ``run()`` trains to the end and returns the last evaluation."""
 
@@ -108,14 +124,7 @@ class Trainer:
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.stream.steps_per_epoch
         self.teacher = make_teacher(cfg, self.tokenizer, self.store, self.mesh)
 
-        question = load_bert(cfg.retriever.checkpoint)
-        passage = question if cfg.retriever.shared_towers else load_bert(cfg.retriever.checkpoint)
-        self.towers, params = Towers.split(question, passage)
-        optim = OptimConfig(learning_rate=cfg.train.learning_rate, total_steps=self.total_steps,
-                            warmup_fraction=cfg.train.warmup_fraction, weight_decay=cfg.train.weight_decay,
-                            clip_norm=cfg.train.clip_norm, train_question_tower=cfg.train.train_question_tower,
-                            train_passage_tower=cfg.train.train_passage_tower)
-        optimizer = make_optimizer(optim, params)
+        self.towers, optim, optimizer, params = build_model(cfg, self.total_steps)
         replicated = NamedSharding(self.mesh, P())
         self.state = jax.device_put(init_state(params, optimizer, cfg.seed), replicated)
         state_sharding = jax.tree.map(lambda _: replicated, self.state)
@@ -123,14 +132,23 @@ class Trainer:
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.towers),
                                         in_shardings=(state_sharding, batch_sharding, batch_sharding),
                                         out_shardings=replicated)
+        # questions split over devices; each micro-batch's unique passages too ([A, U, L], U split)
+        passage_sharding = NamedSharding(self.mesh, P(None, "data"))
+        update_batch_sharding = {name: batch_sharding if name in PER_QUESTION else passage_sharding
+                                 for name in (*PER_QUESTION, "passage_ids", "passage_mask")}
         self._update = jax.jit(
             functools.partial(update, self.towers, optimizer, learning_rate_schedule(optim),
                               temperature_multiplier=cfg.train.temperature_multiplier,
                               accumulation=cfg.train.accumulation),
-            in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
+            in_shardings=(state_sharding, update_batch_sharding), out_shardings=(state_sharding, replicated),
             donate_argnums=0)
+        # U is padded to a multiple of an eighth of the micro-batch's B x K: at most 8 shapes to compile
+        micro_batch = cfg.train.batch_size // cfg.train.accumulation
+        self._unique_multiple = round_up(max(8, micro_batch * cfg.train.topk // 8), self.mesh.size)
         self.index: ShardedIndex | None = None
-        self.index_version, self.index_step = None, 0
+        self.index_version, self.index_step, self.index_path = None, 0, None
+        # async refresh: `art-jax refresh` builds the indexes, this only watches for them
+        self.watcher = IndexWatcher(workdir, cfg.train.refresh_every) if cfg.train.refresh_mode == "async" else None
         self.checkpoints = Checkpoints(workdir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
         self.preempted = False
 
@@ -139,36 +157,41 @@ class Trainer:
     def refresh_index(self, step: int) -> None:
         """Sync refresh: re-embed the corpus with the current passage tower, publish it as a
         new version in the workdir's index folder, and search that from now on."""
-        cfg = self.cfg
-        path = embed_corpus(self.towers.passage_tower(self.state.params), self.store,
-                            os.path.join(self.workdir, "index"), checkpoint=self.workdir, step=step,
-                            dtype=cfg.index.dtype, max_length=cfg.retriever.passage_max_length,
-                            chunk_rows=cfg.index.chunk_rows, batch_size=cfg.index.embed_batch_size,
-                            progress=cfg.index.progress)
+        path = build_index(self.cfg, self.towers.passage_tower(self.state.params), self.store, self.workdir,
+                           checkpoint=self.workdir, step=step)
         self.load_index(path, step)
 
     def load_index(self, path: str, step: int) -> None:
         version = IndexVersion.open(path)
         self.index = ShardedIndex.from_version(version, self.mesh,
                                                rows_per_device=self.cfg.index.rows_per_device or None)
-        self.index_version, self.index_step = version.meta["version"], step
+        self.index_version, self.index_step, self.index_path = version.meta["version"], step, version.path
 
     def resume(self) -> int:
         """Restores the newest checkpoint and the index it was training against; returns
-        the step to continue from (0 for a fresh run, which builds the first index)."""
+        the step to continue from (0 for a fresh run, which builds the first index or takes
+        ``data.initial_index``)."""
         step = self.checkpoints.latest_step()
         if step is None:
-            self.refresh_index(0)
+            if self.cfg.data.initial_index:
+                dim = self.towers.passage_tower(self.state.params).config.hidden_size
+                self.load_index(initial_index(self.cfg.data.initial_index, self.store, dim), 0)
+            else:
+                self.refresh_index(0)
             return 0
         self.state, record = self.checkpoints.restore(step, self.state)
-        self.load_index(os.path.join(self.workdir, "index", version_name(record["index_version"])),
+        # index_path: an initial index lies outside the workdir (older records lack it)
+        self.load_index(record.get("index_path") or
+                        os.path.join(self.workdir, "index", version_name(record["index_version"])),
                         record["index_step"])
         print(f"resumed from step {step} (index v{record['index_version']} from step {record['index_step']})")
         return step
 
     def save(self, step: int, *, force: bool = False) -> None:
         record = {"step": step, "data_position": step, "index_version": self.index_version,
-                  "index_step": self.index_step}
+                  "index_step": self.index_step, "index_path": self.index_path}
+        # async: the checkpoint at each refresh_every multiple is the refresher's "checkpoint ready"
+        force = force or (self.watcher is not None and step % self.cfg.train.refresh_every == 0)
         self.checkpoints.save(step, self.state, record, force=force)
 
     def evaluate(self) -> dict[int, float]:
@@ -200,11 +223,13 @@ class Trainer:
         times["scorer"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        passages = self.store.retriever_tokens(rows.reshape(-1), cfg.retriever.train_passage_max_length,
+        unique_rows, positions = unique_passages(rows, cfg.train.accumulation, self._unique_multiple)
+        passages = self.store.retriever_tokens(unique_rows.reshape(-1), cfg.retriever.train_passage_max_length,
                                                multiple=8)
-        b, k = rows.shape
-        batch = {"question_ids": q_tokens.ids, "question_mask": q_tokens.mask,
-                 "passage_ids": passages.ids.reshape(b, k, -1), "passage_mask": passages.mask.reshape(b, k, -1),
+        micro_batches, unique = unique_rows.shape
+        batch = {"question_ids": q_tokens.ids, "question_mask": q_tokens.mask, "passage_index": positions,
+                 "passage_ids": passages.ids.reshape(micro_batches, unique, -1),
+                 "passage_mask": passages.mask.reshape(micro_batches, unique, -1),
                  "teacher_scores": teacher_scores.astype(np.float32)}
         self.state, metrics = self._update(self.state, batch)
         metrics = {name: float(value) for name, value in metrics.items()}
@@ -216,6 +241,8 @@ class Trainer:
 
     def run(self) -> dict[str, dict[int, float]]:
         cfg = self.cfg
+        if self.watcher:
+            mark_finished(self.workdir, None)  # (re)started: the refresher must not stop yet
         start = self.resume()
         first = self.evaluate() if start == 0 else {}
         self._report(0, {}, first, "before training")
@@ -233,6 +260,8 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             log.close()
             self.checkpoints.close()
+        if self.watcher:
+            mark_finished(self.workdir, self.total_steps)  # after close: the last checkpoint is complete
         last = self.evaluate()
         self._report(self.total_steps, {}, last, "after training")
         return {"before": first, "after": last}
@@ -242,13 +271,17 @@ class Trainer:
 
     def _one_step(self, step: int, start: int, started: float, log) -> None:
         cfg = self.cfg
-        if step and step % cfg.train.refresh_every == 0 and self.index_step != step:
+        if self.watcher:
+            if found := self.watcher.poll(step, self.index_step):
+                self.load_index(*found)
+        elif step and step % cfg.train.refresh_every == 0 and self.index_step != step:
             self.refresh_index(step)
         metrics = self.train_step(step)
         done = step + 1
         accuracy = {}
         if done == self.total_steps:
-            self.refresh_index(done)  # the final index, from the final passage tower
+            if not self.watcher:  # async: the refresher builds it from the last checkpoint
+                self.refresh_index(done)  # the final index, from the final passage tower
         elif done % cfg.train.eval_every == 0:
             accuracy = self.evaluate()
         if done % cfg.train.log_every == 0 or accuracy or done == self.total_steps:

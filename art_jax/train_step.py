@@ -6,6 +6,8 @@ One step is two jitted functions with the host between them:
   ``update(state, batch) -> (state, metrics)``: re-embed the questions and the K retrieved
   passages with gradient (dropout on), ART's KL, AdamW.
 The split is where the id -> tokens lookup happens (the memory-mapped corpus store).
+A passage retrieved for several questions of a (micro-)batch is re-embedded once
+(``unique_passages``): the same loss and gradients, and on a small corpus far less work.
 Both use the same dropout key for the question tower, so the query that retrieved the
 passages is the query the loss sees (without gradient accumulation, bit for bit).
 """
@@ -17,9 +19,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
+from art_jax.batching import round_up
 from art_jax.models.bert import Bert
 from art_jax.objectives import art_loss
 
@@ -108,21 +112,45 @@ def embed_questions(towers: Towers, state: TrainState, ids: jax.Array, mask: jax
     return towers.question_tower(state.params).embed_cls(ids, mask, dropout_key=step_keys(state)[0])
 
 
+def unique_passages(rows: np.ndarray, accumulation: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each micro-batch's retrieved rows once. ``rows`` [B, K] -> (store rows [A, U], positions
+    [B, K] into their micro-batch's U). U is the largest micro-batch's count rounded up to
+    ``multiple``, so few shapes get compiled; shorter lists repeat their last row, and no
+    question points at those copies (they get no gradient)."""
+    groups = np.split(rows, accumulation)
+    uniques, inverses = zip(*(np.unique(group, return_inverse=True) for group in groups))
+    width = round_up(max(map(len, uniques)), multiple)
+    unique_rows = np.stack([np.pad(unique, (0, width - len(unique)), mode="edge") for unique in uniques])
+    positions = np.concatenate([inverse.reshape(group.shape) for group, inverse in zip(groups, inverses)])
+    return unique_rows, positions.astype(np.int32)
+
+
 def _loss(towers: Towers, params, batch, question_key, passage_key, temperature_multiplier):
+    """``batch``: question_ids/mask [B, Lq], passage_ids/mask [U, Lp], passage_index [B, K]
+    (which of the U passages each question retrieved), teacher_scores [B, K]."""
     q = towers.question_tower(params).embed_cls(batch["question_ids"], batch["question_mask"],
                                                 dropout_key=question_key)
-    b, k, length = batch["passage_ids"].shape
-    p = towers.passage_tower(params).embed_cls(batch["passage_ids"].reshape(b * k, length),
-                                               batch["passage_mask"].reshape(b * k, length), dropout_key=passage_key)
-    return art_loss(q, p.reshape(b, k, -1), batch["teacher_scores"], temperature_multiplier)
+    p = towers.passage_tower(params).embed_cls(batch["passage_ids"], batch["passage_mask"], dropout_key=passage_key)
+    return art_loss(q, p[batch["passage_index"]], batch["teacher_scores"], temperature_multiplier)
+
+
+PER_QUESTION = ("question_ids", "question_mask", "passage_index", "teacher_scores")
+
+
+def _micro_batches(batch: dict[str, jax.Array], accumulation: int) -> dict[str, jax.Array]:
+    """Leading axis A on every array: per-question ones split into A equal parts, passage
+    ones ([A, U, Lp]) are per micro-batch already."""
+    return {name: value.reshape(accumulation, -1, *value.shape[1:]) if name in PER_QUESTION else value
+            for name, value in batch.items()}
 
 
 def update(towers: Towers, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
            state: TrainState, batch: dict[str, jax.Array], *, temperature_multiplier: float = 1.0,
            accumulation: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One ART update. ``batch``: question_ids/mask [B, Lq], passage_ids/mask [B, K, Lp],
-    teacher_scores [B, K]. With ``accumulation`` > 1 the batch is split into that many
-    micro-batches whose gradients are averaged (the same loss, less memory). A step
+    """One ART update. ``batch``: question_ids/mask [B, Lq], teacher_scores [B, K], and the
+    retrieved passages of each of the A = ``accumulation`` micro-batches once
+    (``unique_passages``): passage_ids/mask [A, U, Lp], passage_index [B, K] into them.
+    The micro-batches' gradients are averaged (the same loss, less memory). A step
     whose loss or gradients are not finite leaves params and optimizer state untouched."""
     question_key, passage_key = step_keys(state)
     grad_fn = jax.value_and_grad(_loss, argnums=1, has_aux=True)
@@ -132,10 +160,10 @@ def update(towers: Towers, optimizer: optax.GradientTransformation, schedule: op
             jax.random.fold_in(question_key, i), jax.random.fold_in(passage_key, i))
         return grad_fn(towers, state.params, micro_batch, *keys, temperature_multiplier)
 
+    split = _micro_batches(batch, accumulation)
     if accumulation == 1:
-        (loss, metrics), grads = micro(0, batch)
+        (loss, metrics), grads = micro(0, jax.tree.map(lambda x: x[0], split))
     else:
-        split = jax.tree.map(lambda x: x.reshape(accumulation, -1, *x.shape[1:]), batch)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
 
         def body(carry, xs):

@@ -25,7 +25,8 @@ def prepare_demo(cfg, workdir: str) -> None:
                           num_heads=cfg.demo.heads, intermediate_size=4 * cfg.demo.hidden_size,
                           max_position_embeddings=max(128, cfg.retriever.train_passage_max_length),
                           # BERT's 0.02 leaves a tiny random [CLS] almost blind to its input
-                          initializer_range=cfg.demo.initializer_range)
+                          initializer_range=cfg.demo.initializer_range,
+                          hidden_dropout=cfg.demo.dropout, attention_dropout=cfg.demo.dropout)
         export(init_module(Bert, bert, seed=cfg.seed), tokenizer, bert_dir)
     cfg.retriever.checkpoint = bert_dir
     cfg.data.corpus = paths["corpus"]

@@ -11,20 +11,29 @@ import collections
 import math
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):
-    """An uncased BERT WordPiece tokenizer as a ``BertTokenizerFast``."""
+    """An uncased BERT WordPiece tokenizer as a ``BertTokenizerFast``.
+
+    The vocabulary is built directly, not by the WordPiece trainer (whose result varies
+    from run to run): every character seen, alone and as a ``##`` continuation, then the
+    most frequent whole words. Same texts, same ids, every time.
+    """
     from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = collections.Counter()
+    for text in texts:
+        words.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in words for c in word})
+    vocab = specials + chars + ["##" + c for c in chars]
+    frequent = sorted((kv for kv in words.items() if len(kv[0]) > 1), key=lambda kv: (-kv[1], kv[0]))
+    vocab += [word for word, _ in frequent[:max(0, vocab_size - len(vocab))]]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -1,0 +1,261 @@
+"""Index refresh beside the trainer (`art-jax refresh`): EMDR2's asynchronous variant of
+ART's refresh, for ``train.refresh_mode = "async"``.
+
+The refresher is its own process on its own devices; it and the trainer talk only through
+the workdir, so either can die or restart without the other:
+  trainer -> refresher: a checkpoint at every multiple of ``train.refresh_every`` ("checkpoint
+    ready"), ``config.json`` (the run's settings) and ``finished.json`` (the run is over: the
+    refresher indexes the last checkpoint and exits);
+  refresher -> trainer: index versions published in ``index/`` by an atomic rename ("index
+    ready"), and ``refresher.json``, a heartbeat (pid, host, state, time) rewritten atomically,
+    which the trainer quotes when an index is overdue.
+The trainer looks for a newer version at each step boundary (one listdir) and swaps to it;
+a slow or dead refresher only makes the index staler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from art_jax.checkpoints import SKIP, Checkpoints
+from art_jax.corpus import CorpusStore
+from art_jax.embed import embed_corpus
+from art_jax.errors import UserError
+from art_jax.fileio import atomic_write, read_json
+from art_jax.index import IndexVersion, building_folder, published_versions, version_name
+from art_jax.sharding import make_mesh
+from art_jax.train_step import init_state
+
+HEARTBEAT = "refresher.json"
+FINISHED = "finished.json"
+
+
+def build_index(cfg, tower, store: CorpusStore, workdir: str, *, checkpoint: str, step: int) -> str:
+    """Embed ``store`` with ``tower`` into a new version in WORKDIR/index as the run's config
+    says (the trainer's sync refresh and the refresher alike); returns the published folder."""
+    return embed_corpus(tower, store, os.path.join(workdir, "index"), checkpoint=checkpoint, step=step,
+                        dtype=cfg.index.dtype, max_length=cfg.retriever.passage_max_length,
+                        chunk_rows=cfg.index.chunk_rows, batch_size=cfg.index.embed_batch_size,
+                        progress=cfg.index.progress)
+
+
+def initial_index(path: str, store: CorpusStore, dim: int) -> str:
+    """``data.initial_index`` checked against the run: a published version (or an index folder:
+    its newest) whose rows are the corpus store's passages; returns the version folder."""
+    try:
+        version = IndexVersion.open(path)
+    except (UserError, OSError) as err:
+        raise UserError(f"data.initial_index: {err}") from None
+    if version.count != len(store) or not np.array_equal(version.ids, store.ids):
+        raise UserError(f"data.initial_index: {version.path} has {version.count} rows, but the corpus store "
+                        f"{store.path} has {len(store)} passages (or other ids); it must be an index of that store")
+    if version.dim != dim:
+        raise UserError(f"data.initial_index: {version.path} holds {version.dim}-d embeddings; "
+                        f"the passage tower makes {dim}-d ones")
+    return version.path
+
+
+# ---------------------------------------------------------------------------- trainer side
+
+def mark_finished(workdir: str, step: int | None) -> None:
+    """``step``: the run ended there (its last checkpoint is complete); None: it is running."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, FINISHED)
+    if step is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    else:
+        atomic_write(path, json.dumps({"step": step, "time": time.time()}))
+
+
+def _agree(value: int) -> int:
+    """Process 0's value on every process: all hosts must swap to the same version at the same step."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+class IndexWatcher:
+    """The trainer's half: at each step boundary a listdir of WORKDIR/index, and a read of one
+    small meta.json when a new version number shows up."""
+
+    def __init__(self, workdir: str, refresh_every: int):
+        self.workdir, self.refresh_every = workdir, refresh_every
+        self.index_dir = os.path.join(workdir, "index")
+        self._seen = -1  # newest version number already looked at
+        self._warned = False
+
+    def poll(self, step: int, index_step: int) -> tuple[str, int] | None:
+        """(folder, checkpoint step) of a version built from a later checkpoint than the index
+        in use (whose embeddings come from ``index_step``), or None; warns once when overdue."""
+        versions = published_versions(self.index_dir)
+        newest = _agree(versions[-1] if versions else -1)
+        if newest > self._seen:
+            self._seen = newest
+            path = os.path.join(self.index_dir, version_name(newest))
+            built = read_json(os.path.join(path, "meta.json")).get("step")
+            if built is not None and built > index_step:
+                self._warned = False
+                if jax.process_index() == 0:
+                    print(f"step {step}: searching {path} (from step {built}, staleness {step - built})", flush=True)
+                return path, built
+        # the next index is due from the checkpoint at index_step + refresh_every
+        if not self._warned and step - index_step > 3 * self.refresh_every:
+            self._warned = True
+            if jax.process_index() == 0:
+                print(f"warning: step {step}: no new index for {step - index_step} steps (train.refresh_every="
+                      f"{self.refresh_every}); training goes on with the index from step {index_step}. "
+                      f"{refresher_state(self.workdir)}", flush=True)
+        return None
+
+
+def refresher_state(workdir: str) -> str:
+    """The refresher's heartbeat in words, for the trainer's warning."""
+    path = os.path.join(workdir, HEARTBEAT)
+    try:
+        beat = read_json(path)
+    except UserError:
+        return f"No refresher has run ({path} is missing): start `art-jax refresh --workdir={workdir}`."
+    running = ""
+    if beat.get("host") == socket.gethostname():
+        try:
+            os.kill(beat["pid"], 0)
+        except ProcessLookupError:
+            running = ", and that process is no longer running"
+        except PermissionError:
+            pass
+    return (f"{path}: the refresher (pid {beat.get('pid')} on {beat.get('host')}) was {beat.get('state')!r} "
+            f"{time.time() - beat.get('time', 0):.0f}s ago{running}.")
+
+
+# ---------------------------------------------------------------------------- refresher side
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config the trainer wrote into ``workdir``; it must be an async run."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{workdir}: not a training workdir (no config.json); "
+                        f"`art-jax train --workdir={workdir}` writes it when it starts")
+    cfg = ml_collections.ConfigDict(read_json(path))
+    mode = cfg.train.get("refresh_mode", "sync")
+    if mode != "async":
+        raise UserError(f"{path}: train.refresh_mode is {mode!r}; the refresher serves runs with "
+                        "train.refresh_mode=async (a sync run re-embeds the corpus itself)")
+    return cfg
+
+
+class Refresher:
+    """Builds an index version from each new checkpoint of the run in ``workdir``, newest first."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.cfg = read_run_config(workdir)
+        self.index_dir = os.path.join(workdir, "index")
+        self.checkpoints: Checkpoints | None = None
+        self._model = None  # (store, towers, restore target), once the first checkpoint exists
+        self._beat = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def heartbeat(self, state: str, **fields) -> None:
+        atomic_write(os.path.join(self.workdir, HEARTBEAT),
+                     json.dumps({**self._beat, "state": state, "time": time.time(), **fields}))
+
+    def steps(self) -> list[int]:
+        if self.checkpoints is None:
+            if not os.path.isdir(os.path.join(self.workdir, "checkpoints")):
+                return []  # the trainer has not opened its checkpoints yet
+            self.checkpoints = Checkpoints(self.workdir, read_only=True)
+        return self.checkpoints.steps()
+
+    def indexed_step(self) -> int:
+        """The checkpoint step of the newest published version (-1: none)."""
+        versions = published_versions(self.index_dir)
+        if not versions:
+            return -1
+        step = read_json(os.path.join(self.index_dir, version_name(versions[-1]), "meta.json")).get("step")
+        return -1 if step is None else step
+
+    def _half_built(self) -> tuple[int | None, int]:
+        """(checkpoint step, finished chunks) of the next version's unfinished build, if any."""
+        folder = building_folder(self.index_dir, (published_versions(self.index_dir) or [-1])[-1] + 1)
+        plan = os.path.join(folder, "plan.json")
+        if not os.path.isfile(plan):
+            return None, 0
+        return read_json(plan).get("step"), len(os.listdir(os.path.join(folder, "done")))
+
+    def next_step(self, steps: list[int], *, newest_only: bool = False) -> int | None:
+        """The checkpoint to index next: a half-built version's, so its finished chunks are kept,
+        else the newest; those in between are skipped. None when the newest is indexed."""
+        fresh = [s for s in steps if s > self.indexed_step()]
+        if not fresh:
+            return None
+        half, _ = self._half_built()
+        return half if half in fresh and not newest_only else fresh[-1]
+
+    def _load(self):
+        from art_jax.train import build_model  # train imports this module
+
+        cfg = self.cfg
+        store = CorpusStore(cfg.data.corpus_store or os.path.join(self.workdir, "corpus_store"))
+        # the trainer's own TrainState, as shapes; only the passage tower's leaves are read
+        towers, _, optimizer, params = build_model(cfg, total_steps=1)  # no leaf depends on the step count
+        abstract = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed), params)
+        replicated = NamedSharding(make_mesh(devices=jax.local_devices()), P())
+        tower = "shared" if towers.shared else "passage"
+        target = jax.tree.map(lambda _: SKIP, abstract)
+        target = target.replace(params={**target.params, tower: jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract.params[tower])})
+        self._model = store, towers, target
+        return self._model
+
+    def build(self, step: int, skipped: list[int]) -> str:
+        store, towers, target = self._model or self._load()
+        started = time.perf_counter()
+        self.heartbeat("embedding", step=step)
+        half, done = self._half_built()
+        state, _ = self.checkpoints.restore(step, target)
+        path = build_index(self.cfg, towers.passage_tower(state.params), store, self.workdir,
+                           checkpoint=os.path.join(self.checkpoints.directory, str(step)), step=step)
+        resumed = f", resumed with {done} chunk(s) already built" if half == step and done else ""
+        skipped = f", skipped checkpoint(s) {skipped}" if skipped else ""
+        print(f"refresh: published {path} from checkpoint step {step} ({len(store)} passages in "
+              f"{time.perf_counter() - started:.1f}s{resumed}{skipped})", flush=True)
+        return path
+
+    def run(self, *, once: bool = False, poll_seconds: float = 10.0) -> list[str]:
+        """Index each new checkpoint until the trainer has finished and its last checkpoint is
+        indexed (``once``: the newest checkpoint only, then return). Returns the published folders."""
+        published = []
+        while True:
+            # read before the steps: when it exists, the last checkpoint is already complete
+            finished = os.path.isfile(os.path.join(self.workdir, FINISHED))
+            steps = self.steps()
+            step = self.next_step(steps, newest_only=once)
+            if step is not None:
+                published.append(self.build(step, [s for s in steps if self.indexed_step() < s < step]))
+                if once:
+                    break
+                continue  # at once: more checkpoints may have come while embedding
+            if once:
+                if not steps:
+                    raise UserError(f"{os.path.join(self.workdir, 'checkpoints')}: no checkpoint to index yet")
+                print(f"refresh: checkpoint step {steps[-1]} is indexed already", flush=True)
+                break
+            if finished:
+                print(f"refresh: the trainer has finished and its last checkpoint is indexed "
+                      f"(step {self.indexed_step()}); exiting", flush=True)
+                break
+            self.heartbeat("waiting", indexed_step=self.indexed_step())
+            time.sleep(poll_seconds)
+        self.heartbeat("exited", indexed_step=self.indexed_step())
+        return published
