@@ -97,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.data = ml_collections.ConfigDict(dict(
         corpus="",  # evidence TSV/JSONL, prepared into WORKDIR/corpus_store when no store is given
         corpus_store="",
+        dataset="nq",  # names the seqio Task of the training questions: art_{dataset}
         train_questions="",
         dev_questions="",
         # a published index version (or an index folder: its newest) of the corpus store to train
@@ -149,6 +150,7 @@ def paper_config(dataset: str, teacher: str = "t0-3b") -> ml_collections.ConfigD
     cfg = default_config()
     cfg.scorer.checkpoint = checkpoint
     cfg.data.corpus_store = "data/wikipedia_store"  # art-jax prepare-corpus --corpus psgs_w100.tsv ...
+    cfg.data.dataset = dataset
     cfg.data.train_questions = f"data/{files}-train.qa.csv"
     cfg.data.dev_questions = f"data/{files}-dev.qa.csv"
     cfg.train.batch_size, cfg.train.topk, cfg.train.epochs = batch, topk, epochs

@@ -22,7 +22,8 @@ from art_jax.batching import round_up
 from art_jax.checkpoints import Checkpoints
 from art_jax.config import write_config
 from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
-from art_jax.data.questions import Question, read_questions
+from art_jax.data.questions import read_questions
+from art_jax.data.tasks import question_stream
 from art_jax.errors import UserError
 from art_jax.evaluation import format_table
 from art_jax.index import IndexVersion, version_name
@@ -34,22 +35,6 @@ from art_jax.search import ShardedIndex
 from art_jax.sharding import make_mesh
 from art_jax.train_step import PER_QUESTION, OptimConfig, Towers, embed_questions, init_state, \
     learning_rate_schedule, make_optimizer, unique_passages, update
-
-
-class QuestionStream:
-    """Deterministic batches of question indices: epoch e is a permutation seeded by
-    (seed, e), the remainder of each epoch dropped, so step s alone fixes the position."""
-
-    def __init__(self, count: int, batch_size: int, seed: int):
-        if count < batch_size:
-            raise UserError(f"train.batch_size={batch_size} is larger than the {count} training questions")
-        self.count, self.batch_size, self.seed = count, batch_size, seed
-        self.steps_per_epoch = count // batch_size
-
-    def batch(self, step: int) -> np.ndarray:
-        epoch, offset = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
-        return order[offset * self.batch_size:(offset + 1) * self.batch_size]
 
 
 def _check_config(cfg, devices: int, store: CorpusStore) -> None:
@@ -118,9 +103,10 @@ class Trainer:
         self.store = open_store(cfg, workdir)
         _check_config(cfg, self.mesh.size, self.store)
         self.tokenizer = load_tokenizer(cfg.retriever.checkpoint)
-        self.train_questions = read_questions(cfg.data.train_questions)
         self.dev_questions = read_questions(cfg.data.dev_questions) if cfg.data.dev_questions else []
-        self.stream = QuestionStream(len(self.train_questions), cfg.train.batch_size, cfg.seed)
+        # this process's shard of the training questions (a seqio Task), batch_size / processes per step
+        self.stream = question_stream(cfg.data.dataset, cfg.data.train_questions, batch_size=cfg.train.batch_size,
+                                      seed=cfg.seed, shard=jax.process_index(), num_shards=jax.process_count())
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.stream.steps_per_epoch
         self.teacher = make_teacher(cfg, self.tokenizer, self.store, self.mesh)
 
@@ -209,8 +195,7 @@ class Trainer:
         cfg = self.cfg
         times = {}
         start = time.perf_counter()
-        questions: list[Question] = [self.train_questions[i] for i in self.stream.batch(step)]
-        texts = [q.question for q in questions]
+        _, texts = self.stream.batch(step)
         q_tokens = tokenize_questions(self.tokenizer, texts, cfg.retriever.question_max_length,
                                       pad_to=cfg.retriever.question_max_length)
         queries = self._embed_questions(self.state, q_tokens.ids, q_tokens.mask)

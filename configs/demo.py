@@ -11,6 +11,7 @@ from art_jax.config import default_config
 def get_config(arg=None):
     cfg = default_config()
     cfg.demo.enabled = True
+    cfg.data.dataset = "demo"
     # a tiny random BERT: dropout noise on it stalls the bootstrap from random to matching names
     cfg.demo.dropout = 0.0
     cfg.scorer.kind = "query_likelihood"

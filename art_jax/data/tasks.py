@@ -1,0 +1,93 @@
+"""Training questions as seqio Tasks, one per dataset (``art_nq``, ``art_trivia``, ...), read
+by each process as its own shard (seqio ShardInfo), and the deterministic batch order on top.
+
+ART trains from questions alone, so a task yields ``{"index", "question"}``: the question's
+line in the file (its global position) and its text. The order of batches is a pure
+function of (seed, step): epoch e visits the shard in a permutation seeded by (seed, e), so a
+resumed run needs nothing but its step to be back at the same place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from art_jax.data.questions import read_questions
+from art_jax.errors import UserError
+
+# the datasets of the paper and its follow-ups; any other name also works (the demo's, a user's)
+DATASETS = ("nq", "trivia", "squad", "webq", "entityqs", "msmarco")
+
+
+def _tf():
+    import tensorflow as tf  # seqio's engine; imported late: the CLI's other commands do not need it
+
+    # tf.data runs on the host; a TensorFlow that saw the GPUs would reserve their memory beside JAX
+    tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def task_name(dataset: str) -> str:
+    return f"art_{dataset}"
+
+
+def register_question_task(dataset: str, path: str):
+    """The seqio Task of ``dataset``'s training questions in ``path`` (DPR/ART TSV, DPR JSON or
+    JSONL), in seqio's TaskRegistry under ``art_{dataset}`` (replacing an earlier registration,
+    since paths come from the config)."""
+    import seqio
+
+    if not dataset.isidentifier():
+        raise UserError(f"data.dataset: {dataset!r} is not a name like {', '.join(DATASETS)}")
+    tf = _tf()
+    questions = [q.question for q in read_questions(path)]  # parsed and checked line by line here
+
+    def source(split, shuffle_files):
+        del split, shuffle_files  # one split; the order is the stream's business
+        return tf.data.Dataset.from_tensor_slices({"index": np.arange(len(questions), dtype=np.int64),
+                                                   "question": tf.constant(questions, tf.string)})
+
+    name = task_name(dataset)
+    seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(
+        source, splits=("train",), num_input_examples={"train": len(questions)}), output_features={})
+
+
+def read_shard(task, shard: int, num_shards: int) -> tuple[np.ndarray, list[str]]:
+    """(global indices, texts) of shard ``shard`` of ``num_shards``: every num_shards-th question
+    from the shard-th, so shards differ in size by at most one."""
+    import seqio
+
+    dataset = task.get_dataset(None, split="train", shuffle=False, shard_info=seqio.ShardInfo(shard, num_shards))
+    rows = list(dataset.as_numpy_iterator())
+    return np.array([row["index"] for row in rows], np.int64), [row["question"].decode("utf-8") for row in rows]
+
+
+class QuestionStream:
+    """Batches of this process's shard: ``batch_size`` questions per step, epoch e a
+    permutation seeded by (seed, e) of the shard's first ``per_shard`` questions (every shard
+    uses the same size, so all processes agree on the steps of an epoch)."""
+
+    def __init__(self, indices: np.ndarray, texts: list[str], *, per_shard: int, batch_size: int, seed: int):
+        if per_shard < batch_size:
+            raise UserError(f"train.batch_size: {batch_size} questions per process per step, but each process "
+                            f"holds {per_shard} training questions")
+        self.indices, self.texts = indices, texts
+        self.per_shard, self.batch_size, self.seed = per_shard, batch_size, seed
+        self.steps_per_epoch = per_shard // batch_size
+
+    def batch(self, step: int) -> tuple[np.ndarray, list[str]]:
+        """(global indices, texts) of the questions of ``step``."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.per_shard)
+        chosen = order[offset * self.batch_size:(offset + 1) * self.batch_size]
+        return self.indices[chosen], [self.texts[i] for i in chosen]
+
+
+def question_stream(dataset: str, path: str, *, batch_size: int, seed: int, shard: int,
+                    num_shards: int) -> QuestionStream:
+    """The training questions of ``path`` for process ``shard`` of ``num_shards``, which takes
+    ``batch_size // num_shards`` of each global batch."""
+    task = register_question_task(dataset, path)
+    indices, texts = read_shard(task, shard, num_shards)
+    return QuestionStream(indices, texts, per_shard=task.num_input_examples("train") // num_shards,
+                          batch_size=batch_size // num_shards, seed=seed)
