@@ -19,11 +19,13 @@ SKIP = ocp.PLACEHOLDER
 
 
 class Checkpoints:
-    def __init__(self, workdir: str, *, every: int = 0, keep: int = 0, read_only: bool = False):
+    def __init__(self, workdir: str, *, every: int = 0, keep: int = 0, read_only: bool = False,
+                 folder: str = "checkpoints"):
         """``read_only``: another process's view of a run (the refresher): it never saves or
-        deletes, and ``steps()`` re-lists the folder, which the writing process keeps changing."""
+        deletes, and ``steps()`` re-lists the folder, which the writing process keeps changing.
+        ``folder``: "checkpoints", or "best" for the best evaluation's state (``keep=1``)."""
         self.every = every
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = os.path.abspath(os.path.join(workdir, folder))
         options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False) if read_only else
                    ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                                 enable_async_checkpointing=True))
@@ -53,6 +55,10 @@ class Checkpoints:
             state = ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract))
         restored = self.manager.restore(step, args=ocp.args.Composite(state=state, record=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["record"])
+
+    def record(self, step: int) -> dict:
+        """The JSON record saved with ``step``, without reading the state."""
+        return dict(self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"])
 
     def close(self) -> None:
         self.manager.wait_until_finished()

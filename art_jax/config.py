@@ -118,6 +118,9 @@ def default_config() -> ml_collections.ConfigDict:
         # and the trainer swaps to each published version at a step boundary
         refresh_mode="sync",
         checkpoint_every=500, keep_checkpoints=3,
+        # after each evaluation the state is saved to WORKDIR/best/ if this dev accuracy ("top{k}", k in
+        # eval_topk; "" for none) beat every earlier one; top-20 is what DPR-style work selects by
+        best_metric="top20",
     ))
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
                                               layers=2, heads=4, initializer_range=0.15, dropout=0.1))

@@ -8,7 +8,6 @@ and the frozen teacher's scores -> ``update`` (jitted, state donated).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import time
@@ -25,16 +24,16 @@ from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
 from art_jax.errors import UserError
-from art_jax.evaluation import format_table
 from art_jax.index import IndexVersion, version_name
+from art_jax.metrics import MetricWriter
 from art_jax.models.hf import load_bert, load_tokenizer
 from art_jax.refresh import IndexWatcher, build_index, initial_index, mark_finished
 from art_jax.retrieval_jobs import dpr_results, retrieve
 from art_jax.retriever import DualEncoder, tokenize_questions
 from art_jax.search import ShardedIndex
 from art_jax.sharding import make_mesh
-from art_jax.train_step import PER_QUESTION, OptimConfig, Towers, embed_questions, init_state, \
-    learning_rate_schedule, make_optimizer, unique_passages, update
+from art_jax.train_step import OptimConfig, Towers, embed_questions, init_state, jit_update, \
+    learning_rate_schedule, make_optimizer, unique_passages
 
 
 def _check_config(cfg, devices: int, store: CorpusStore) -> None:
@@ -43,6 +42,10 @@ def _check_config(cfg, devices: int, store: CorpusStore) -> None:
                         f"x train.accumulation={cfg.train.accumulation}")
     if cfg.train.refresh_mode not in ("sync", "async"):
         raise UserError(f"train.refresh_mode: {cfg.train.refresh_mode!r} is not 'sync' or 'async'")
+    allowed = [f"top{k}" for k in cfg.train.eval_topk]
+    if cfg.train.best_metric not in ("", *allowed):
+        raise UserError(f"train.best_metric: {cfg.train.best_metric!r} is not one of {', '.join(allowed)} "
+                        f"(top-k accuracy for k in train.eval_topk) or '' (no best checkpoint)")
     if cfg.train.topk > len(store):
         raise UserError(f"train.topk={cfg.train.topk} is larger than the corpus ({len(store)} passages)")
     for key in ("train_questions", "dev_questions"):
@@ -118,16 +121,9 @@ class Trainer:
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.towers),
                                         in_shardings=(state_sharding, batch_sharding, batch_sharding),
                                         out_shardings=replicated)
-        # questions split over devices; each micro-batch's unique passages too ([A, U, L], U split)
-        passage_sharding = NamedSharding(self.mesh, P(None, "data"))
-        update_batch_sharding = {name: batch_sharding if name in PER_QUESTION else passage_sharding
-                                 for name in (*PER_QUESTION, "passage_ids", "passage_mask")}
-        self._update = jax.jit(
-            functools.partial(update, self.towers, optimizer, learning_rate_schedule(optim),
-                              temperature_multiplier=cfg.train.temperature_multiplier,
-                              accumulation=cfg.train.accumulation),
-            in_shardings=(state_sharding, update_batch_sharding), out_shardings=(state_sharding, replicated),
-            donate_argnums=0)
+        self._update, _ = jit_update(self.towers, optimizer, learning_rate_schedule(optim), self.mesh,
+                                     temperature_multiplier=cfg.train.temperature_multiplier,
+                                     accumulation=cfg.train.accumulation)
         # U is padded to a multiple of an eighth of the micro-batch's B x K: at most 8 shapes to compile
         micro_batch = cfg.train.batch_size // cfg.train.accumulation
         self._unique_multiple = round_up(max(8, micro_batch * cfg.train.topk // 8), self.mesh.size)
@@ -136,6 +132,12 @@ class Trainer:
         # async refresh: `art-jax refresh` builds the indexes, this only watches for them
         self.watcher = IndexWatcher(workdir, cfg.train.refresh_every) if cfg.train.refresh_mode == "async" else None
         self.checkpoints = Checkpoints(workdir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
+        # WORKDIR/best/: the state of the best evaluation so far by train.best_metric; its record holds
+        # the value to beat, so a resumed run goes on comparing against it
+        self.best = Checkpoints(workdir, folder="best", keep=1) if cfg.train.best_metric else None
+        kept = self.best.latest_step() if self.best else None
+        self.best_value = self.best.record(kept)["value"] if kept is not None else None
+        self.metric_writer: MetricWriter | None = None  # run() opens it, knowing the step it resumes from
         self.preempted = False
 
     # ------------------------------------------------------------------ stages
@@ -173,12 +175,29 @@ class Trainer:
         print(f"resumed from step {step} (index v{record['index_version']} from step {record['index_step']})")
         return step
 
+    def _record(self, step: int) -> dict:
+        return {"step": step, "data_position": step, "index_version": self.index_version,
+                "index_step": self.index_step, "index_path": self.index_path}
+
     def save(self, step: int, *, force: bool = False) -> None:
-        record = {"step": step, "data_position": step, "index_version": self.index_version,
-                  "index_step": self.index_step, "index_path": self.index_path}
         # async: the checkpoint at each refresh_every multiple is the refresher's "checkpoint ready"
         force = force or (self.watcher is not None and step % self.cfg.train.refresh_every == 0)
-        self.checkpoints.save(step, self.state, record, force=force)
+        self.checkpoints.save(step, self.state, self._record(step), force=force)
+
+    def keep_if_best(self, step: int, accuracy: dict[int, float]) -> None:
+        """Saves the state to WORKDIR/best/ when this evaluation beats every earlier one (ties
+        keep the earlier step)."""
+        if not (self.best and accuracy):
+            return
+        metric = self.cfg.train.best_metric
+        value = accuracy[int(metric.removeprefix("top"))]
+        if self.best_value is not None and value <= self.best_value:
+            return
+        record = {**self._record(step), "metric": metric, "value": value,
+                  "accuracy": {f"top{k}": v for k, v in accuracy.items()}}
+        # False: this step's best is already on disk, from a run interrupted after it (resumed earlier)
+        if self.best.save(step, self.state, record, force=True):
+            self.best_value = value
 
     def evaluate(self) -> dict[int, float]:
         if not self.dev_questions:
@@ -230,31 +249,33 @@ class Trainer:
             mark_finished(self.workdir, None)  # (re)started: the refresher must not stop yet
         start = self.resume()
         first = self.evaluate() if start == 0 else {}
-        self._report(0, {}, first, "before training")
-        log = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        started = time.perf_counter()
+        self.metric_writer = MetricWriter(self.workdir, self.total_steps, start=start, log_every=cfg.train.log_every)
+        self.metric_writer.evaluation(0, first, "before training")
+        last = {}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             for step in range(start, self.total_steps):
-                self._one_step(step, start, started, log)
+                last = self._one_step(step)
                 if self.preempted:
                     self.save(step + 1, force=True)
                     print(f"preempted: saved step {step + 1}; rerun the same command to resume")
                     return {"before": first, "after": {}}
         finally:
             signal.signal(signal.SIGTERM, previous)
-            log.close()
+            self.metric_writer.close()
             self.checkpoints.close()
+            if self.best:
+                self.best.close()
         if self.watcher:
             mark_finished(self.workdir, self.total_steps)  # after close: the last checkpoint is complete
-        last = self.evaluate()
-        self._report(self.total_steps, {}, last, "after training")
         return {"before": first, "after": last}
 
     def _on_sigterm(self, *_) -> None:
         self.preempted = True  # finish the step, save, stop
 
-    def _one_step(self, step: int, start: int, started: float, log) -> None:
+    def _one_step(self, step: int) -> dict[int, float]:
+        """One training step and what follows it: refresh, evaluation, metrics, checkpoints;
+        returns the evaluation's accuracy (empty without one)."""
         cfg = self.cfg
         if self.watcher:
             if found := self.watcher.poll(step, self.index_step):
@@ -263,29 +284,10 @@ class Trainer:
             self.refresh_index(step)
         metrics = self.train_step(step)
         done = step + 1
-        accuracy = {}
-        if done == self.total_steps:
-            if not self.watcher:  # async: the refresher builds it from the last checkpoint
-                self.refresh_index(done)  # the final index, from the final passage tower
-        elif done % cfg.train.eval_every == 0:
-            accuracy = self.evaluate()
-        if done % cfg.train.log_every == 0 or accuracy or done == self.total_steps:
-            metrics["eta_s"] = (time.perf_counter() - started) / (done - start) * (self.total_steps - done)
-            self._report(done, metrics, accuracy)
-        log.write(json.dumps({"step": done, **metrics, **{f"top{k}": v for k, v in accuracy.items()}}) + "\n")
+        if done == self.total_steps and not self.watcher:  # async: the refresher builds it
+            self.refresh_index(done)  # the final index, from the final passage tower
+        accuracy = self.evaluate() if done == self.total_steps or done % cfg.train.eval_every == 0 else {}
+        self.metric_writer.step(done, metrics, accuracy)
         self.save(done, force=done == self.total_steps)
-
-    def _report(self, step: int, metrics: dict, accuracy: dict, title: str = "") -> None:
-        if jax.process_index() != 0:
-            return
-        if metrics:
-            print(f"step {step}/{self.total_steps} loss {metrics['loss']:.4f} "
-                  f"H(teacher) {metrics['teacher_entropy']:.3f} H(student) {metrics['student_entropy']:.3f} "
-                  f"agree {metrics['argmax_agreement']:.2f} |g| {metrics['grad_norm']:.3f} "
-                  f"lr {metrics['learning_rate']:.2e} skipped {int(metrics['skipped'])} "
-                  f"staleness {metrics['index_staleness']} | search {metrics['time_search'] * 1e3:.0f}ms "
-                  f"scorer {metrics['time_scorer'] * 1e3:.0f}ms update {metrics['time_update'] * 1e3:.0f}ms "
-                  f"| ETA {metrics['eta_s']:.0f}s", flush=True)
-        if accuracy:
-            heading = f"dev top-k accuracy at step {step}" + (f" ({title})" if title else "")
-            print(heading + "\n" + format_table(accuracy), flush=True)
+        self.keep_if_best(done, accuracy)
+        return accuracy

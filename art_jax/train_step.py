@@ -15,6 +15,7 @@ passages is the query the loss sees (without gradient accumulation, bit for bit)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from art_jax.batching import round_up
 from art_jax.models.bert import Bert
@@ -184,3 +186,18 @@ def update(towers: Towers, optimizer: optax.GradientTransformation, schedule: op
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "skipped": new_state.skipped}
     return new_state, metrics
+
+
+def jit_update(towers: Towers, optimizer: optax.GradientTransformation, schedule: optax.Schedule, mesh, *,
+               temperature_multiplier: float = 1.0, accumulation: int = 1):
+    """``update`` compiled data parallel over ``mesh``: the state replicated and donated, the
+    per-question arrays split over `data`, each micro-batch's unique passages [A, U, Lp] split
+    along U. Returns (the jitted update, the batch's shardings)."""
+    replicated = NamedSharding(mesh, P())
+    questions, passages = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+    batch_sharding = {name: questions if name in PER_QUESTION else passages
+                      for name in (*PER_QUESTION, "passage_ids", "passage_mask")}
+    step = jax.jit(functools.partial(update, towers, optimizer, schedule,
+                                     temperature_multiplier=temperature_multiplier, accumulation=accumulation),
+                   in_shardings=(replicated, batch_sharding), out_shardings=replicated, donate_argnums=0)
+    return step, batch_sharding

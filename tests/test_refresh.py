@@ -20,7 +20,7 @@ from art_jax.refresh import Refresher
 from art_jax.train import Trainer
 from tests.multiprocess import ROOT
 from tests.test_cli import _fails
-from tests.test_train import _config, files  # noqa: F401  (files: a fixture)
+from tests.test_train import _config
 
 # `art-jax refresh` that dies by SIGKILL right after writing its first index chunk, as an
 # OOM kill or a lost host would: no cleanup, a half-built version left behind
@@ -98,7 +98,7 @@ def _staleness(workdir):
         return [row["index_staleness"] for row in map(json.loads, f)]  # one row per step, in order
 
 
-def test_trainer_swaps_to_the_index_the_refresher_publishes(files, bert_dir, tmp_path, monkeypatch, refreshers):  # noqa: F811
+def test_trainer_swaps_to_the_index_the_refresher_publishes(files, bert_dir, tmp_path, monkeypatch, refreshers):
     workdir = str(tmp_path / "run")
     index_dir = os.path.join(workdir, "index")
     trainer = Trainer(_async_config(files, bert_dir), workdir)  # writes config.json: the refresher can start
@@ -143,7 +143,7 @@ def test_trainer_swaps_to_the_index_the_refresher_publishes(files, bert_dir, tmp
 
 
 def test_a_killed_refresher_does_not_stop_training_and_a_restarted_one_resumes(
-        files, bert_dir, tmp_path, monkeypatch, capsys, refreshers):  # noqa: F811
+        files, bert_dir, tmp_path, monkeypatch, capsys, refreshers):
     workdir = str(tmp_path / "run")
     index_dir = os.path.join(workdir, "index")
     trainer = Trainer(_async_config(files, bert_dir, **{"train.steps": 8}), workdir)
@@ -189,7 +189,7 @@ def _publish(index_dir, ids, dim):
     return builder.publish(ids)
 
 
-def test_bad_workdirs_and_initial_indexes_are_one_clear_error(files, bert_dir, tmp_path, capsys):  # noqa: F811
+def test_bad_workdirs_and_initial_indexes_are_one_clear_error(files, bert_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not a training workdir (no config.json)" in _fails(["refresh", f"--workdir={empty}"], capsys)

@@ -8,26 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from art_jax.checkpoints import Checkpoints
 from art_jax.config import apply_override, default_config
 from art_jax.errors import UserError
 from art_jax.train import Trainer
-from tests.hf_fixtures import CORPUS
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train_data")
-    corpus = folder / "corpus.tsv"
-    with open(corpus, "w", encoding="utf-8") as f:
-        f.write("id\ttext\ttitle\n")
-        for i, sentence in enumerate(CORPUS):
-            f.write(f"{i + 1}\t{sentence}\tT{i % 9}\n")
-    questions = folder / "questions.jsonl"
-    with open(questions, "w", encoding="utf-8") as f:
-        for sentence in CORPUS[:40]:
-            words = sentence.rstrip(".").split()
-            f.write(json.dumps({"question": f"who {words[1]} the {words[3]}?", "answers": [words[-1]]}) + "\n")
-    return str(corpus), str(questions)
 
 
 def _config(files, bert_dir, **overrides):
@@ -39,7 +23,8 @@ def _config(files, bert_dir, **overrides):
                 "retriever.train_passage_max_length": 32, "index.chunk_rows": 64, "index.progress": False,
                 "train.batch_size": 8, "train.topk": 4, "train.steps": 6, "train.learning_rate": 1e-3,
                 "train.refresh_every": 3, "train.checkpoint_every": 2, "train.eval_every": 100,
-                "train.log_every": 100, "train.eval_topk": (1, 5), **overrides}
+                "train.log_every": 100, "train.eval_topk": (1, 5), "train.best_metric": "top5",
+                **overrides}
     for key, value in settings.items():
         apply_override(cfg, f"config.{key}={value}")
     return cfg
@@ -77,11 +62,58 @@ def test_preempted_and_resumed_run_equals_the_uninterrupted_one(files, bert_dir,
     assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 6
 
 
+def test_the_best_evaluation_is_kept_in_best_and_resume_goes_on_comparing_with_it(files, bert_dir, tmp_path,
+                                                                                  monkeypatch):
+    workdir = str(tmp_path / "run")
+    # every step evaluated and checkpointed: the run's own state at the best step is on disk
+    settings = {"train.eval_every": 1, "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
+                "train.best_metric": "top1"}
+    trainer = Trainer(_config(files, bert_dir, **settings), workdir)
+    trainer.run()
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    values = [row["top1"] for row in rows]
+    best_step = rows[int(np.argmax(values))]["step"]  # the first of equal values: only a better one replaces it
+    assert best_step < 6  # (step 4 here) so that the state compared below is not the final one
+    best = Checkpoints(workdir, folder="best", read_only=True)
+    assert best.steps() == [best_step]
+    record = best.record(best_step)
+    assert (record["metric"], record["value"], record["accuracy"]) == ("top1", max(values),
+                                                                       {"top1": max(values),
+                                                                        "top5": rows[best_step - 1]["top5"]})
+    kept, _ = best.restore(best_step, trainer.state)
+    regular, _ = Checkpoints(workdir, read_only=True).restore(best_step, trainer.state)
+    assert int(kept.step) == best_step
+    kept_params = jax.tree.leaves(jax.device_get(kept.params))
+    for a, b in zip(kept_params, jax.tree.leaves(jax.device_get(regular.params))):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(kept_params, _params(trainer)))  # not the final state
+
+    # resumed for two more steps: step 7 only equals the best (kept as is), step 8 beats it (replaces it)
+    monkeypatch.setattr(Trainer, "evaluate",
+                        lambda self: {1: max(values) + (0.1 if int(self.state.step) == 8 else 0.0), 5: 0.0})
+    resumed = Trainer(_config(files, bert_dir, **settings, **{"train.steps": 8}), workdir)
+    assert resumed.best_value == max(values)
+    saved = []
+    real_save = Checkpoints.save
+
+    def save(self, step, *args, **kwargs):
+        saved.append((os.path.basename(self.directory), step))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoints, "save", save)
+    resumed.run()
+    assert [step for folder, step in saved if folder == "best"] == [8]
+    assert best.steps() == [8] and best.record(8)["value"] == pytest.approx(max(values) + 0.1)
+
+
 @pytest.mark.parametrize("override,message", [
     ({"train.batch_size": 12}, "must divide evenly over 8 devices"),
     ({"train.topk": 10_000}, "larger than the corpus"),
     ({"data.dev_questions": "/nonexistent/dev.jsonl"}, "data.dev_questions: file not found"),
     ({"scorer.kind": "bm25"}, "scorer.kind"),
+    ({"train.best_metric": "top20"}, r"train.best_metric: 'top20' is not one of top1, top5 \(top-k accuracy for k "
+                                     r"in train.eval_topk\)"),
 ])
 def test_bad_config_is_one_clear_error(files, bert_dir, tmp_path, override, message):
     with pytest.raises(UserError, match=message):

@@ -6,12 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.hf import init_module
 from art_jax.objectives import art_loss
-from art_jax.train_step import OptimConfig, Towers, init_state, learning_rate_schedule, make_optimizer, \
-    unique_passages, update
+from art_jax.sharding import make_mesh
+from art_jax.train_step import OptimConfig, Towers, init_state, jit_update, learning_rate_schedule, \
+    make_optimizer, unique_passages, update
 
 
 def _numpy_kl(q, p, teacher, m=1.0):
@@ -197,3 +199,93 @@ def test_weight_decay_skips_biases_and_layer_norm():
     for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params)):
         moved = bool(np.any(np.asarray(u) != 0))
         assert moved == (p.ndim >= 2), (jax.tree_util.keystr(path), p.shape)
+
+
+def _jit_update_like_the_trainer(towers, optimizer, schedule, mesh, accumulation):
+    """The Trainer's compiled update (``jit_update``), given a private copy of the state on
+    every call: donation deletes the state it is given, and device_put may hand back (or
+    alias) the caller's own buffers, which the next call still needs."""
+    step, batch_sharding = jit_update(towers, optimizer, schedule, mesh, accumulation=accumulation)
+    replicated = NamedSharding(mesh, P())
+    return lambda state, batch: step(jax.device_put(jax.tree.map(np.array, jax.device_get(state)), replicated),
+                                     jax.device_put(batch, batch_sharding))
+
+
+def _adam(state) -> optax.ScaleByAdamState:
+    (adam,) = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+               if isinstance(x, optax.ScaleByAdamState)]
+    return adam
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_eight_devices_give_the_single_device_step(accumulation):
+    """Data parallel over 8 devices changes only the order of float32 sums: loss, gradients
+    and the AdamW-updated state equal one device's for the same global batch, dropout on.
+    Dropout masks come from the state's key: JAX's random bits are a function of the key and
+    the global shape, not of the sharding (with the partitionable threefry, the default, each
+    device also draws only its own shard's bits; the other mode gives other, equally
+    sharding-independent bits, and passes this test too)."""
+    towers, params = _towers()  # dropout 0.1 in both towers
+    cfg = OptimConfig(learning_rate=1e-2, total_steps=10)
+    optimizer, schedule = make_optimizer(cfg, params), learning_rate_schedule(cfg)
+    corpus, corpus_mask, rows, questions = _retrieved(b=16, k=4, n=24)
+    batch = _deduped_batch(corpus, corpus_mask, rows, questions, accumulation, multiple=8)  # U splits over 8
+    one = _jit_update_like_the_trainer(towers, optimizer, schedule, make_mesh(devices=jax.devices()[:1]),
+                                       accumulation)
+    eight = _jit_update_like_the_trainer(towers, optimizer, schedule, make_mesh(), accumulation)
+    assert make_mesh().shape["data"] == 8
+
+    state = init_state(params, optimizer, seed=0)
+    for _ in range(2):  # steps 0 and 1, each from the same state: the second's AdamW has moments to read
+        single, single_metrics = one(state, batch)
+        sharded, sharded_metrics = eight(state, batch)
+        assert all(len(x.devices()) == 8 for x in jax.tree.leaves(sharded))  # it did run on the 8-device mesh
+        # float32 partial sums over 8 shards added in another order: ~1e-7 relative apart
+        # (measured), so 1e-5 leaves room; other dropout masks move the loss by ~5e-2 (below),
+        # a wrong reduction (one shard's gradient, a sum instead of a mean) by far more
+        for name in ("loss", "grad_norm", "student_entropy", "argmax_agreement"):
+            np.testing.assert_allclose(float(sharded_metrics[name]), float(single_metrics[name]),
+                                       rtol=1e-5, atol=1e-6, err_msg=name)
+        single, sharded = jax.device_get(single), jax.device_get(sharded)
+        assert int(sharded.step) == int(single.step) and int(sharded.skipped) == int(single.skipped) == 0
+        np.testing.assert_array_equal(sharded.rng, single.rng)
+
+        # gradients, through AdamW's moments: mu and nu are running means of the clipped gradient
+        # and its square. The rounding of a sum is relative to its terms, not to the result, so
+        # the absolute tolerance follows the largest gradient: a gradient that is zero in exact
+        # arithmetic (softmax ignores key biases; the KL ignores a shift shared by all passage
+        # embeddings, the passage tower's last LayerNorm bias) is ~1e-9 of noise in both
+        a_adam, b_adam = _adam(single), _adam(sharded)
+        for moment in ("mu", "nu"):
+            a_flat = jax.tree_util.tree_leaves_with_path(getattr(a_adam, moment))
+            largest = max(np.abs(x).max() for _, x in a_flat)
+            for (path, a), b in zip(a_flat, jax.tree.leaves(getattr(b_adam, moment))):
+                np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * largest,
+                                           err_msg=f"{moment}{jax.tree_util.keystr(path)}")
+
+        # updated params. AdamW steps by lr x m / (sqrt(v) + eps), eps = 1e-8: where the gradient
+        # is that noise, or a true gradient not far above it (0 < sqrt(v) < 3 eps), it turns the
+        # rounding into an arbitrary step of up to a few lr, different on each mesh (5e-4 here
+        # on the passage LayerNorm bias; the loss does not depend on it). Those elements (~1%)
+        # are held only to Adam's bound, (1 - b1) / sqrt(1 - b2) = 3.2 lr per step on each side;
+        # every other element, exact-zero gradients included, to 1e-5
+        lr = float(single_metrics["learning_rate"])
+        bias_correction = 1 - 0.999 ** int(a_adam.count)
+        noisy_count = 0
+        for (path, a), b, nu_a, nu_b in zip(jax.tree_util.tree_leaves_with_path(single.params),
+                                            jax.tree.leaves(sharded.params), jax.tree.leaves(a_adam.nu),
+                                            jax.tree.leaves(b_adam.nu)):
+            scale = np.sqrt(np.maximum(nu_a, nu_b) / bias_correction)
+            noisy = (scale > 0) & (scale < 3e-8)
+            noisy_count += noisy.sum()
+            np.testing.assert_allclose(np.asarray(b)[~noisy], np.asarray(a)[~noisy], rtol=1e-5, atol=1e-6,
+                                       err_msg=jax.tree_util.keystr(path))
+            assert np.all(np.abs(np.asarray(b) - a)[noisy] <= 2 * 3.2 * lr * 1.01), jax.tree_util.keystr(path)
+        assert noisy_count < 0.02 * sum(x.size for x in jax.tree.leaves(params))  # the exemption stays narrow
+        assert _changed(state.params, single.params)
+        state = single
+
+    # dropout was on: the same step with another seed's masks gives another loss (by 0.04-0.1)
+    _, other_metrics = one(init_state(params, optimizer, seed=1), batch)
+    _, first_metrics = one(init_state(params, optimizer, seed=0), batch)
+    assert abs(float(other_metrics["loss"]) - float(first_metrics["loss"])) > 1e-4

@@ -1,0 +1,313 @@
+"""The ART train step: art_jax's jitted ``update`` vs a PyTorch peer on the same
+checkpoint and the same batch, in one process, then the step time split of the real loop.
+
+    python benchmarks/train_step.py                              # small BERT on CPU, a few minutes
+    python benchmarks/train_step.py --hidden 768 --layers 12 --heads 12 --batch 64 \\
+        --passage-length 256 --loop-steps 0                      # BERT-base towers (a GPU)
+    python benchmarks/train_step.py --scorer t5 --t5-size tiny   # the loop with a tiny T5 teacher
+
+Part 1, the update. Both towers (separate weights) are loaded from one random BERT folder
+written by transformers' ``save_pretrained``: art_jax's ``update`` jitted as
+``art_jax.train.Trainer`` jits it (shardings, state donated) against transformers
+``BertModel`` towers in train mode. Both take the same batch: B questions, K rows per
+question retrieved from a random corpus of token ids (popular rows drawn more often, so
+questions share passages as in real retrieval), the batch's unique rows re-embedded once
+(``unique_passages``, U padded as the trainer pads it), and given teacher scores. Both do:
+[CLS] embeddings with dropout, student log_softmax over K of q.d / (m sqrt(hidden)),
+KL(teacher || student) averaged over B, backward, global-norm clip 1.0, AdamW (decay on
+matrices only) with the warmup/decay schedule, a non-finite step skipped. Steps alternate
+between the two (load from other processes hits both alike); each side's metrics are read
+back every step, as the trainer does; torch runs on CUDA when it has it. Printed: ms/step
+(best and median), the ratio transformers / art_jax, and the loss of both at the checkpoint
+with dropout off (the same computation: equal to float32 rounding).
+
+Part 2, the loop. ``Trainer.train_step`` on the generated demo world (configs/demo.py at
+the same tower size, dropout 0.1) after the first index is built: its own timers, search
+(question tokenization, the question tower, exact top-K), scorer (the frozen teacher) and
+update (unique rows, the store's token lookup, the jitted re-embed + update), as a table
+with each stage's share of the step. Steps that compiled something (a new number of unique
+rows or passage length) are counted and left out. ``--loop-steps 0`` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+PAD, CLS, SEP = 0, 1, 2  # random token ids: which are special only matters to the mask
+
+
+def retrieved_rows(questions: int, k: int, corpus: int, zipf: float, rng) -> np.ndarray:
+    """[B, K] distinct rows per question; row r is drawn with weight 1 / (r + 1)^zipf,
+    so popular passages come back for several questions (0: uniform, few repeats)."""
+    weights = 1.0 / np.arange(1, corpus + 1) ** zipf
+    return np.stack([rng.choice(corpus, k, replace=False, p=weights / weights.sum()) for _ in range(questions)])
+
+
+def random_tokens(count: int, length: int, vocab: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """``[CLS] ... [SEP]`` rows of random ids, lengths between half and all of ``length``."""
+    lengths = rng.integers(length // 2, length + 1, count)
+    ids = rng.integers(SEP + 1, vocab, (count, length)).astype(np.int32)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    ids[:, 0] = CLS
+    ids[np.arange(count), lengths - 1] = SEP
+    return np.where(mask > 0, ids, PAD).astype(np.int32), mask
+
+
+def make_batch(args, multiple: int) -> tuple[dict[str, np.ndarray], int]:
+    """The update's batch (one micro-batch) and how many distinct rows the B x K hold."""
+    from art_jax.train_step import unique_passages
+
+    rng = np.random.default_rng(args.seed)
+    rows = retrieved_rows(args.batch, args.k, args.corpus, args.zipf, rng)
+    unique_rows, positions = unique_passages(rows, 1, multiple)
+    passage_ids, passage_mask = random_tokens(args.corpus, args.passage_length, args.vocab, rng)
+    question_ids, question_mask = random_tokens(args.batch, args.question_length, args.vocab, rng)
+    batch = {"question_ids": question_ids, "question_mask": question_mask, "passage_index": positions,
+             "passage_ids": passage_ids[unique_rows], "passage_mask": passage_mask[unique_rows],
+             "teacher_scores": rng.normal(0.0, 2.0, (args.batch, args.k)).astype(np.float32)}
+    return batch, len(np.unique(rows))
+
+
+def schedule_fraction(step: int, optim) -> float:
+    """``learning_rate_schedule`` / peak at ``step``: linear warmup, then linear decay to 0."""
+    warmup = int(optim.warmup_fraction * optim.total_steps)
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (optim.total_steps - step) / max(1, optim.total_steps - warmup))
+
+
+class JaxStep:
+    """art_jax: the towers, the optimizer and the jitted ``update`` as the trainer builds them."""
+
+    def __init__(self, folder: str, optim, temperature_multiplier: float):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from art_jax.models.hf import load_bert
+        from art_jax.sharding import make_mesh
+        from art_jax.train_step import Towers, init_state, jit_update, learning_rate_schedule, make_optimizer
+
+        self.mesh = make_mesh()
+        self.towers, params = Towers.split(load_bert(folder), load_bert(folder))
+        self.m = temperature_multiplier
+        optimizer = make_optimizer(optim, params)
+        self.state = jax.device_put(init_state(params, optimizer, seed=0), NamedSharding(self.mesh, P()))
+        self._update, _ = jit_update(self.towers, optimizer, learning_rate_schedule(optim), self.mesh,
+                                     temperature_multiplier=temperature_multiplier)
+
+    def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        self.state, metrics = self._update(self.state, batch)
+        return {name: float(value) for name, value in metrics.items()}
+
+    def loss_without_dropout(self, batch: dict[str, np.ndarray]) -> float:
+        import jax
+
+        from art_jax.objectives import art_loss
+
+        def loss(params, b):
+            q = self.towers.question_tower(params).embed_cls(b["question_ids"], b["question_mask"])
+            p = self.towers.passage_tower(params).embed_cls(b["passage_ids"][0], b["passage_mask"][0])
+            return art_loss(q, p[b["passage_index"]], b["teacher_scores"], self.m)[0]
+
+        return float(jax.jit(loss)(self.state.params, batch))
+
+
+class TorchStep:
+    """The peer: two transformers ``BertModel`` towers and the same loss and optimizer."""
+
+    def __init__(self, folder: str, optim, temperature_multiplier: float):
+        import torch
+        from transformers import BertModel
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.towers = [BertModel.from_pretrained(folder, add_pooling_layer=False).to(self.device).train()
+                       for _ in range(2)]
+        self.params = [p for tower in self.towers for p in tower.parameters()]
+        groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": optim.weight_decay},
+                  {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: schedule_fraction(s, optim))
+        self.clip_norm, self.m = optim.clip_norm, temperature_multiplier
+
+    def tensors(self, batch: dict[str, np.ndarray]) -> dict:
+        """Ids and masks as int64 (what embedding lookups and indexing take), scores float32."""
+        return {name: self.torch.from_numpy(value if value.dtype == np.float32 else value.astype(np.int64))
+                .to(self.device) for name, value in batch.items()}
+
+    def loss(self, b):
+        torch = self.torch
+        question, passage = self.towers
+        q = question(input_ids=b["question_ids"], attention_mask=b["question_mask"]).last_hidden_state[:, 0]
+        p = passage(input_ids=b["passage_ids"][0], attention_mask=b["passage_mask"][0]).last_hidden_state[:, 0]
+        scores = torch.einsum("bh,bkh->bk", q, p[b["passage_index"]]) / (self.m * q.shape[-1] ** 0.5)
+        log_student = torch.log_softmax(scores, -1)
+        log_teacher = torch.log_softmax(b["teacher_scores"], -1)
+        return (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean()
+
+    def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        torch = self.torch
+        loss = self.loss(self.tensors(batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        if torch.isfinite(loss) and torch.isfinite(norm):
+            self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": float(loss.detach()), "grad_norm": float(norm)}
+
+    def loss_without_dropout(self, batch: dict[str, np.ndarray]) -> float:
+        for tower in self.towers:
+            tower.eval()
+        with self.torch.no_grad():
+            loss = float(self.loss(self.tensors(batch)))
+        for tower in self.towers:
+            tower.train()
+        return loss
+
+
+def compare_update(args) -> None:
+    import jax
+    import torch
+    import transformers
+
+    from art_jax.batching import round_up
+    from art_jax.train_step import OptimConfig
+    from tests.hf_fixtures import make_bert_checkpoint
+
+    transformers.logging.set_verbosity_error()  # the peer leaves the checkpoint's pooler unused
+    torch.set_num_threads(os.cpu_count() or 1)
+    optim = OptimConfig()
+    with tempfile.TemporaryDirectory() as folder:
+        make_bert_checkpoint(folder, vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                             num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
+                             max_position_embeddings=max(512, args.passage_length))
+        ours = JaxStep(folder, optim, args.temperature_multiplier)
+        peer = TorchStep(folder, optim, args.temperature_multiplier)
+    # the trainer's padding of U: a multiple of an eighth of B x K, divisible over the devices
+    batch, unique = make_batch(args, round_up(max(8, args.batch * args.k // 8), ours.mesh.size))
+    print(f"update: BERT towers hidden {args.hidden} x {args.layers} layers ({args.heads} heads, vocab {args.vocab}), "
+          f"B={args.batch} K={args.k} Lq={args.question_length} Lp={args.passage_length}, "
+          f"{unique} unique of {args.batch * args.k} retrieved rows padded to U={batch['passage_ids'].shape[1]} "
+          f"(corpus {args.corpus:,}, zipf {args.zipf:g}); jax {jax.__version__} on {jax.device_count()} "
+          f"{jax.default_backend()} device(s), torch {torch.__version__} on {peer.device} "
+          f"({torch.get_num_threads()} CPU threads)")
+    ours_loss, peer_loss = ours.loss_without_dropout(batch), peer.loss_without_dropout(batch)
+    start = time.perf_counter()
+    ours.step(batch)  # compile
+    print(f"  art_jax first step (compile) {time.perf_counter() - start:.1f} s")
+    times = {"art_jax": [], "transformers": []}
+    for repeat in range(args.warmup + args.repeats):
+        for name, side in (("art_jax", ours), ("transformers", peer)):
+            start = time.perf_counter()
+            side.step(batch)
+            if repeat >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    best, median = ({name: f(t) for name, t in times.items()} for f in (min, statistics.median))
+    print(f"  {'':<28}{'best ms/step':>14}{'median ms/step':>16}")
+    for name, label in (("art_jax", "art_jax update (jit)"), ("transformers", "transformers BertModel")):
+        print(f"  {label:<28}{best[name] * 1e3:14.1f}{median[name] * 1e3:16.1f}")
+    print(f"  loss at the checkpoint, dropout off: art_jax {ours_loss:.6f}, transformers {peer_loss:.6f} "
+          f"(|difference| {abs(ours_loss - peer_loss):.1e})")
+    print(f"ratio transformers / art_jax: {best['transformers'] / best['art_jax']:.2f}x (best of {args.repeats}; "
+          f"medians {median['transformers'] / median['art_jax']:.2f}x)")
+
+
+def loop_split(args) -> None:
+    import jax
+
+    from art_jax.config import load_config
+    from art_jax.data.demo import prepare_demo
+    from art_jax.train import Trainer
+
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.py"))
+    cfg.demo.update(hidden_size=args.hidden, layers=args.layers, heads=args.heads, entities=args.entities,
+                    dropout=0.1)
+    cfg.train.batch_size, cfg.train.topk = args.batch, args.k
+    cfg.train.steps = args.loop_warmup + args.loop_steps
+    cfg.train.refresh_every = cfg.train.eval_every = cfg.train.checkpoint_every = cfg.train.steps + 1
+    with tempfile.TemporaryDirectory() as workdir:
+        teacher = "query_likelihood (Dirichlet, jitted)"
+        if args.scorer == "t5":
+            from benchmarks.score import SIZES
+            from tests.hf_fixtures import make_t5_checkpoint
+
+            cfg.scorer.kind, cfg.scorer.dtype = "t5", args.scorer_dtype
+            cfg.scorer.checkpoint = make_t5_checkpoint(os.path.join(workdir, "t5"), version="1.1", vocab_size=32128,
+                                                       **SIZES[args.t5_size])
+            teacher = f"T5 v1.1 '{args.t5_size}' {args.scorer_dtype}, batch {cfg.scorer.batch_size}"
+        prepare_demo(cfg, workdir)
+        trainer = Trainer(cfg, workdir)
+        start = time.perf_counter()
+        trainer.resume()  # the first index, from the initial passage tower
+        print(f"loop: demo world of {len(trainer.store):,} passages, B={args.batch} K={args.k}, "
+              f"teacher {teacher}; first index built in {time.perf_counter() - start:.1f} s")
+        compiles: list[float] = []  # seconds of XLA compilation in the step under way
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, seconds, **_: compiles.append(seconds) if event == COMPILE_EVENT else None)
+        records = []
+        for step in range(cfg.train.steps):
+            compiles.clear()
+            records.append({**trainer.train_step(step), "compile": sum(compiles)})
+        trainer.checkpoints.close()
+    timed = records[args.loop_warmup:]
+    steady = [r for r in timed if not r["compile"]]
+    print(f"  {len(steady)} of {len(timed)} steps after {args.loop_warmup} warm-up compiled nothing"
+          + (f"; the other {len(timed) - len(steady)} met a new shape (unique rows, passage or prompt length), "
+             f"spent {sum(r['compile'] for r in timed):.1f} s compiling and are left out" if len(steady) < len(timed)
+             else ""))
+    if not steady:
+        return
+    stages = (("search", "search: question tower + exact top-K"), ("scorer", "scorer: frozen teacher"),
+              ("update", "update: store lookup + re-embed + AdamW"))
+    totals = {name: sum(r[f"time_{name}"] for r in steady) for name, _ in stages}
+    print(f"  {'stage':<42}{'median ms':>10}{'mean ms':>10}{'share':>8}")
+    for name, label in stages:
+        median = statistics.median(r[f"time_{name}"] for r in steady)
+        print(f"  {label:<42}{median * 1e3:10.1f}{totals[name] / len(steady) * 1e3:10.1f}"
+              f"{totals[name] / sum(totals.values()):8.1%}")
+    median_step = statistics.median(sum(r[f"time_{name}"] for name, _ in stages) for r in steady)
+    print(f"  {'step':<42}{median_step * 1e3:10.1f}{sum(totals.values()) / len(steady) * 1e3:10.1f}{1:8.0%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=30522, help="update comparison only (the demo trains its own)")
+    parser.add_argument("--batch", type=int, default=16, help="questions per step (B)")
+    parser.add_argument("--k", type=int, default=32, help="retrieved passages per question (K)")
+    parser.add_argument("--question-length", type=int, default=32)
+    parser.add_argument("--passage-length", type=int, default=128, help="update comparison (the demo's: 64)")
+    parser.add_argument("--corpus", type=int, default=10000, help="rows the random batch is retrieved from")
+    parser.add_argument("--zipf", type=float, default=1.0, help="popularity skew of the retrieved rows (0: uniform)")
+    parser.add_argument("--temperature-multiplier", type=float, default=1.0)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loop-steps", type=int, default=20, help="timed Trainer.train_step calls (0: skip)")
+    parser.add_argument("--loop-warmup", type=int, default=5)
+    parser.add_argument("--entities", type=int, default=200, help="demo world size (2 passages each)")
+    parser.add_argument("--scorer", choices=("query_likelihood", "t5"), default="query_likelihood")
+    parser.add_argument("--t5-size", choices=("tiny", "small"), default="tiny")
+    parser.add_argument("--scorer-dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    args = parser.parse_args()
+    compare_update(args)
+    if args.loop_steps:
+        loop_split(args)
+
+
+if __name__ == "__main__":
+    main()
