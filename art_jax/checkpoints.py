@@ -26,9 +26,14 @@ class Checkpoints:
         ``folder``: "checkpoints", or "best" for the best evaluation's state (``keep=1``)."""
         self.every = every
         self.directory = os.path.abspath(os.path.join(workdir, folder))
-        options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False) if read_only else
+        # Orbax names its cross-process barriers after the step's folder: "checkpoints" and "best"
+        # both save step s at the end of a run, and equal names would deadlock the processes
+        multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=folder)
+        options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                                multiprocessing_options=multiprocessing) if read_only else
                    ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
-                                                enable_async_checkpointing=True))
+                                                enable_async_checkpointing=True,
+                                                multiprocessing_options=multiprocessing))
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "record"))
 
     def latest_step(self) -> int | None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 
-from art_jax.errors import UserError
+from art_jax.errors import GCS_HINT, UserError
 
 
 def _score(args) -> None:
@@ -91,6 +93,7 @@ def _evaluate(args) -> None:
 
 def _train(args) -> None:
     from art_jax.config import load_config
+    from art_jax.distributed import is_lead
     from art_jax.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -99,7 +102,7 @@ def _train(args) -> None:
 
         prepare_demo(cfg, args.workdir)
     result = Trainer(cfg, args.workdir).run()
-    if result["before"]:
+    if result["before"] and is_lead():
         gains = ", ".join(f"top-{k} {100 * result['before'][k]:.1f}% -> {100 * result['after'][k]:.1f}%"
                           for k in sorted(result["after"]))
         print(f"dev accuracy: {gains}")
@@ -120,13 +123,41 @@ def _selfcheck(args) -> None:
         raise SystemExit(1)
 
 
+# model folders are staged from gs:// to a local cache (art_jax.models.hf); other paths are not yet
+_GCS_STAGED = {"scorer", "retriever"}
+
+
+def _check_paths(args) -> None:
+    for key, value in vars(args).items():
+        if isinstance(value, str) and value.startswith("gs://") and key not in _GCS_STAGED:
+            raise UserError(f"--{key.replace('_', '-')}={value}: {GCS_HINT}")
+
+
+def _quiet_unless_lead() -> None:
+    """Process 0 alone prints results and progress; the others keep stderr for errors."""
+    from art_jax.distributed import is_lead
+
+    if not is_lead():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
 def build_parser() -> argparse.ArgumentParser:
     from art_jax.scorer import PromptConfig
 
     parser = argparse.ArgumentParser(prog="art-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    # every command can run as one process of a multi-process job (launch/ sets these)
+    job = argparse.ArgumentParser(add_help=False)
+    group = job.add_argument_group("multi-process job (default: detected from SLURM / a TPU VM slice, else one "
+                                   "process)")
+    group.add_argument("--coordinator_address", help="HOST:PORT of process 0's coordinator service")
+    group.add_argument("--num_processes", type=int, help="processes in the job")
+    group.add_argument("--process_id", type=int, help="this process's rank, 0 .. num_processes-1")
+    group.add_argument("--distributed_timeout", type=int, default=300,
+                       help="seconds to wait for every process to join before failing")
+    add_command = functools.partial(commands.add_parser, parents=[job])
 
-    p = commands.add_parser("score", help="teacher (T5/T0) scores of passage-question pairs; UPR re-ranking")
+    p = add_command("score", help="teacher (T5/T0) scores of passage-question pairs; UPR re-ranking")
     p.add_argument("--scorer", required=True, help="Hugging Face folder, hub id or gs:// folder of a T5/T0")
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--pairs", help='JSONL, one {"title","text","question"} per line')
@@ -143,12 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-decoder-tokens", type=int, default=defaults.max_decoder_tokens)
     p.set_defaults(run=_score)
 
-    p = commands.add_parser("export", help="write a retriever tower as a Hugging Face BERT folder")
+    p = add_command("export", help="write a retriever tower as a Hugging Face BERT folder")
     p.add_argument("--retriever", required=True, help="checkpoint of the tower (Hugging Face folder or hub id)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.set_defaults(run=_export)
 
-    p = commands.add_parser("prepare-corpus", help="stream an evidence TSV/JSONL into a pre-tokenized store")
+    p = add_command("prepare-corpus", help="stream an evidence TSV/JSONL into a pre-tokenized store")
     p.add_argument("--corpus", required=True, help="DPR evidence TSV (id, text, title) or JSONL")
     p.add_argument("--retriever", required=True, help="retriever checkpoint whose tokenizer to use")
     p.add_argument("--scorer", help="scorer (T5/T0) checkpoint whose tokenizer to use, for training")
@@ -160,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-rows", action="store_true", help="count and report bad rows instead of failing")
     p.set_defaults(run=_prepare_corpus)
 
-    p = commands.add_parser("embed", help="embed a prepared corpus into a new index version")
+    p = add_command("embed", help="embed a prepared corpus into a new index version")
     p.add_argument("--retriever", required=True, help="checkpoint of the passage tower")
     p.add_argument("--corpus", required=True, help="corpus store from prepare-corpus")
     p.add_argument("--out", required=True, help="index folder; the version is published inside it")
@@ -171,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=8192, help="rows per written (and resumable) chunk")
     p.set_defaults(run=_embed)
 
-    p = commands.add_parser("search", help="exact top-K retrieval for a question file -> DPR-format results")
+    p = add_command("search", help="exact top-K retrieval for a question file -> DPR-format results")
     p.add_argument("--retriever", required=True, help="checkpoint of the question tower")
     p.add_argument("--index", required=True, help="index folder (newest version) or one version folder")
     p.add_argument("--questions", required=True, help="TSV question<TAB>[answers], DPR JSON or JSONL")
@@ -184,26 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-device", type=int, help="index rows each device scores per block")
     p.set_defaults(run=_search)
 
-    p = commands.add_parser("evaluate", help="top-K accuracy of DPR-format results (DPR's answer matching)")
+    p = add_command("evaluate", help="top-K accuracy of DPR-format results (DPR's answer matching)")
     p.add_argument("--results", required=True)
     p.add_argument("--match", default="string", choices=("string", "regex"))
     p.add_argument("--topk", type=int, nargs="+", default=[1, 5, 20, 50, 100])
     p.add_argument("--annotated-out", help="write the results with has_answer recomputed")
     p.set_defaults(run=_evaluate)
 
-    p = commands.add_parser("train", help="train the dual encoder with ART (configs/*.py)")
+    p = add_command("train", help="train the dual encoder with ART (configs/*.py)")
     p.add_argument("--config", required=True, help="config file defining get_config(), optionally FILE.py:ARG")
     p.add_argument("--workdir", required=True, help="checkpoints, indexes, metrics and the resolved config")
     p.set_defaults(run=_train)
 
-    p = commands.add_parser("refresh", help="build indexes from a training run's checkpoints as they appear "
+    p = add_command("refresh", help="build indexes from a training run's checkpoints as they appear "
                                            "(train.refresh_mode=async), beside the trainer")
     p.add_argument("--workdir", required=True, help="the training run's workdir (config.json, checkpoints/)")
     p.add_argument("--once", action="store_true", help="index the newest checkpoint if it is not yet, then exit")
     p.add_argument("--poll-seconds", type=float, default=10.0, help="how often to look for a new checkpoint")
     p.set_defaults(run=_refresh)
 
-    p = commands.add_parser("selfcheck", help="prove the install works: tiny random models, end to end")
+    p = add_command("selfcheck", help="prove the install works: tiny random models, end to end")
     p.set_defaults(run=_selfcheck)
     return parser
 
@@ -217,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = extra
     try:
+        _check_paths(args)
+        from art_jax.distributed import cluster_detected, initialize
+
+        initialize(args.coordinator_address, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
+        if args.num_processes or cluster_detected():
+            _quiet_unless_lead()
         args.run(args)
     except UserError as err:
         print(f"art-jax {args.command}: error: {err}", file=sys.stderr)

@@ -99,6 +99,10 @@ def default_config() -> ml_collections.ConfigDict:
         corpus_store="",
         dataset="nq",  # names the seqio Task of the training questions: art_{dataset}
         train_questions="",
+        # seqio shards of the training questions, an equal run of them per process (0: one per
+        # process). The global batch depends on this, not on the process count: fix it to resume
+        # on another number of hosts, or to rehearse a multi-host run in one process
+        shards=0,
         dev_questions="",
         # a published index version (or an index folder: its newest) of the corpus store to train
         # against from step 0, instead of the trainer embedding the corpus before the first step

@@ -15,15 +15,15 @@ import functools
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from art_jax.batching import round_up
 from art_jax.corpus import CorpusStore
+from art_jax.distributed import barrier, is_lead
 from art_jax.errors import UserError
 from art_jax.index import DTYPES, IndexBuilder, IndexPlan, published_versions
 from art_jax.models.bert import Bert
 from art_jax.progress import progress_bar
-from art_jax.sharding import batch_sharding, make_mesh
+from art_jax.sharding import batch_sharding, local_replica, make_mesh
 
 
 def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint: str, step: int | None = None,
@@ -40,10 +40,10 @@ def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint:
     plan = IndexPlan(count=len(store), dim=tower.config.hidden_size, dtype=dtype, chunk_rows=chunk_rows,
                      corpus=store.path, checkpoint=checkpoint, step=step, max_length=max_length)
     builder = IndexBuilder(index_dir, version, plan)
-    lead = jax.process_index() == 0
+    lead = is_lead()
     if lead:
         builder.open(create=True)
-    _barrier("art_jax.embed.open")
+    barrier("art_jax.embed.open")
     if not lead:
         builder.open(create=False)
     done = builder.done_chunks()
@@ -52,16 +52,17 @@ def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint:
     total = sum(plan.chunk_size(c) for c in mine)
     left = sum(plan.chunk_size(c) for c in todo)
     mesh = make_mesh(devices=jax.local_devices())
+    tower = local_replica(tower, mesh)  # the trainer's tower spans every process's devices
     batch_size = round_up(batch_size, mesh.shape["data"])
     with progress_bar(total=total, initial=total - left, unit="passage", desc=f"embed v{version}",
               disable=not progress) as bar:
         for chunk, embeddings in _embed_chunks(tower, store, plan, todo, mesh, batch_size, length_multiple):
             builder.write_chunk(chunk, embeddings)
             bar.update(len(embeddings))
-    _barrier("art_jax.embed.written")
+    barrier("art_jax.embed.written")
     if lead:
         builder.publish(store.ids)
-    _barrier("art_jax.embed.published")
+    barrier("art_jax.embed.published")
     return builder.final
 
 
@@ -104,11 +105,6 @@ def _collect(job, plan, buffers):
 def _embed_as(tower, ids, mask, dtype):
     # cast on device: half the bytes to bring back
     return tower.embed_cls(ids, mask).astype(dtype)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def load_passage_tower(checkpoint: str) -> Bert:

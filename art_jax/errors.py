@@ -7,3 +7,8 @@ class UserError(ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used as asked."""
+
+
+# what a gs:// workdir, index, store or data path gets until those are read and written natively
+GCS_HINT = ("gs:// paths are not read or written directly yet: mount the bucket with gcsfuse (launch/tpu_vm.sh "
+            "does with GCS_BUCKET=...) and pass the mounted path")

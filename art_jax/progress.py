@@ -11,7 +11,10 @@ from tqdm import tqdm
 
 @contextlib.contextmanager
 def progress_bar(**kwargs) -> Iterator[tqdm]:
-    bar = tqdm(**kwargs)
+    """A tqdm bar; shown by process 0 only in a multi-process job."""
+    from art_jax.distributed import is_lead
+
+    bar = tqdm(**{**kwargs, "disable": kwargs.get("disable", False) or not is_lead()})
     try:
         yield bar
     except BaseException:

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from art_jax.checkpoints import SKIP, Checkpoints
 from art_jax.corpus import CorpusStore
+from art_jax.distributed import is_lead
 from art_jax.embed import embed_corpus
 from art_jax.errors import UserError
 from art_jax.fileio import atomic_write, read_json
@@ -69,7 +70,7 @@ def initial_index(path: str, store: CorpusStore, dim: int) -> str:
 
 def mark_finished(workdir: str, step: int | None) -> None:
     """``step``: the run ended there (its last checkpoint is complete); None: it is running."""
-    if jax.process_index() != 0:
+    if not is_lead():
         return
     path = os.path.join(workdir, FINISHED)
     if step is None:
@@ -107,13 +108,13 @@ class IndexWatcher:
             built = read_json(os.path.join(path, "meta.json")).get("step")
             if built is not None and built > index_step:
                 self._warned = False
-                if jax.process_index() == 0:
+                if is_lead():
                     print(f"step {step}: searching {path} (from step {built}, staleness {step - built})", flush=True)
                 return path, built
         # the next index is due from the checkpoint at index_step + refresh_every
         if not self._warned and step - index_step > 3 * self.refresh_every:
             self._warned = True
-            if jax.process_index() == 0:
+            if is_lead():
                 print(f"warning: step {step}: no new index for {step - index_step} steps (train.refresh_every="
                       f"{self.refresh_every}); training goes on with the index from step {index_step}. "
                       f"{refresher_state(self.workdir)}", flush=True)
@@ -167,6 +168,8 @@ class Refresher:
         self._beat = {"pid": os.getpid(), "host": socket.gethostname()}
 
     def heartbeat(self, state: str, **fields) -> None:
+        if not is_lead():
+            return
         atomic_write(os.path.join(self.workdir, HEARTBEAT),
                      json.dumps({**self._beat, "state": state, "time": time.time(), **fields}))
 
@@ -228,8 +231,9 @@ class Refresher:
                            checkpoint=os.path.join(self.checkpoints.directory, str(step)), step=step)
         resumed = f", resumed with {done} chunk(s) already built" if half == step and done else ""
         skipped = f", skipped checkpoint(s) {skipped}" if skipped else ""
-        print(f"refresh: published {path} from checkpoint step {step} ({len(store)} passages in "
-              f"{time.perf_counter() - started:.1f}s{resumed}{skipped})", flush=True)
+        if is_lead():
+            print(f"refresh: published {path} from checkpoint step {step} ({len(store)} passages in "
+                  f"{time.perf_counter() - started:.1f}s{resumed}{skipped})", flush=True)
         return path
 
     def run(self, *, once: bool = False, poll_seconds: float = 10.0) -> list[str]:
@@ -238,9 +242,12 @@ class Refresher:
         published = []
         while True:
             # read before the steps: when it exists, the last checkpoint is already complete
-            finished = os.path.isfile(os.path.join(self.workdir, FINISHED))
+            finished = bool(_agree(os.path.isfile(os.path.join(self.workdir, FINISHED))))
             steps = self.steps()
+            # a multi-process refresher builds one version together: process 0's pick for all
             step = self.next_step(steps, newest_only=once)
+            step = _agree(-1 if step is None else step)
+            step = None if step < 0 else step
             if step is not None:
                 published.append(self.build(step, [s for s in steps if self.indexed_step() < s < step]))
                 if once:
@@ -249,11 +256,13 @@ class Refresher:
             if once:
                 if not steps:
                     raise UserError(f"{os.path.join(self.workdir, 'checkpoints')}: no checkpoint to index yet")
-                print(f"refresh: checkpoint step {steps[-1]} is indexed already", flush=True)
+                if is_lead():
+                    print(f"refresh: checkpoint step {steps[-1]} is indexed already", flush=True)
                 break
             if finished:
-                print(f"refresh: the trainer has finished and its last checkpoint is indexed "
-                      f"(step {self.indexed_step()}); exiting", flush=True)
+                if is_lead():
+                    print(f"refresh: the trainer has finished and its last checkpoint is indexed "
+                          f"(step {self.indexed_step()}); exiting", flush=True)
                 break
             self.heartbeat("waiting", indexed_step=self.indexed_step())
             time.sleep(poll_seconds)

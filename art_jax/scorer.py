@@ -14,13 +14,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from art_jax.batching import pad_rows, round_up
 from art_jax.errors import UserError
 from art_jax.models.hf import load_t5, load_tokenizer
 from art_jax.models.t5 import T5
 from art_jax.progress import progress_bar
-from art_jax.sharding import DEFAULT_RULES, batch_sharding
+from art_jax.sharding import DEFAULT_RULES, from_process_rows, to_process_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +98,26 @@ class T5Scorer:
 
     @property
     def data_parallelism(self) -> int:
-        return self.mesh.shape["data"] if self.mesh is not None else 1
+        """Scorer replicas on this process's devices: the rows it adds to each global batch."""
+        if self.mesh is None:
+            return 1
+        return sum(any(d.process_index == jax.process_index() for d in row) for row in self.mesh.devices)
 
     def dispatch(self, enc_rows: list[list[int]], dec_rows: list[list[int]]) -> jax.Array:
         """Start scoring one batch of built prompts; returns the (padded) device result
-        without waiting, so the host can prepare the next batch meanwhile."""
+        without waiting, so the host can prepare the next batch meanwhile. Under several
+        processes each brings its own prompts (the same number) into one global batch."""
         batch = round_up(len(enc_rows), self.data_parallelism)
         filler = batch - len(enc_rows)  # rows that make the batch divide the mesh, dropped later
-        enc = pad_rows(enc_rows + enc_rows[:1] * filler, round_up(max(map(len, enc_rows)), self.length_multiple))
-        dec = pad_rows(dec_rows + dec_rows[:1] * filler, round_up(max(map(len, dec_rows)), 8))
+        lengths = np.array([round_up(max(map(len, enc_rows)), self.length_multiple),
+                            round_up(max(map(len, dec_rows)), 8)])
+        if jax.process_count() > 1:  # one global shape: the longest of any process
+            lengths = multihost_utils.process_allgather(lengths).max(axis=0)
+        enc = pad_rows(enc_rows + enc_rows[:1] * filler, int(lengths[0]))
+        dec = pad_rows(dec_rows + dec_rows[:1] * filler, int(lengths[1]))
         arrays = (*enc, *dec)
         if self.mesh is not None:
-            arrays = tuple(jax.device_put(a, batch_sharding(self.mesh, 2)) for a in arrays)
+            arrays = tuple(from_process_rows(self.mesh, a) for a in arrays)
         return _teacher_scores(self.model, *arrays)
 
     def score(self, titles: Sequence[str], texts: Sequence[str], questions: Sequence[str], *,
@@ -136,7 +145,7 @@ class T5Scorer:
         with progress_bar(total=len(order), desc="scoring", unit="pair", disable=not progress) as bar:
             def collect():
                 chunk, result = in_flight.pop(0)
-                scores[chunk] = np.asarray(result)[:len(chunk)]
+                scores[chunk] = to_process_rows(result)[:len(chunk)]
                 bar.update(len(chunk))
 
             for start in range(0, len(order), batch_size):

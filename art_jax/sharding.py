@@ -28,7 +28,8 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 
 def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'model') mesh; ``data=-1`` takes every device not used by ``model``."""
-    devices = list(devices if devices is not None else jax.devices())
+    # process-major: each process's devices hold one contiguous run of a batch's rows
+    devices = sorted(devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
     if data == -1:
         if len(devices) % model:
             raise UserError(f"mesh: model={model} does not divide the {len(devices)} devices")
@@ -67,3 +68,40 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh,
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading axis over `data`, the rest replicated."""
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+
+
+# Multi-process batches: each process holds its own rows of a global batch (its questions), or
+# the same host array as every other process (what all of them computed alike).
+
+def process_rows(mesh: Mesh, rows: int) -> slice:
+    """Which of a ``rows``-row batch split over `data` this process's devices hold."""
+    mine = [i for i, devices in enumerate(mesh.devices) if any(d.process_index == jax.process_index() for d in devices)]
+    per_position = rows // mesh.shape["data"]
+    return slice(mine[0] * per_position, (mine[-1] + 1) * per_position)
+
+
+def from_process_rows(mesh: Mesh, local: np.ndarray) -> jax.Array:
+    """The global batch split over `data` whose rows ``process_rows`` are this process's ``local``."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+
+
+def from_identical(sharding: NamedSharding, value: np.ndarray) -> jax.Array:
+    """A host array that every process holds identically, as a global array with ``sharding``."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_process_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array split along its first axis, in order."""
+    shards = {shard.index[0].start or 0: shard for shard in array.addressable_shards}  # model-axis copies once
+    return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
+
+
+def local_replica(module: nnx.Module, mesh: Mesh | None = None) -> nnx.Module:
+    """A copy of a module whose parameters are replicated over every process's devices, held
+    by this process's devices alone (``mesh``: a local mesh; default its first device), for work
+    each process does on its own: embedding its chunks of the corpus, the dev questions."""
+    graphdef, state = nnx.split(module)
+    target = NamedSharding(mesh, P()) if mesh is not None else jax.local_devices()[0]
+    state = jax.tree.map(lambda x: jax.device_put(x.addressable_data(0) if isinstance(x, jax.Array) else x, target),
+                         state)
+    return nnx.merge(graphdef, state)

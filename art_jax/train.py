@@ -23,7 +23,8 @@ from art_jax.config import write_config
 from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
-from art_jax.errors import UserError
+from art_jax.distributed import barrier, is_lead
+from art_jax.errors import GCS_HINT, UserError
 from art_jax.index import IndexVersion, version_name
 from art_jax.metrics import MetricWriter
 from art_jax.models.hf import load_bert, load_tokenizer
@@ -31,7 +32,7 @@ from art_jax.refresh import IndexWatcher, build_index, initial_index, mark_finis
 from art_jax.retrieval_jobs import dpr_results, retrieve
 from art_jax.retriever import DualEncoder, tokenize_questions
 from art_jax.search import ShardedIndex
-from art_jax.sharding import make_mesh
+from art_jax.sharding import from_identical, from_process_rows, local_replica, make_mesh, process_rows
 from art_jax.train_step import OptimConfig, Towers, embed_questions, init_state, jit_update, \
     learning_rate_schedule, make_optimizer, unique_passages
 
@@ -59,15 +60,16 @@ def open_store(cfg, workdir: str) -> CorpusStore:
     if cfg.data.corpus_store:
         return CorpusStore(cfg.data.corpus_store)
     path = os.path.join(workdir, "corpus_store")
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return CorpusStore(path)
-    if not cfg.data.corpus:
+    prepared = os.path.isfile(os.path.join(path, "meta.json"))
+    if not (prepared or cfg.data.corpus):
         raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")
-    scorer = cfg.scorer.checkpoint if cfg.scorer.kind == "t5" else None
-    return prepare_corpus(cfg.data.corpus, path, load_tokenizer(cfg.retriever.checkpoint),
-                          TokenizerSpec(cfg.retriever.checkpoint, cfg.retriever.train_passage_max_length),
-                          load_tokenizer(scorer) if scorer else None,
-                          TokenizerSpec(scorer, 512) if scorer else None)
+    if is_lead() and not prepared:
+        scorer = cfg.scorer.checkpoint if cfg.scorer.kind == "t5" else None
+        prepare_corpus(cfg.data.corpus, path, load_tokenizer(cfg.retriever.checkpoint),
+                       TokenizerSpec(cfg.retriever.checkpoint, cfg.retriever.train_passage_max_length),
+                       load_tokenizer(scorer) if scorer else None, TokenizerSpec(scorer, 512) if scorer else None)
+    barrier("art_jax.train.corpus_store")  # the others open what process 0 prepared
+    return CorpusStore(path)
 
 
 def make_teacher(cfg, tokenizer, store, mesh):
@@ -100,28 +102,34 @@ class Trainer:
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
         self.cfg, self.workdir = cfg, workdir
+        for key in ("corpus", "corpus_store", "train_questions", "dev_questions", "initial_index"):
+            if cfg.data[key].startswith("gs://"):
+                raise UserError(f"data.{key}={cfg.data[key]}: {GCS_HINT}")
         os.makedirs(workdir, exist_ok=True)
-        write_config(cfg, workdir)
+        if is_lead():
+            write_config(cfg, workdir)
         self.mesh = make_mesh()
         self.store = open_store(cfg, workdir)
         _check_config(cfg, self.mesh.size, self.store)
         self.tokenizer = load_tokenizer(cfg.retriever.checkpoint)
         self.dev_questions = read_questions(cfg.data.dev_questions) if cfg.data.dev_questions else []
-        # this process's shard of the training questions (a seqio Task), batch_size / processes per step
+        # this process's shards of the training questions (a seqio Task): its rows of each global batch
         self.stream = question_stream(cfg.data.dataset, cfg.data.train_questions, batch_size=cfg.train.batch_size,
-                                      seed=cfg.seed, shard=jax.process_index(), num_shards=jax.process_count())
+                                      seed=cfg.seed, num_shards=cfg.data.shards or jax.process_count(),
+                                      process=jax.process_index(), processes=jax.process_count())
+        self.my_rows = process_rows(self.mesh, cfg.train.batch_size)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.stream.steps_per_epoch
         self.teacher = make_teacher(cfg, self.tokenizer, self.store, self.mesh)
 
         self.towers, optim, optimizer, params = build_model(cfg, self.total_steps)
         replicated = NamedSharding(self.mesh, P())
-        self.state = jax.device_put(init_state(params, optimizer, cfg.seed), replicated)
+        self.state = jax.tree.map(functools.partial(from_identical, replicated), init_state(params, optimizer, cfg.seed))
         state_sharding = jax.tree.map(lambda _: replicated, self.state)
         batch_sharding = NamedSharding(self.mesh, P("data"))
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.towers),
                                         in_shardings=(state_sharding, batch_sharding, batch_sharding),
                                         out_shardings=replicated)
-        self._update, _ = jit_update(self.towers, optimizer, learning_rate_schedule(optim), self.mesh,
+        self._update, self._batch_sharding = jit_update(self.towers, optimizer, learning_rate_schedule(optim), self.mesh,
                                      temperature_multiplier=cfg.train.temperature_multiplier,
                                      accumulation=cfg.train.accumulation)
         # U is padded to a multiple of an eighth of the micro-batch's B x K: at most 8 shapes to compile
@@ -172,7 +180,8 @@ class Trainer:
         self.load_index(record.get("index_path") or
                         os.path.join(self.workdir, "index", version_name(record["index_version"])),
                         record["index_step"])
-        print(f"resumed from step {step} (index v{record['index_version']} from step {record['index_step']})")
+        if is_lead():
+            print(f"resumed from step {step} (index v{record['index_version']} from step {record['index_step']})")
         return step
 
     def _record(self, step: int) -> dict:
@@ -202,8 +211,9 @@ class Trainer:
     def evaluate(self) -> dict[int, float]:
         if not self.dev_questions:
             return {}
-        encoder = DualEncoder(self.towers.question_tower(self.state.params),
-                              self.towers.passage_tower(self.state.params), self.tokenizer,
+        # every process searches all dev questions (process 0 reports); towers on its own devices
+        encoder = DualEncoder(local_replica(self.towers.question_tower(self.state.params)),
+                              local_replica(self.towers.passage_tower(self.state.params)), self.tokenizer,
                               question_max_length=self.cfg.retriever.question_max_length)
         k = min(max(self.cfg.train.eval_topk), len(self.store))
         scores, rows = retrieve(encoder, self.index, self.dev_questions, k, progress=False)
@@ -214,27 +224,30 @@ class Trainer:
         cfg = self.cfg
         times = {}
         start = time.perf_counter()
-        _, texts = self.stream.batch(step)
+        _, texts = self.stream.batch(step)  # this process's questions: rows my_rows of the global batch
         q_tokens = tokenize_questions(self.tokenizer, texts, cfg.retriever.question_max_length,
                                       pad_to=cfg.retriever.question_max_length)
-        queries = self._embed_questions(self.state, q_tokens.ids, q_tokens.mask)
-        _, rows = self.index.search(np.asarray(queries), cfg.train.topk)
+        question_ids, question_mask = (from_process_rows(self.mesh, a) for a in (q_tokens.ids, q_tokens.mask))
+        queries = self._embed_questions(self.state, question_ids, question_mask)
+        _, rows = self.index.search(np.asarray(queries), cfg.train.topk)  # every process: all B x K
         times["search"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        teacher_scores = np.asarray(self.teacher.score_retrieved(texts, rows, self.store,
+        teacher_scores = np.asarray(self.teacher.score_retrieved(texts, rows[self.my_rows], self.store,
                                                                  batch_size=cfg.scorer.batch_size))
         times["scorer"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        # the same on every process (all hold every row): the global dedupe and its tokens
         unique_rows, positions = unique_passages(rows, cfg.train.accumulation, self._unique_multiple)
         passages = self.store.retriever_tokens(unique_rows.reshape(-1), cfg.retriever.train_passage_max_length,
                                                multiple=8)
         micro_batches, unique = unique_rows.shape
-        batch = {"question_ids": q_tokens.ids, "question_mask": q_tokens.mask, "passage_index": positions,
-                 "passage_ids": passages.ids.reshape(micro_batches, unique, -1),
-                 "passage_mask": passages.mask.reshape(micro_batches, unique, -1),
-                 "teacher_scores": teacher_scores.astype(np.float32)}
+        identical = {"passage_index": positions, "passage_ids": passages.ids.reshape(micro_batches, unique, -1),
+                     "passage_mask": passages.mask.reshape(micro_batches, unique, -1)}
+        batch = {"question_ids": question_ids, "question_mask": question_mask,
+                 "teacher_scores": from_process_rows(self.mesh, teacher_scores.astype(np.float32)),
+                 **{name: from_identical(self._batch_sharding[name], value) for name, value in identical.items()}}
         self.state, metrics = self._update(self.state, batch)
         metrics = {name: float(value) for name, value in metrics.items()}
         times["update"] = time.perf_counter() - start
@@ -248,6 +261,9 @@ class Trainer:
         if self.watcher:
             mark_finished(self.workdir, None)  # (re)started: the refresher must not stop yet
         start = self.resume()
+        if is_lead():
+            print(f"training on {jax.device_count()} devices ({jax.process_count()} process(es)), global batch "
+                  f"{cfg.train.batch_size}, K={cfg.train.topk}, {self.total_steps} steps", flush=True)
         first = self.evaluate() if start == 0 else {}
         self.metric_writer = MetricWriter(self.workdir, self.total_steps, start=start, log_every=cfg.train.log_every)
         self.metric_writer.evaluation(0, first, "before training")
@@ -258,7 +274,8 @@ class Trainer:
                 last = self._one_step(step)
                 if self.preempted:
                     self.save(step + 1, force=True)
-                    print(f"preempted: saved step {step + 1}; rerun the same command to resume")
+                    if is_lead():
+                        print(f"preempted: saved step {step + 1}; rerun the same command to resume")
                     return {"before": first, "after": {}}
         finally:
             signal.signal(signal.SIGTERM, previous)

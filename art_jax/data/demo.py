@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from art_jax.data.demo_world import make_world, write_world
+from art_jax.distributed import barrier, is_lead
 from art_jax.data.tokenizers import train_wordpiece
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.hf import export, init_module
@@ -16,9 +17,10 @@ def prepare_demo(cfg, workdir: str) -> None:
     bert_dir = os.path.join(folder, "bert")
     paths = {name: os.path.join(folder, file) for name, file in
              (("corpus", "corpus.tsv"), ("train", "train.jsonl"), ("dev", "dev.jsonl"))}
-    if not os.path.isfile(os.path.join(bert_dir, "config.json")):  # written last: the demo is complete
+    # process 0 writes; config.json of the BERT is written last: the demo is complete
+    if is_lead() and not os.path.isfile(os.path.join(bert_dir, "config.json")):
         world = make_world(seed=cfg.seed, entities=cfg.demo.entities)
-        paths = write_world(world, folder)
+        write_world(world, folder)
         texts = [f"{title} {text}" for _, title, text in world.passages] + [q.question for q in world.train]
         tokenizer = train_wordpiece(texts, cfg.demo.vocab_size)
         bert = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.demo.hidden_size, num_layers=cfg.demo.layers,
@@ -28,6 +30,7 @@ def prepare_demo(cfg, workdir: str) -> None:
                           initializer_range=cfg.demo.initializer_range,
                           hidden_dropout=cfg.demo.dropout, attention_dropout=cfg.demo.dropout)
         export(init_module(Bert, bert, seed=cfg.seed), tokenizer, bert_dir)
+    barrier("art_jax.demo")
     cfg.retriever.checkpoint = bert_dir
     cfg.data.corpus = paths["corpus"]
     cfg.data.train_questions = paths["train"]

@@ -1,5 +1,5 @@
 """Training questions as seqio Tasks, one per dataset (``art_nq``, ``art_trivia``, ...), read
-by each process as its own shard (seqio ShardInfo), and the deterministic batch order on top.
+as data shards (seqio ShardInfo), a run of them per process, and the deterministic batch order on top.
 
 ART trains from questions alone, so a task yields ``{"index", "question"}``: the question's
 line in the file (its global position) and its text. The order of batches is a pure
@@ -63,31 +63,41 @@ def read_shard(task, shard: int, num_shards: int) -> tuple[np.ndarray, list[str]
 
 
 class QuestionStream:
-    """Batches of this process's shard: ``batch_size`` questions per step, epoch e a
-    permutation seeded by (seed, e) of the shard's first ``per_shard`` questions (every shard
-    uses the same size, so all processes agree on the steps of an epoch)."""
+    """Batches of this process's shards: ``batch_size`` questions of each shard per step, epoch e
+    a permutation seeded by (seed, e) of each shard's first ``per_shard`` questions (every shard
+    uses the same size, so all processes agree on the steps of an epoch); a step's batch is
+    its shards' batches in shard order."""
 
-    def __init__(self, indices: np.ndarray, texts: list[str], *, per_shard: int, batch_size: int, seed: int):
+    def __init__(self, shards: list[tuple[np.ndarray, list[str]]], *, per_shard: int, batch_size: int, seed: int):
         if per_shard < batch_size:
-            raise UserError(f"train.batch_size: {batch_size} questions per process per step, but each process "
+            raise UserError(f"train.batch_size: {batch_size} questions per data shard per step, but each shard "
                             f"holds {per_shard} training questions")
-        self.indices, self.texts = indices, texts
+        self.shards = shards
         self.per_shard, self.batch_size, self.seed = per_shard, batch_size, seed
         self.steps_per_epoch = per_shard // batch_size
 
     def batch(self, step: int) -> tuple[np.ndarray, list[str]]:
-        """(global indices, texts) of the questions of ``step``."""
+        """(global indices, texts) of this process's questions of ``step``."""
         epoch, offset = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.per_shard)
         chosen = order[offset * self.batch_size:(offset + 1) * self.batch_size]
-        return self.indices[chosen], [self.texts[i] for i in chosen]
+        indices = np.concatenate([shard_indices[chosen] for shard_indices, _ in self.shards])
+        return indices, [texts[i] for _, texts in self.shards for i in chosen]
 
 
-def question_stream(dataset: str, path: str, *, batch_size: int, seed: int, shard: int,
-                    num_shards: int) -> QuestionStream:
-    """The training questions of ``path`` for process ``shard`` of ``num_shards``, which takes
-    ``batch_size // num_shards`` of each global batch."""
+def question_stream(dataset: str, path: str, *, batch_size: int, seed: int, num_shards: int, process: int = 0,
+                    processes: int = 1) -> QuestionStream:
+    """The training questions of ``path`` split into ``num_shards`` seqio shards, of which process
+    ``process`` of ``processes`` reads an equal run; each shard gives ``batch_size // num_shards``
+    questions of each global batch. The global batch depends on (seed, step, num_shards) only,
+    not on the number of processes, so a run can resume on another number of hosts and a 1-process
+    rehearsal reproduces a multi-process run."""
+    if num_shards % processes:
+        raise UserError(f"data.shards={num_shards} must be a multiple of the {processes} processes")
+    if batch_size % num_shards:
+        raise UserError(f"train.batch_size={batch_size} must divide evenly over data.shards={num_shards}")
     task = register_question_task(dataset, path)
-    indices, texts = read_shard(task, shard, num_shards)
-    return QuestionStream(indices, texts, per_shard=task.num_input_examples("train") // num_shards,
+    per_process = num_shards // processes
+    shards = [read_shard(task, shard, num_shards) for shard in range(process * per_process, (process + 1) * per_process)]
+    return QuestionStream(shards, per_shard=task.num_input_examples("train") // num_shards,
                           batch_size=batch_size // num_shards, seed=seed)

@@ -1,0 +1,99 @@
+"""One multi-controller JAX program across processes: ``jax.distributed.initialize`` before any
+JAX computation, from explicit flags, from the cluster's environment (SLURM, TPU VM), or not at
+all for a single process.
+
+Every process then runs the same command; arrays span the devices of all of them, and
+process 0 alone prints and writes metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from art_jax.errors import UserError
+
+# ART_JAX_DISTRIBUTED=auto asks jax to find the cluster itself (what launch/tpu_vm.sh sets:
+# on a TPU VM slice the workers come from the metadata server); =off forces one process
+AUTO_ENV = "ART_JAX_DISTRIBUTED"
+
+
+def cluster_detected(environ=os.environ) -> bool:
+    """True inside a multi-process SLURM step or a multi-host TPU slice."""
+    if environ.get(AUTO_ENV) == "auto":
+        return True
+    if environ.get(AUTO_ENV) == "off":
+        return False
+    slurm = all(k in environ for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"))
+    if slurm and int(environ.get("SLURM_NTASKS", environ.get("SLURM_STEP_NUM_TASKS", "1"))) > 1:
+        return True
+    return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_s: int = 300) -> None:
+    """Joins this process to the job. Explicit arguments win; without them a detected cluster
+    is joined through jax's own detection; otherwise nothing happens (one process).
+
+    An unreachable coordinator or processes that disagree on the job's size end in a
+    ``UserError`` after ``timeout_s`` instead of a hang."""
+    explicit = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+                "--process_id": process_id}
+    given = [name for name, value in explicit.items() if value is not None]
+    if given and len(given) < 3:
+        missing = sorted(set(explicit) - set(given))
+        raise UserError(f"{', '.join(given)} given without {', '.join(missing)}: a multi-process job needs all three")
+    if not given and not cluster_detected():
+        return
+    if given:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise UserError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
+        if num_processes == 1:
+            return
+    import jax
+
+    # CPU processes talk through gloo (the local rehearsal); GPU/TPU backends ignore this
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = coordinator_address or "the coordinator found in the cluster environment"
+    problem = (f"jax.distributed could not start within {timeout_s}s (coordinator {where}, "
+               f"--num_processes={num_processes}, --process_id={process_id}): is the coordinator reachable from "
+               "every process, are all processes started, and do they give the same --num_processes?")
+    # jax aborts the whole process from C++ when registration times out; a watchdog that fires
+    # first turns that into this one message and exit status 2
+    watchdog = threading.Timer(timeout_s, _give_up, args=(problem,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   initialization_timeout=timeout_s + 30)
+    except Exception as err:  # noqa: BLE001 - jax raises RuntimeError/XlaRuntimeError/ValueError
+        raise UserError(f"{problem} ({err})") from None
+    finally:
+        watchdog.cancel()
+    # the coordinator's count wins silently in jax; a process that expected another is misconfigured
+    if num_processes is not None and jax.process_count() != num_processes:
+        raise UserError(f"--num_processes={num_processes}, but the coordinator at {where} runs a job of "
+                        f"{jax.process_count()} processes: give every process the same --num_processes")
+
+
+def is_lead() -> bool:
+    """Process 0: the one that writes shared files, prints and logs."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for in one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _give_up(problem: str) -> None:
+    print(f"art-jax: error: {problem}", file=sys.stderr, flush=True)
+    os._exit(2)  # the main thread is blocked inside jax; nothing else would end it cleanly

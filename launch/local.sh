@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# usage: launch/local.sh N COMMAND [ARGS...]
+#
+# Runs `art-jax COMMAND ARGS` as N processes of one multi-controller JAX job on this machine,
+# each with ART_JAX_LOCAL_DEVICES (default 2) CPU devices, talking through gloo collectives:
+# the rehearsal of a multi-host run, and what the multi-process tests use. Process 0 prints
+# as usual; the others' lines are prefixed with [i]. If any process fails, the rest are
+# stopped and its exit status is returned.
+set -euo pipefail
+
+if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: launch/local.sh N COMMAND [ARGS...]   (N processes of 'art-jax COMMAND ARGS')" >&2
+  exit 2
+fi
+processes=$1
+shift
+art_jax=${ART_JAX:-art-jax}
+port=${ART_JAX_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+
+pids=()
+stop_all() { kill "${pids[@]}" 2>/dev/null || true; }
+trap stop_all INT TERM
+
+for ((i = 0; i < processes; i++)); do
+  # XLA_FLAGS may force another CPU device count (the test suite's 8); each process gets its own
+  env -u XLA_FLAGS JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES="${ART_JAX_LOCAL_DEVICES:-2}" \
+    $art_jax "$@" --coordinator_address="127.0.0.1:$port" --num_processes="$processes" --process_id="$i" \
+    > >(if ((i == 0)); then cat; else sed -u "s/^/[$i] /"; fi) 2>&1 &
+  pids+=($!)
+done
+
+status=0
+running=("${pids[@]}")
+while ((${#running[@]})); do
+  finished=""
+  wait -n -p finished "${running[@]}" || status=$?
+  left=()
+  for pid in "${running[@]}"; do [[ $pid == "$finished" ]] || left+=("$pid"); done
+  running=("${left[@]}")
+  if ((status != 0)); then
+    echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
+    stop_all
+    break
+  fi
+done
+wait || true
+exit "$status"

@@ -1,0 +1,193 @@
+"""Multi-process jobs as users run them: `launch/local.sh N COMMAND ...` (N processes of one
+jax.distributed job on localhost, gloo CPU collectives), against the same job in one process."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from art_jax.index import IndexVersion, published_versions
+from tests.multiprocess import ROOT
+
+LOCAL = os.path.join(ROOT, "launch", "local.sh")
+
+
+def _art_jax(*args, devices, processes=1, check=True, timeout=600):
+    """`art-jax ARGS` as one process with ``devices`` CPU devices, or through launch/local.sh as
+    ``processes`` processes with ``devices`` each; returns the completed process."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the suite's 8 devices are not theirs
+    if processes == 1:
+        command = [sys.executable, "-m", "art_jax", *args]
+        env["JAX_NUM_CPU_DEVICES"] = str(devices)
+    else:
+        command = [LOCAL, str(processes), *args]
+        env.update(ART_JAX=f"{sys.executable} -m art_jax", ART_JAX_LOCAL_DEVICES=str(devices))
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _embeddings(index_dir):
+    versions = published_versions(str(index_dir))
+    indexes = [IndexVersion.open(os.path.join(index_dir, f"v{v:06d}")) for v in versions]
+    return [(index.ids, index.read(0, index.count).astype(np.float32)) for index in indexes]
+
+
+def _same_embeddings(first, second):
+    assert len(first) == len(second)
+    for (ids, vectors), (other_ids, other_vectors) in zip(first, second):
+        np.testing.assert_array_equal(ids, other_ids)
+        # float16 storage; each process embeds its chunks in smaller per-device batches
+        np.testing.assert_allclose(vectors, other_vectors, atol=2e-2, rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """The demo trained 4 steps (a sync refresh at step 2, chunks of 128 of its 400 passages)
+    as 1 process x 4 devices and as 2 processes x 2 devices; data.shards=2 in both."""
+    root = tmp_path_factory.mktemp("multihost")
+    common = ["train", "--config=configs/demo.py:smoke", "--config.train.steps=4", "--config.train.refresh_every=2",
+              "--config.train.eval_every=4", "--config.index.chunk_rows=128"]
+    alone = _art_jax(*common, f"--workdir={root / 'one'}", "--config.data.shards=2", devices=4)
+    together = _art_jax(*common, f"--workdir={root / 'two'}", devices=2, processes=2)
+    return root, alone.stdout, together.stdout
+
+
+def test_two_processes_of_two_devices_train_the_demo_as_one_process_of_four(demo_runs):
+    root, alone, together = demo_runs
+    assert "training on 4 devices (1 process(es))" in alone
+    assert "training on 4 devices (2 process(es))" in together
+    assert together.count("dev accuracy:") == 1  # process 0 alone reports
+    losses = _losses(root / "one")
+    assert len(losses) == 4
+    np.testing.assert_allclose(_losses(root / "two"), losses, rtol=1e-5)
+    # the initial index and the refreshes at steps 2 and 4, each process embedding its own chunks
+    _same_embeddings(_embeddings(root / "one" / "index"), _embeddings(root / "two" / "index"))
+
+
+def test_with_a_t5_teacher_two_processes_train_as_one(t5_v11_dir, tmp_path):
+    """The T5 teacher under 2 processes: each scores its own questions' prompts (of other
+    lengths than the other process's) inside one global batch."""
+    common = ["train", "--config=configs/demo.py:smoke", "--config.train.steps=3", "--config.train.refresh_every=100",
+              "--config.train.eval_every=100", "--config.scorer.kind=t5", f"--config.scorer.checkpoint={t5_v11_dir}",
+              "--config.scorer.dtype=float32", "--config.scorer.batch_size=16"]
+    _art_jax(*common, f"--workdir={tmp_path / 'one'}", "--config.data.shards=2", devices=4)
+    _art_jax(*common, f"--workdir={tmp_path / 'two'}", devices=2, processes=2)
+    losses = _losses(tmp_path / "one")
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    # a random tiny T5 is a near-uniform teacher: losses ~1e-3, compared at float32 noise
+    np.testing.assert_allclose(_losses(tmp_path / "two"), losses, rtol=1e-4, atol=1e-7)
+
+
+def test_embed_and_search_as_two_processes_equal_one_process(demo_runs, tmp_path):
+    root = demo_runs[0] / "one"
+    bert, store, dev = root / "demo" / "bert", root / "corpus_store", root / "demo" / "dev.jsonl"
+    embed = ["embed", f"--retriever={bert}", f"--corpus={store}", "--chunk-rows=64", "--max-length=64"]
+    _art_jax(*embed, f"--out={tmp_path / 'one'}", devices=4)
+    _art_jax(*embed, f"--out={tmp_path / 'two'}", devices=2, processes=2)
+    _same_embeddings(_embeddings(tmp_path / "one"), _embeddings(tmp_path / "two"))
+
+    # the same index searched by 1 process x 4 devices and by 2 x 2: the same DPR results file
+    search = ["search", f"--retriever={bert}", f"--index={tmp_path / 'one'}", f"--questions={dev}",
+              "--topk=20", "--max-length=16"]
+    one = _art_jax(*search, f"--out={tmp_path / 'one.json'}", devices=4)
+    two = _art_jax(*search, f"--out={tmp_path / 'two.json'}", devices=2, processes=2)
+    with open(tmp_path / "one.json") as f, open(tmp_path / "two.json") as g:
+        assert json.load(f) == json.load(g)
+    assert two.stdout.count("wrote ") == 1 and one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
+
+
+def test_the_refresher_runs_as_a_two_process_job(tmp_path):
+    """An async run's last checkpoint indexed by `art-jax refresh` as 2 processes x 2 devices
+    and as 1 process: the same embeddings."""
+    workdir = tmp_path / "run"
+    _art_jax("train", "--config=configs/demo.py:smoke", f"--workdir={workdir}", "--config.train.steps=2",
+             "--config.train.refresh_mode=async", "--config.train.refresh_every=2", "--config.index.chunk_rows=64",
+             devices=1)
+    shutil.copytree(workdir, tmp_path / "copy")
+    two = _art_jax("refresh", f"--workdir={workdir}", "--poll-seconds=0.2", devices=2, processes=2)
+    assert "published" in two.stdout and "from checkpoint step 2" in two.stdout
+    assert "the trainer has finished" in two.stdout  # both processes agreed to stop
+    _art_jax("refresh", f"--workdir={tmp_path / 'copy'}", "--once", devices=1)
+    built = _embeddings(workdir / "index")
+    assert len(built) == 2  # the trainer's initial index and the refresher's from step 2
+    _same_embeddings(built, _embeddings(tmp_path / "copy" / "index"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_coordinator_is_one_clear_error_within_the_timeout():
+    done = _art_jax("evaluate", "--results=absent.json", f"--coordinator_address=127.0.0.1:{_free_port()}",
+                    "--num_processes=2", "--process_id=1", "--distributed_timeout=3", devices=1, check=False,
+                    timeout=60)
+    assert done.returncode == 2
+    assert "art-jax: error: jax.distributed could not start within 3s" in done.stderr
+
+
+def test_processes_that_disagree_on_the_job_size_are_named(tmp_path):
+    port = _free_port()
+    address = f"--coordinator_address=127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    lead = subprocess.Popen([sys.executable, "-m", "art_jax", "evaluate", "--results=absent.json", address,
+                             "--num_processes=2", "--process_id=0", "--distributed_timeout=60"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        other = _art_jax("evaluate", "--results=absent.json", address, "--num_processes=3", "--process_id=1",
+                         "--distributed_timeout=60", devices=1, check=False, timeout=120)
+    finally:
+        lead.kill()
+        lead.communicate()
+    assert other.returncode == 2
+    assert "--num_processes=3, but the coordinator at 127.0.0.1" in other.stderr
+    assert "runs a job of 2 processes" in other.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num_processes=2"], "--num_processes given without --coordinator_address, --process_id"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+     "--process_id=2 is not in [0, --num_processes=2)"),
+])
+def test_incomplete_job_flags_are_one_clear_error(flags, message, capsys):
+    from art_jax.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--results=absent.json", *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_local_sh_stops_the_job_when_a_process_fails(tmp_path):
+    # process 1 fails at once (a missing file after joining); process 0 would otherwise wait for it
+    done = subprocess.run([LOCAL, "2", "evaluate", "--results=absent.json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+                               "ART_JAX": f"{sys.executable} -m art_jax"})
+    assert done.returncode == 2
+    assert "file not found: absent.json" in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["train", "--config=configs/demo.py", "--workdir=gs://bucket/runs/demo"], "--workdir=gs://bucket/runs/demo"),
+    (["refresh", "--workdir=gs://bucket/runs/nq"], "--workdir=gs://bucket/runs/nq"),
+    (["embed", "--retriever=r", "--corpus=store", "--out=gs://bucket/index"], "--out=gs://bucket/index"),
+])
+def test_gcs_outputs_are_refused_with_the_way_around_until_supported(argv, named, capsys):
+    from tests.test_cli import _fails
+
+    err = _fails(argv, capsys)
+    assert named in err and "mount the bucket with gcsfuse" in err
