@@ -20,9 +20,11 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
+import jax
 import numpy as np
 
 from art_jax.batching import round_up
+from art_jax.distributed import barrier, is_lead
 from art_jax.errors import UserError
 from art_jax.fileio import FOLDER_MODE, atomic_write
 from art_jax.progress import progress_bar
@@ -178,6 +180,14 @@ class _RaggedWriter:
             self.file.write(b"".join(rows))
         elif len(rows):
             self.file.write(np.concatenate([np.asarray(r, self.dtype) for r in rows]).tobytes())
+        self._advance(lengths)
+
+    def append_flat(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        """Rows given as their concatenation and lengths (copied from another ragged array)."""
+        self.file.write(np.asarray(values, self.dtype).tobytes())
+        self._advance(np.asarray(lengths, np.int64))
+
+    def _advance(self, lengths: np.ndarray) -> None:
         self.offsets.append(self.end + np.cumsum(lengths))
         self.end += int(lengths.sum())
 
@@ -294,15 +304,26 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
         raise UserError(f"file not found: {corpus_path}")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+    processes, me = jax.process_count(), jax.process_index()
+    if processes == 1:
+        staging = folder = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+    else:
+        # one staging folder for the job, named alike on every process; each tokenizes every
+        # processes-th batch into its own part, process 0 merges the parts in batch order
+        staging = os.path.join(parent, f".{os.path.basename(out)}.building-job")
+        if is_lead():
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        barrier("art_jax.prepare_corpus.staging")
+        folder = os.path.join(staging, f"part-{me}")
+        os.makedirs(folder)
     builder = PromptBuilder(scorer_tokenizer) if scorer_tokenizer is not None else None
-    writers = {
-        "title": _RaggedWriter(staging, "title", np.uint8),
-        "text": _RaggedWriter(staging, "text", np.uint8),
-        "retriever": _RaggedWriter(staging, "retriever", _token_dtype(len(retriever_tokenizer))),
-    }
+    columns = {"title": np.dtype(np.uint8), "text": np.dtype(np.uint8),
+               "retriever": np.dtype(_token_dtype(len(retriever_tokenizer)))}
     if builder is not None:
-        writers["scorer"] = _RaggedWriter(staging, "scorer", _token_dtype(len(scorer_tokenizer)))
+        columns["scorer"] = np.dtype(_token_dtype(len(scorer_tokenizer)))
+    writers = {name: _RaggedWriter(folder, name, dtype) for name, dtype in columns.items()}
+    # every batch's ids: every process parses every row, so all meet the same bad rows and duplicates
     ids: list[np.ndarray] = []
     bad_rows: list[tuple[int, str]] = []
 
@@ -313,28 +334,28 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
             out["scorer"] = [row[:scorer.max_length] for row in builder.passage_ids(titles, texts)]
         return batch, out
 
-    def write(job) -> int:
+    def write(job) -> None:
         batch, tokens = job.result()
-        ids.append(np.fromiter((p.id for p in batch), np.int64, len(batch)))
         writers["title"].append([p.title.encode("utf-8") for p in batch])
         writers["text"].append([p.text.encode("utf-8") for p in batch])
         for name, rows in tokens.items():
             writers[name].append(rows)
-        return len(batch)
 
     try:
         passages = iter_passages(corpus_path, skip_bad_rows=skip_bad_rows, bad_rows=bad_rows)
         with (concurrent.futures.ThreadPoolExecutor(1) as pool,
               progress_bar(total=os.path.getsize(corpus_path), unit="B", unit_scale=True, desc="prepare-corpus",
                    disable=not progress) as bar):
-            pending, done = None, 0
-            for batch in _batches(passages, batch_size):
-                job = pool.submit(tokenize, batch)
-                if pending is not None:
-                    done += write(pending)
-                pending = job
+            pending = None
+            for number, batch in enumerate(_batches(passages, batch_size)):
+                ids.append(np.fromiter((p.id for p in batch), np.int64, len(batch)))
+                if number % processes == me:
+                    job = pool.submit(tokenize, batch)
+                    if pending is not None:
+                        write(pending)
+                    pending = job
                 bar.update(batch[-1].end - bar.n)
-                bar.set_postfix(passages=done + len(batch), refresh=False)
+                bar.set_postfix(passages=sum(map(len, ids)), refresh=False)
             if pending is not None:
                 write(pending)
         for writer in writers.values():
@@ -342,6 +363,17 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
         all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         if not len(all_ids):
             raise UserError(f"{corpus_path}: no passages")
+        if processes > 1:
+            barrier("art_jax.prepare_corpus.parts")
+            if is_lead():
+                _merge_parts(staging, columns, processes, [len(a) for a in ids])
+    except BaseException:
+        shutil.rmtree(staging if is_lead() else folder, ignore_errors=True)
+        raise
+    if not is_lead():
+        barrier("art_jax.prepare_corpus.published")
+        return CorpusStore(out)
+    try:
         np.save(os.path.join(staging, "ids.npy"), all_ids)
         meta = {
             "format": STORE_FORMAT, "count": len(all_ids), "source": os.path.abspath(corpus_path),
@@ -356,9 +388,28 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    barrier("art_jax.prepare_corpus.published")
     if bad_rows and progress:
         print(f"prepare-corpus: skipped {len(bad_rows)} bad row(s), e.g. line {bad_rows[0][0]}: {bad_rows[0][1]}")
     return CorpusStore(out)
+
+
+def _merge_parts(staging: str, columns: dict[str, np.dtype], processes: int, batch_sizes: list[int]) -> None:
+    """The parts' columns into one store in batch order (batch b is part b % processes's),
+    copied a batch at a time; the parts are removed."""
+    parts = [os.path.join(staging, f"part-{p}") for p in range(processes)]
+    for name, dtype in columns.items():
+        sources = [Ragged(part, name, dtype) for part in parts]
+        merged = _RaggedWriter(staging, name, dtype)
+        next_row = [0] * processes
+        for number, size in enumerate(batch_sizes):
+            source, first = sources[number % processes], next_row[number % processes]
+            offsets = np.asarray(source.offsets[first:first + size + 1])
+            merged.append_flat(source.data[offsets[0]:offsets[-1]], np.diff(offsets))
+            next_row[number % processes] += size
+        merged.close()
+    for part in parts:
+        shutil.rmtree(part)
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:

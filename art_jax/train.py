@@ -23,7 +23,7 @@ from art_jax.config import write_config
 from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
-from art_jax.distributed import barrier, is_lead
+from art_jax.distributed import is_lead
 from art_jax.errors import GCS_HINT, UserError
 from art_jax.index import IndexVersion, version_name
 from art_jax.metrics import MetricWriter
@@ -63,12 +63,12 @@ def open_store(cfg, workdir: str) -> CorpusStore:
     prepared = os.path.isfile(os.path.join(path, "meta.json"))
     if not (prepared or cfg.data.corpus):
         raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")
-    if is_lead() and not prepared:
+    if not prepared:  # every process tokenizes its share of the batches
         scorer = cfg.scorer.checkpoint if cfg.scorer.kind == "t5" else None
-        prepare_corpus(cfg.data.corpus, path, load_tokenizer(cfg.retriever.checkpoint),
-                       TokenizerSpec(cfg.retriever.checkpoint, cfg.retriever.train_passage_max_length),
-                       load_tokenizer(scorer) if scorer else None, TokenizerSpec(scorer, 512) if scorer else None)
-    barrier("art_jax.train.corpus_store")  # the others open what process 0 prepared
+        return prepare_corpus(cfg.data.corpus, path, load_tokenizer(cfg.retriever.checkpoint),
+                              TokenizerSpec(cfg.retriever.checkpoint, cfg.retriever.train_passage_max_length),
+                              load_tokenizer(scorer) if scorer else None,
+                              TokenizerSpec(scorer, 512) if scorer else None)
     return CorpusStore(path)
 
 

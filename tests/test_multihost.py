@@ -108,6 +108,25 @@ def test_embed_and_search_as_two_processes_equal_one_process(demo_runs, tmp_path
     assert two.stdout.count("wrote ") == 1 and one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
 
 
+def test_prepare_corpus_as_two_processes_writes_the_same_store(demo_runs, t5_v11_dir, tmp_path):
+    """Each process tokenizes every other batch of 32 passages; the merged store equals the
+    one-process store file for file (meta.json aside from its creation time)."""
+    root = demo_runs[0] / "one"
+    prepare = ["prepare-corpus", f"--corpus={root / 'demo' / 'corpus.tsv'}", f"--retriever={root / 'demo' / 'bert'}",
+               f"--scorer={t5_v11_dir}", "--batch-size=32", "--retriever-max-length=64"]
+    _art_jax(*prepare, f"--out={tmp_path / 'one'}", devices=1)
+    two = _art_jax(*prepare, f"--out={tmp_path / 'two'}", devices=1, processes=2)
+    assert two.stdout.count("wrote ") == 1 and "400 passages" in two.stdout
+    files = sorted(os.listdir(tmp_path / "one"))
+    assert files == sorted(os.listdir(tmp_path / "two")) and "scorer.bin" in files
+    for name in files:
+        first, second = (open(tmp_path / run / name, "rb").read() for run in ("one", "two"))
+        if name == "meta.json":
+            first, second = (dict(json.loads(m), created=None) for m in (first, second))
+        assert first == second, name
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging left behind
+
+
 def test_the_refresher_runs_as_a_two_process_job(tmp_path):
     """An async run's last checkpoint indexed by `art-jax refresh` as 2 processes x 2 devices
     and as 1 process: the same embeddings."""
