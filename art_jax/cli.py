@@ -27,10 +27,12 @@ def _score(args) -> None:
 
 
 def _export(args) -> None:
+    from art_jax.distributed import barrier, is_lead
     from art_jax.models.hf import export, load_bert, load_tokenizer
 
-    tower = load_bert(args.retriever)
-    export(tower, load_tokenizer(args.retriever), args.out)
+    if is_lead():  # one writer of the folder in a multi-process job
+        export(load_bert(args.retriever), load_tokenizer(args.retriever), args.out)
+    barrier("art_jax.export")
     print(f"wrote {args.out}")
 
 

@@ -395,21 +395,26 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
 
 
 def _merge_parts(staging: str, columns: dict[str, np.dtype], processes: int, batch_sizes: list[int]) -> None:
-    """The parts' columns into one store in batch order (batch b is part b % processes's),
-    copied a batch at a time; the parts are removed."""
+    """The parts' columns into one store in batch order (batch b is part b % processes's);
+    the parts are removed."""
     parts = [os.path.join(staging, f"part-{p}") for p in range(processes)]
     for name, dtype in columns.items():
-        sources = [Ragged(part, name, dtype) for part in parts]
-        merged = _RaggedWriter(staging, name, dtype)
-        next_row = [0] * processes
-        for number, size in enumerate(batch_sizes):
-            source, first = sources[number % processes], next_row[number % processes]
-            offsets = np.asarray(source.offsets[first:first + size + 1])
-            merged.append_flat(source.data[offsets[0]:offsets[-1]], np.diff(offsets))
-            next_row[number % processes] += size
-        merged.close()
+        _merge_column(parts, name, dtype, staging, batch_sizes)
+    # the parts' memory maps closed with _merge_column's frame: NFS would keep mapped files
     for part in parts:
         shutil.rmtree(part)
+
+
+def _merge_column(parts: list[str], name: str, dtype, staging: str, batch_sizes: list[int]) -> None:
+    sources = [Ragged(part, name, dtype) for part in parts]
+    merged = _RaggedWriter(staging, name, dtype)
+    next_row = [0] * len(parts)
+    for number, size in enumerate(batch_sizes):
+        part = number % len(parts)
+        offsets = np.asarray(sources[part].offsets[next_row[part]:next_row[part] + size + 1])
+        merged.append_flat(sources[part].data[offsets[0]:offsets[-1]], np.diff(offsets))
+        next_row[part] += size
+    merged.close()
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:

@@ -94,6 +94,31 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def lead_value(value: int) -> int:
+    """Process 0's ``value`` on every process: for decisions that must be the same everywhere
+    but come from what each process sees (files on a shared filesystem, the clock)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when it is true on any (a signal that reached some processes)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(flag)).max())
+
+
 def _give_up(problem: str) -> None:
     print(f"art-jax: error: {problem}", file=sys.stderr, flush=True)
     os._exit(2)  # the main thread is blocked inside jax; nothing else would end it cleanly

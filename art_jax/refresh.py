@@ -24,12 +24,11 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from art_jax.checkpoints import SKIP, Checkpoints
 from art_jax.corpus import CorpusStore
-from art_jax.distributed import is_lead
+from art_jax.distributed import is_lead, lead_value
 from art_jax.embed import embed_corpus
 from art_jax.errors import UserError
 from art_jax.fileio import atomic_write, read_json
@@ -80,13 +79,6 @@ def mark_finished(workdir: str, step: int | None) -> None:
         atomic_write(path, json.dumps({"step": step, "time": time.time()}))
 
 
-def _agree(value: int) -> int:
-    """Process 0's value on every process: all hosts must swap to the same version at the same step."""
-    if jax.process_count() == 1:
-        return value
-    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
-
-
 class IndexWatcher:
     """The trainer's half: at each step boundary a listdir of WORKDIR/index, and a read of one
     small meta.json when a new version number shows up."""
@@ -101,12 +93,13 @@ class IndexWatcher:
         """(folder, checkpoint step) of a version built from a later checkpoint than the index
         in use (whose embeddings come from ``index_step``), or None; warns once when overdue."""
         versions = published_versions(self.index_dir)
-        newest = _agree(versions[-1] if versions else -1)
+        newest = lead_value(versions[-1] if versions else -1)
         if newest > self._seen:
             self._seen = newest
             path = os.path.join(self.index_dir, version_name(newest))
-            built = read_json(os.path.join(path, "meta.json")).get("step")
-            if built is not None and built > index_step:
+            built = read_json(os.path.join(path, "meta.json")).get("step") if is_lead() else None
+            built = lead_value(-1 if built is None else built)  # a lagging host's view must not differ
+            if built >= 0 and built > index_step:
                 self._warned = False
                 if is_lead():
                     print(f"step {step}: searching {path} (from step {built}, staleness {step - built})", flush=True)
@@ -226,6 +219,10 @@ class Refresher:
         started = time.perf_counter()
         self.heartbeat("embedding", step=step)
         half, done = self._half_built()
+        # process 0 picked the step from its view of the folder; this process's may lag
+        if self.checkpoints is None:
+            self.checkpoints = Checkpoints(self.workdir, read_only=True)
+        self.checkpoints.steps()  # re-list: the manager restores only steps it has seen
         state, _ = self.checkpoints.restore(step, target)
         path = build_index(self.cfg, towers.passage_tower(state.params), store, self.workdir,
                            checkpoint=os.path.join(self.checkpoints.directory, str(step)), step=step)
@@ -242,11 +239,11 @@ class Refresher:
         published = []
         while True:
             # read before the steps: when it exists, the last checkpoint is already complete
-            finished = bool(_agree(os.path.isfile(os.path.join(self.workdir, FINISHED))))
+            finished = bool(lead_value(os.path.isfile(os.path.join(self.workdir, FINISHED))))
             steps = self.steps()
             # a multi-process refresher builds one version together: process 0's pick for all
             step = self.next_step(steps, newest_only=once)
-            step = _agree(-1 if step is None else step)
+            step = lead_value(-1 if step is None else step)
             step = None if step < 0 else step
             if step is not None:
                 published.append(self.build(step, [s for s in steps if self.indexed_step() < s < step]))

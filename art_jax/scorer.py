@@ -9,6 +9,7 @@ The same scorer re-ranks retrieved passages zero-shot (UPR).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -21,7 +22,7 @@ from art_jax.errors import UserError
 from art_jax.models.hf import load_t5, load_tokenizer
 from art_jax.models.t5 import T5
 from art_jax.progress import progress_bar
-from art_jax.sharding import DEFAULT_RULES, from_process_rows, to_process_rows
+from art_jax.sharding import DEFAULT_RULES, batch_sharding, from_process_rows, to_process_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,12 @@ def teacher_scores(model: T5, enc_ids, enc_mask, labels, label_mask) -> jax.Arra
     return jnp.sum(log_probs * label_mask, axis=-1) / jnp.maximum(jnp.sum(label_mask, axis=-1), 1.0)
 
 
-_teacher_scores = jax.jit(teacher_scores)
+@functools.partial(jax.jit, static_argnames="sharding")
+def _teacher_scores(model: T5, enc_ids, enc_mask, labels, label_mask, *, sharding=None) -> jax.Array:
+    """``teacher_scores`` jitted; ``sharding`` pins the output's (each process reads back its
+    own rows, so the compiler must not choose another layout)."""
+    scores = teacher_scores(model, enc_ids, enc_mask, labels, label_mask)
+    return scores if sharding is None else jax.lax.with_sharding_constraint(scores, sharding)
 
 
 class T5Scorer:
@@ -103,22 +109,25 @@ class T5Scorer:
             return 1
         return sum(any(d.process_index == jax.process_index() for d in row) for row in self.mesh.devices)
 
-    def dispatch(self, enc_rows: list[list[int]], dec_rows: list[list[int]]) -> jax.Array:
+    def padded_lengths(self, enc_rows: list[list[int]], dec_rows: list[list[int]]) -> tuple[int, int]:
+        """(encoder, decoder) lengths one batch of prompts is padded to: a few static shapes."""
+        return round_up(max(map(len, enc_rows)), self.length_multiple), round_up(max(map(len, dec_rows)), 8)
+
+    def dispatch(self, enc_rows: list[list[int]], dec_rows: list[list[int]],
+                 lengths: tuple[int, int] | None = None) -> jax.Array:
         """Start scoring one batch of built prompts; returns the (padded) device result
         without waiting, so the host can prepare the next batch meanwhile. Under several
-        processes each brings its own prompts (the same number) into one global batch."""
+        processes each brings its own prompts (the same number) into one global batch, padded
+        to ``lengths`` that all of them agreed on."""
         batch = round_up(len(enc_rows), self.data_parallelism)
         filler = batch - len(enc_rows)  # rows that make the batch divide the mesh, dropped later
-        lengths = np.array([round_up(max(map(len, enc_rows)), self.length_multiple),
-                            round_up(max(map(len, dec_rows)), 8)])
-        if jax.process_count() > 1:  # one global shape: the longest of any process
-            lengths = multihost_utils.process_allgather(lengths).max(axis=0)
-        enc = pad_rows(enc_rows + enc_rows[:1] * filler, int(lengths[0]))
-        dec = pad_rows(dec_rows + dec_rows[:1] * filler, int(lengths[1]))
-        arrays = (*enc, *dec)
-        if self.mesh is not None:
-            arrays = tuple(from_process_rows(self.mesh, a) for a in arrays)
-        return _teacher_scores(self.model, *arrays)
+        enc_length, dec_length = lengths or self.padded_lengths(enc_rows, dec_rows)
+        arrays = (*pad_rows(enc_rows + enc_rows[:1] * filler, int(enc_length)),
+                  *pad_rows(dec_rows + dec_rows[:1] * filler, int(dec_length)))
+        if self.mesh is None:
+            return _teacher_scores(self.model, *arrays)
+        return _teacher_scores(self.model, *(from_process_rows(self.mesh, a) for a in arrays),
+                               sharding=batch_sharding(self.mesh, 1))
 
     def score(self, titles: Sequence[str], texts: Sequence[str], questions: Sequence[str], *,
               batch_size: int = 32, progress: bool = False) -> np.ndarray:
@@ -140,6 +149,11 @@ class T5Scorer:
         """Scores of built prompts, in order of prompt length so that each batch pads little;
         two batches are kept in flight."""
         order = np.argsort([len(r) for r in enc_rows], kind="stable")
+        chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        lengths = np.array([self.padded_lengths([enc_rows[i] for i in chunk], [dec_rows[i] for i in chunk])
+                            for chunk in chunks], np.int64).reshape(-1, 2)
+        if jax.process_count() > 1:  # one global shape per batch, the longest of any process, agreed once
+            lengths = multihost_utils.process_allgather(lengths).max(axis=0)
         scores = np.empty(len(order), np.float32)
         in_flight: list[tuple[np.ndarray, jax.Array]] = []
         with progress_bar(total=len(order), desc="scoring", unit="pair", disable=not progress) as bar:
@@ -148,9 +162,9 @@ class T5Scorer:
                 scores[chunk] = to_process_rows(result)[:len(chunk)]
                 bar.update(len(chunk))
 
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                in_flight.append((chunk, self.dispatch([enc_rows[i] for i in chunk], [dec_rows[i] for i in chunk])))
+            for chunk, chunk_lengths in zip(chunks, lengths):
+                in_flight.append((chunk, self.dispatch([enc_rows[i] for i in chunk], [dec_rows[i] for i in chunk],
+                                                       tuple(chunk_lengths))))
                 if len(in_flight) > 2:
                     collect()
             while in_flight:

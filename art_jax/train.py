@@ -23,7 +23,7 @@ from art_jax.config import write_config
 from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
-from art_jax.distributed import is_lead
+from art_jax.distributed import any_process, is_lead, lead_value
 from art_jax.errors import GCS_HINT, UserError
 from art_jax.index import IndexVersion, version_name
 from art_jax.metrics import MetricWriter
@@ -60,7 +60,7 @@ def open_store(cfg, workdir: str) -> CorpusStore:
     if cfg.data.corpus_store:
         return CorpusStore(cfg.data.corpus_store)
     path = os.path.join(workdir, "corpus_store")
-    prepared = os.path.isfile(os.path.join(path, "meta.json"))
+    prepared = bool(lead_value(os.path.isfile(os.path.join(path, "meta.json"))))  # one view for all
     if not (prepared or cfg.data.corpus):
         raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")
     if not prepared:  # every process tokenizes its share of the batches
@@ -118,6 +118,9 @@ class Trainer:
                                       seed=cfg.seed, num_shards=cfg.data.shards or jax.process_count(),
                                       process=jax.process_index(), processes=jax.process_count())
         self.my_rows = process_rows(self.mesh, cfg.train.batch_size)
+        if self.my_rows.stop - self.my_rows.start != cfg.train.batch_size // jax.process_count():
+            raise UserError(f"train: this process has {jax.local_device_count()} of the {jax.device_count()} devices; "
+                            f"every one of the {jax.process_count()} processes needs as many devices")
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.stream.steps_per_epoch
         self.teacher = make_teacher(cfg, self.tokenizer, self.store, self.mesh)
 
@@ -272,7 +275,8 @@ class Trainer:
         try:
             for step in range(start, self.total_steps):
                 last = self._one_step(step)
-                if self.preempted:
+                # SIGTERM reaches the processes at different moments: all stop after the same step
+                if any_process(self.preempted):
                     self.save(step + 1, force=True)
                     if is_lead():
                         print(f"preempted: saved step {step + 1}; rerun the same command to resume")

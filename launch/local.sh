@@ -18,7 +18,18 @@ art_jax=${ART_JAX:-art-jax}
 port=${ART_JAX_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 pids=()
-stop_all() { kill "${pids[@]}" 2>/dev/null || true; }
+# SIGTERM first (a trainer saves a checkpoint and stops); whatever still runs after the grace
+# period - a process blocked in a collective with a dead peer - is killed
+stop_all() {
+  kill "${pids[@]}" 2>/dev/null || true
+  for ((waited = 0; waited < ${ART_JAX_KILL_AFTER:-10}; waited++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 1
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+}
 trap stop_all INT TERM
 
 for ((i = 0; i < processes; i++)); do

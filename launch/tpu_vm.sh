@@ -10,7 +10,9 @@
 #
 # Environment: GCP_PROJECT (default: gcloud's), TPU_VERSION (the TPU software version,
 # default tpu-ubuntu2204-base), TPU_SPOT=1 for a spot slice, GCS_BUCKET=name to mount
-# gs://name at /gcs on every worker (gcsfuse), DRY_RUN=1 to print the gcloud commands only.
+# gs://name at /gcs on every worker (gcsfuse; the bucket needs hierarchical namespace, since
+# indexes and checkpoints are published by folder renames), DRY_RUN=1 to print the gcloud
+# commands only. Ctrl-C stops the command on every worker.
 set -euo pipefail
 
 if [[ $# -lt 4 ]]; then
@@ -35,7 +37,9 @@ if [[ -n ${DRY_RUN:-} ]] || ! gcloud compute tpus tpu-vm describe "$name" "${whe
 fi
 
 # the committed code (what a colleague could check out), the same on every worker
-archive=$(mktemp -d)/art_jax.tar.gz
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+archive=$scratch/art_jax.tar.gz
 git -C "$root" archive --format=tar.gz -o "$archive" HEAD
 run gcloud compute tpus tpu-vm scp "$archive" "$name":art_jax.tar.gz "${where[@]}" --worker=all
 on_all_workers 'set -e; rm -rf ~/art_jax && mkdir -p ~/art_jax && tar -xzf ~/art_jax.tar.gz -C ~/art_jax
@@ -52,5 +56,7 @@ if [[ -n ${GCS_BUCKET:-} ]]; then
     mountpoint -q /gcs || gcsfuse --implicit-dirs $GCS_BUCKET /gcs"
 fi
 
+# interrupted here: stop the job on every worker, or its processes keep holding the TPUs
+trap 'on_all_workers "pkill -f art_jax_venv/bin/art-jax || true"; exit 130' INT TERM
 # ART_JAX_DISTRIBUTED=auto: jax.distributed.initialize() reads the workers from the TPU metadata
 on_all_workers "cd ~/art_jax && . ~/art_jax_venv/bin/activate && ART_JAX_DISTRIBUTED=auto art-jax $(printf '%q ' "$@")"

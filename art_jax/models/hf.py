@@ -75,7 +75,12 @@ def _download_gcs(url: str) -> str:
     for name in tf.io.gfile.listdir(url):
         if not name.endswith("/"):
             tf.io.gfile.copy(f"{url.rstrip('/')}/{name}", os.path.join(staging, name), overwrite=True)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process sharing this cache (a multi-process job) finished first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            raise
     return target
 
 
