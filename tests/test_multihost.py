@@ -3,7 +3,9 @@ jax.distributed job on localhost, gloo CPU collectives), against the same job in
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from art_jax.checkpoints import Checkpoints
 from art_jax.index import IndexVersion, published_versions
 from tests.multiprocess import ROOT
 
@@ -143,6 +146,35 @@ def test_the_refresher_runs_as_a_two_process_job(tmp_path):
     built = _embeddings(workdir / "index")
     assert len(built) == 2  # the trainer's initial index and the refresher's from step 2
     _same_embeddings(built, _embeddings(tmp_path / "copy" / "index"))
+
+
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """A preemption notice reaching one host first: every process still saves the same step
+    and exits cleanly (a process saving alone would wait in Orbax's barriers forever)."""
+    workdir = tmp_path / "run"
+    port = _free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_NUM_CPU_DEVICES": "2"}
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "art_jax", "train", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
+         "--config.train.steps=400", "--config.train.refresh_every=1000", "--config.train.eval_every=1000",
+         "--config.train.checkpoint_every=1000", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={i}"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "no training steps"
+            time.sleep(0.2)
+        processes[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    saved = int(re.search(r"preempted: saved step (\d+)", outputs[0]).group(1))
+    assert 2 <= saved < 400
+    assert Checkpoints(str(workdir), read_only=True).steps() == [saved]
 
 
 def _free_port():
