@@ -125,8 +125,8 @@ def _selfcheck(args) -> None:
         raise SystemExit(1)
 
 
-# model folders are staged from gs:// to a local cache (art_jax.models.hf); other paths are not yet
-_GCS_STAGED = {"scorer", "retriever"}
+# inputs read through a local copy (art_jax.remote): models, question/pair/results files, corpora
+_GCS_STAGED = {"scorer", "retriever", "questions", "pairs", "rerank", "results", "corpus"}
 
 
 def _check_paths(args) -> None:

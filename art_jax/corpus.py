@@ -28,6 +28,7 @@ from art_jax.distributed import barrier, is_lead
 from art_jax.errors import UserError
 from art_jax.fileio import FOLDER_MODE, atomic_write
 from art_jax.progress import progress_bar
+from art_jax.remote import is_remote, local_copy
 from art_jax.retriever import Tokens, passage_rows
 
 STORE_FORMAT = 1
@@ -112,6 +113,7 @@ def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | No
     (``{"id","title","text"}``). A bad row (column count, non-integer or duplicate id,
     invalid UTF-8, empty text) is an error naming file and line, or with
     ``skip_bad_rows`` is skipped and appended to ``bad_rows`` as ``(line, reason)``."""
+    path = local_copy(path)
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
     jsonl = path.endswith((".jsonl", ".json"))
@@ -241,6 +243,7 @@ class CorpusStore:
     """A prepared corpus: ``len(store)`` passages, row r has passage id ``store.ids[r]``."""
 
     def __init__(self, path: str):
+        path = local_copy(path)  # memory-mapped: a gs:// store is copied to local disk first
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"{path}: not a corpus store (no meta.json); build one with art-jax prepare-corpus")
@@ -300,6 +303,8 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     the GIL and use their own threads)."""
     from art_jax.scorer import PromptBuilder
 
+    source = corpus_path if is_remote(corpus_path) else os.path.abspath(corpus_path)
+    corpus_path = local_copy(corpus_path)
     if not os.path.isfile(corpus_path):
         raise UserError(f"file not found: {corpus_path}")
     parent = os.path.dirname(os.path.abspath(out))
@@ -376,7 +381,7 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     try:
         np.save(os.path.join(staging, "ids.npy"), all_ids)
         meta = {
-            "format": STORE_FORMAT, "count": len(all_ids), "source": os.path.abspath(corpus_path),
+            "format": STORE_FORMAT, "count": len(all_ids), "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "skipped_rows": len(bad_rows), "skipped_examples": [list(b) for b in bad_rows[:20]],
             "retriever": _token_meta(retriever_tokenizer, retriever, sep_id=retriever_tokenizer.sep_token_id),

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from art_jax.errors import UserError
+from art_jax.remote import local_copy
 
 
 def read_jsonl(path: str, required: tuple[str, ...] = (),
                nonblank: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """Objects of a JSONL file; a bad line is an error naming file and line. ``required``
     fields must be strings; ``nonblank`` ones must also hold more than whitespace."""
+    path = local_copy(path)
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -37,6 +39,7 @@ def read_jsonl(path: str, required: tuple[str, ...] = (),
 
 
 def read_json(path: str) -> Any:
+    path = local_copy(path)
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
     with open(path, encoding="utf-8") as f:

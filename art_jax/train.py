@@ -27,6 +27,7 @@ from art_jax.distributed import any_process, is_lead, lead_value
 from art_jax.errors import GCS_HINT, UserError
 from art_jax.index import IndexVersion, version_name
 from art_jax.metrics import MetricWriter
+from art_jax.remote import is_remote
 from art_jax.models.hf import load_bert, load_tokenizer
 from art_jax.refresh import IndexWatcher, build_index, initial_index, mark_finished
 from art_jax.retrieval_jobs import dpr_results, retrieve
@@ -51,7 +52,7 @@ def _check_config(cfg, devices: int, store: CorpusStore) -> None:
         raise UserError(f"train.topk={cfg.train.topk} is larger than the corpus ({len(store)} passages)")
     for key in ("train_questions", "dev_questions"):
         path = cfg.data[key]
-        if path and not os.path.isfile(path):
+        if path and not is_remote(path) and not os.path.isfile(path):
             raise UserError(f"data.{key}: file not found: {path}")
 
 
@@ -102,9 +103,8 @@ class Trainer:
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
         self.cfg, self.workdir = cfg, workdir
-        for key in ("corpus", "corpus_store", "train_questions", "dev_questions", "initial_index"):
-            if cfg.data[key].startswith("gs://"):
-                raise UserError(f"data.{key}={cfg.data[key]}: {GCS_HINT}")
+        if cfg.data.initial_index.startswith("gs://"):  # the data files are read through a local copy
+            raise UserError(f"data.initial_index={cfg.data.initial_index}: {GCS_HINT}")
         os.makedirs(workdir, exist_ok=True)
         if is_lead():
             write_config(cfg, workdir)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from art_jax.errors import UserError
+from art_jax.remote import local_copy
 from art_jax.fileio import read_json, read_jsonl
 
 
@@ -19,7 +20,8 @@ class Question:
 
 def read_questions(path: str) -> list[Question]:
     """All questions of ``path``: .tsv/.csv is the DPR question-answers table; .json/.jsonl
-    is a JSON list if the file starts with ``[``, else one object per line."""
+    is a JSON list if the file starts with ``[``, else one object per line (gs:// too)."""
+    path = local_copy(path)
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
     ext = os.path.splitext(path)[1].lower()

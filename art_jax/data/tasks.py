@@ -13,17 +13,10 @@ import numpy as np
 
 from art_jax.data.questions import read_questions
 from art_jax.errors import UserError
+from art_jax.remote import tensorflow
 
 # the datasets of the paper and its follow-ups; any other name also works (the demo's, a user's)
 DATASETS = ("nq", "trivia", "squad", "webq", "entityqs", "msmarco")
-
-
-def _tf():
-    import tensorflow as tf  # seqio's engine; imported late: the CLI's other commands do not need it
-
-    # tf.data runs on the host; a TensorFlow that saw the GPUs would reserve their memory beside JAX
-    tf.config.set_visible_devices([], "GPU")
-    return tf
 
 
 def task_name(dataset: str) -> str:
@@ -38,7 +31,7 @@ def register_question_task(dataset: str, path: str):
 
     if not dataset.isidentifier():
         raise UserError(f"data.dataset: {dataset!r} is not a name like {', '.join(DATASETS)}")
-    tf = _tf()
+    tf = tensorflow()
     questions = [q.question for q in read_questions(path)]  # parsed and checked line by line here
 
     def source(split, shuffle_files):

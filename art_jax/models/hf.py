@@ -25,6 +25,7 @@ from flax import nnx
 from art_jax.errors import CheckpointError
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.t5 import T5, T5Config
+from art_jax.remote import is_remote, local_copy
 from art_jax.sharding import DEFAULT_RULES, state_shardings
 
 
@@ -38,8 +39,11 @@ _LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 def resolve_checkpoint(name: str) -> str:
     """Local folder for a folder path, gs:// folder or hub id (downloads are cached)."""
-    if name.startswith("gs://"):
-        return _download_gcs(name)
+    if is_remote(name):  # gs://
+        folder = local_copy(name)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise CheckpointError(f"checkpoint folder {name} has no config.json")
+        return folder
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return expanded
@@ -60,28 +64,6 @@ def _download_hub(repo_id: str) -> str:
         raise CheckpointError(
             f"checkpoint {repo_id!r} is not a local folder and could not be fetched from the "
             f"Hugging Face hub ({type(err).__name__}: {err})") from err
-
-
-def _download_gcs(url: str) -> str:
-    import tensorflow as tf  # seqio's dependency; it reads gs:// natively
-
-    target = os.path.join(os.path.expanduser("~/.cache/art_jax/gcs"), re.sub(r"[^\w.-]", "_", url))
-    if os.path.isfile(os.path.join(target, "config.json")):
-        return target
-    if not tf.io.gfile.isdir(url):
-        raise CheckpointError(f"checkpoint folder not found: {url}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(dir=os.path.dirname(target))  # same filesystem: the rename is atomic
-    for name in tf.io.gfile.listdir(url):
-        if not name.endswith("/"):
-            tf.io.gfile.copy(f"{url.rstrip('/')}/{name}", os.path.join(staging, name), overwrite=True)
-    try:
-        os.replace(staging, target)
-    except OSError:  # another process sharing this cache (a multi-process job) finished first
-        shutil.rmtree(staging, ignore_errors=True)
-        if not os.path.isfile(os.path.join(target, "config.json")):
-            raise
-    return target
 
 
 def read_config(folder: str) -> dict[str, Any]:
