@@ -9,6 +9,7 @@ modification time changes. tf.io.gfile reads the URLs (seqio needs TensorFlow an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -102,11 +103,13 @@ def _gfile():
     return tensorflow().io.gfile
 
 
+@functools.cache
 def tensorflow():
     """TensorFlow for host-side work only (seqio's engine, gs:// reads); imported late, since
     most commands do not need it."""
     import tensorflow as tf
 
-    # a TensorFlow that saw the GPUs would reserve their memory beside JAX
+    # a TensorFlow that saw the GPUs would reserve their memory beside JAX (set once: TensorFlow
+    # refuses to change it after its runtime started)
     tf.config.set_visible_devices([], "GPU")
     return tf
