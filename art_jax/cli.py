@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     args.overrides = extra
     try:
         _check_paths(args)
-        from art_jax.distributed import cluster_detected, initialize
+        from art_jax.distributed import initialize
 
-        initialize(args.coordinator_address, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
-        if args.num_processes or cluster_detected():
+        if initialize(args.coordinator_address, args.num_processes, args.process_id,
+                      timeout_s=args.distributed_timeout):
             _quiet_unless_lead()
         args.run(args)
     except UserError as err:

@@ -351,16 +351,17 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
         with (concurrent.futures.ThreadPoolExecutor(1) as pool,
               progress_bar(total=os.path.getsize(corpus_path), unit="B", unit_scale=True, desc="prepare-corpus",
                    disable=not progress) as bar):
-            pending = None
+            pending, parsed = None, 0
             for number, batch in enumerate(_batches(passages, batch_size)):
                 ids.append(np.fromiter((p.id for p in batch), np.int64, len(batch)))
+                parsed += len(batch)
                 if number % processes == me:
                     job = pool.submit(tokenize, batch)
                     if pending is not None:
                         write(pending)
                     pending = job
                 bar.update(batch[-1].end - bar.n)
-                bar.set_postfix(passages=sum(map(len, ids)), refresh=False)
+                bar.set_postfix(passages=parsed, refresh=False)
             if pending is not None:
                 write(pending)
         for writer in writers.values():

@@ -32,9 +32,10 @@ def cluster_detected(environ=os.environ) -> bool:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout_s: int = 300) -> None:
-    """Joins this process to the job. Explicit arguments win; without them a detected cluster
-    is joined through jax's own detection; otherwise nothing happens (one process).
+               process_id: int | None = None, *, timeout_s: int = 300) -> bool:
+    """Joins this process to the job, and says whether there is one. Explicit arguments win;
+    without them a detected cluster is joined through jax's own detection; otherwise nothing
+    happens (one process).
 
     An unreachable coordinator or processes that disagree on the job's size end in a
     ``UserError`` after ``timeout_s`` instead of a hang."""
@@ -45,12 +46,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         missing = sorted(set(explicit) - set(given))
         raise UserError(f"{', '.join(given)} given without {', '.join(missing)}: a multi-process job needs all three")
     if not given and not cluster_detected():
-        return
+        return False
     if given:
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise UserError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
         if num_processes == 1:
-            return
+            return False
     import jax
 
     # CPU processes talk through gloo (the local rehearsal); GPU/TPU backends ignore this
@@ -75,6 +76,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num_processes is not None and jax.process_count() != num_processes:
         raise UserError(f"--num_processes={num_processes}, but the coordinator at {where} runs a job of "
                         f"{jax.process_count()} processes: give every process the same --num_processes")
+    return True
 
 
 def is_lead() -> bool:
@@ -94,9 +96,9 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def lead_value(value: int) -> int:
-    """Process 0's ``value`` on every process: for decisions that must be the same everywhere
-    but come from what each process sees (files on a shared filesystem, the clock)."""
+def lead_value(value: int | None) -> int | None:
+    """Process 0's ``value`` (a non-negative int, a bool or None) on every process: for decisions
+    that must be the same everywhere but come from what each process sees (a shared filesystem)."""
     import jax
 
     if jax.process_count() == 1:
@@ -104,7 +106,8 @@ def lead_value(value: int) -> int:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+    agreed = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if value is None else value)))
+    return None if agreed < 0 else agreed
 
 
 def any_process(flag: bool) -> bool:

@@ -14,9 +14,9 @@ import socket
 import struct
 import time
 
-import jax
 import numpy as np
 
+from art_jax.distributed import is_lead
 from art_jax.evaluation import format_table
 from art_jax.fileio import atomic_write
 
@@ -125,7 +125,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str, total_steps: int, *, start: int = 0, log_every: int = 1):
         self.total_steps, self.start, self.log_every = total_steps, start, log_every
-        self.active = jax.process_index() == 0
+        self.active = is_lead()
         if not self.active:
             return
         path = os.path.join(workdir, "metrics.jsonl")

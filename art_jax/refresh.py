@@ -93,13 +93,13 @@ class IndexWatcher:
         """(folder, checkpoint step) of a version built from a later checkpoint than the index
         in use (whose embeddings come from ``index_step``), or None; warns once when overdue."""
         versions = published_versions(self.index_dir)
-        newest = lead_value(versions[-1] if versions else -1)
-        if newest > self._seen:
+        newest = lead_value(versions[-1] if versions else None)
+        if newest is not None and newest > self._seen:
             self._seen = newest
             path = os.path.join(self.index_dir, version_name(newest))
-            built = read_json(os.path.join(path, "meta.json")).get("step") if is_lead() else None
-            built = lead_value(-1 if built is None else built)  # a lagging host's view must not differ
-            if built >= 0 and built > index_step:
+            # process 0 reads it: a lagging host's view must not differ
+            built = lead_value(read_json(os.path.join(path, "meta.json")).get("step") if is_lead() else None)
+            if built is not None and built > index_step:
                 self._warned = False
                 if is_lead():
                     print(f"step {step}: searching {path} (from step {built}, staleness {step - built})", flush=True)
@@ -219,10 +219,7 @@ class Refresher:
         started = time.perf_counter()
         self.heartbeat("embedding", step=step)
         half, done = self._half_built()
-        # process 0 picked the step from its view of the folder; this process's may lag
-        if self.checkpoints is None:
-            self.checkpoints = Checkpoints(self.workdir, read_only=True)
-        self.checkpoints.steps()  # re-list: the manager restores only steps it has seen
+        self.steps()  # process 0 picked the step: open and re-list here too (only seen steps restore)
         state, _ = self.checkpoints.restore(step, target)
         path = build_index(self.cfg, towers.passage_tower(state.params), store, self.workdir,
                            checkpoint=os.path.join(self.checkpoints.directory, str(step)), step=step)
@@ -242,9 +239,7 @@ class Refresher:
             finished = bool(lead_value(os.path.isfile(os.path.join(self.workdir, FINISHED))))
             steps = self.steps()
             # a multi-process refresher builds one version together: process 0's pick for all
-            step = self.next_step(steps, newest_only=once)
-            step = lead_value(-1 if step is None else step)
-            step = None if step < 0 else step
+            step = lead_value(self.next_step(steps, newest_only=once))
             if step is not None:
                 published.append(self.build(step, [s for s in steps if self.indexed_step() < s < step]))
                 if once:

@@ -22,7 +22,7 @@ from art_jax.errors import UserError
 from art_jax.models.hf import load_t5, load_tokenizer
 from art_jax.models.t5 import T5
 from art_jax.progress import progress_bar
-from art_jax.sharding import DEFAULT_RULES, batch_sharding, from_process_rows, to_process_rows
+from art_jax.sharding import DEFAULT_RULES, batch_sharding, from_process_rows, local_data_positions, to_process_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ class T5Scorer:
         """Scorer replicas on this process's devices: the rows it adds to each global batch."""
         if self.mesh is None:
             return 1
-        return sum(any(d.process_index == jax.process_index() for d in row) for row in self.mesh.devices)
+        return len(local_data_positions(self.mesh))
 
     def padded_lengths(self, enc_rows: list[list[int]], dec_rows: list[list[int]]) -> tuple[int, int]:
         """(encoder, decoder) lengths one batch of prompts is padded to: a few static shapes."""

@@ -73,9 +73,14 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 # Multi-process batches: each process holds its own rows of a global batch (its questions), or
 # the same host array as every other process (what all of them computed alike).
 
+def local_data_positions(mesh: Mesh) -> list[int]:
+    """The positions along `data` that hold a device of this process."""
+    return [i for i, devices in enumerate(mesh.devices) if any(d.process_index == jax.process_index() for d in devices)]
+
+
 def process_rows(mesh: Mesh, rows: int) -> slice:
     """Which of a ``rows``-row batch split over `data` this process's devices hold."""
-    mine = [i for i, devices in enumerate(mesh.devices) if any(d.process_index == jax.process_index() for d in devices)]
+    mine = local_data_positions(mesh)
     per_position = rows // mesh.shape["data"]
     return slice(mine[0] * per_position, (mine[-1] + 1) * per_position)
 
