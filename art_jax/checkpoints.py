@@ -1,8 +1,9 @@
 """Orbax checkpoints of a training run: the train state (params, optimizer state, step,
 RNG, skipped-step count) and a small JSON record (data position, index version).
 
-Orbax writes each step into a temporary folder and renames it when complete, so a kill
-at any moment leaves the previous checkpoint restorable; saves are asynchronous.
+Orbax writes each step into a temporary folder and renames it when complete (on GCS: writes
+a commit marker last), so a kill at any moment leaves the previous checkpoint restorable;
+saves are asynchronous.
 """
 
 from __future__ import annotations
@@ -12,10 +13,20 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from art_jax.storage import is_remote
+
 
 # A leaf of ``like`` that ``Checkpoints.restore`` does not read (it comes back as is): the
 # refresher reads only the passage tower out of a whole train state.
 SKIP = ocp.PLACEHOLDER
+
+
+def orbax_path(path: str) -> str:
+    """Orbax takes local paths and gs:// URLs (tensorstore writes the arrays; object stores get
+    a commit marker instead of the folder rename); a file:// URL is a local path to it."""
+    if path.startswith("file://"):
+        return path.removeprefix("file://")
+    return path if is_remote(path) else os.path.abspath(path)
 
 
 class Checkpoints:
@@ -25,7 +36,7 @@ class Checkpoints:
         deletes, and ``steps()`` re-lists the folder, which the writing process keeps changing.
         ``folder``: "checkpoints", or "best" for the best evaluation's state (``keep=1``)."""
         self.every = every
-        self.directory = os.path.abspath(os.path.join(workdir, folder))
+        self.directory = orbax_path(os.path.join(workdir, folder))
         # Orbax names its cross-process barriers after the step's folder: "checkpoints" and "best"
         # both save step s at the end of a run, and equal names would deadlock the processes
         multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=folder)

@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 
-from art_jax.errors import GCS_HINT, UserError
+from art_jax.errors import UserError
 
 
 def _score(args) -> None:
@@ -125,16 +125,6 @@ def _selfcheck(args) -> None:
         raise SystemExit(1)
 
 
-# inputs read through a local copy (art_jax.remote): models, question/pair/results files, corpora
-_GCS_STAGED = {"scorer", "retriever", "questions", "pairs", "rerank", "results", "corpus"}
-
-
-def _check_paths(args) -> None:
-    for key, value in vars(args).items():
-        if isinstance(value, str) and value.startswith("gs://") and key not in _GCS_STAGED:
-            raise UserError(f"--{key.replace('_', '-')}={value}: {GCS_HINT}")
-
-
 def _quiet_unless_lead() -> None:
     """Process 0 alone prints results and progress; the others keep stderr for errors."""
     from art_jax.distributed import is_lead
@@ -250,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = extra
     try:
-        _check_paths(args)
         from art_jax.distributed import initialize
 
         if initialize(args.coordinator_address, args.num_processes, args.process_id,

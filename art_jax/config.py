@@ -15,7 +15,7 @@ import os
 import ml_collections
 
 from art_jax.errors import UserError
-from art_jax.fileio import atomic_write
+from art_jax.storage import write_text
 
 
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -71,7 +71,7 @@ def _parse(raw: str, old, key: str):
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     path = os.path.join(workdir, "config.json")
-    atomic_write(path, json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=str) + "\n")
+    write_text(path, json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=str) + "\n")
     return path
 
 

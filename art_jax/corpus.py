@@ -23,12 +23,13 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
+from art_jax import storage
 from art_jax.batching import round_up
 from art_jax.distributed import barrier, is_lead
 from art_jax.errors import UserError
-from art_jax.fileio import FOLDER_MODE, atomic_write
 from art_jax.progress import progress_bar
-from art_jax.remote import is_remote, local_copy
+from art_jax.remote import keep_as_copy, local_copy, staging_parent
+from art_jax.storage import is_remote, write_text
 from art_jax.retriever import Tokens, passage_rows
 
 STORE_FORMAT = 1
@@ -243,22 +244,23 @@ class CorpusStore:
     """A prepared corpus: ``len(store)`` passages, row r has passage id ``store.ids[r]``."""
 
     def __init__(self, path: str):
-        path = local_copy(path)  # memory-mapped: a gs:// store is copied to local disk first
-        meta_path = os.path.join(path, "meta.json")
+        # an index records its store by this path: absolute, or a URL (for other machines)
+        self.path = path if is_remote(path) else os.path.abspath(path)
+        local = local_copy(path)  # memory-mapped: a gs:// store is copied to local disk first
+        meta_path = os.path.join(local, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"{path}: not a corpus store (no meta.json); build one with art-jax prepare-corpus")
         with open(meta_path) as f:
             self.meta = json.load(f)
         if self.meta.get("format") != STORE_FORMAT:
             raise UserError(f"{path}: corpus store format {self.meta.get('format')}, expected {STORE_FORMAT}")
-        self.path = path
-        self.ids = np.load(os.path.join(path, "ids.npy"), mmap_mode="r")
-        self.titles = Ragged(path, "title", np.uint8)
-        self.texts = Ragged(path, "text", np.uint8)
+        self.ids = np.load(os.path.join(local, "ids.npy"), mmap_mode="r")
+        self.titles = Ragged(local, "title", np.uint8)
+        self.texts = Ragged(local, "text", np.uint8)
         retriever = self.meta["retriever"]
-        self.retriever = Ragged(path, "retriever", retriever["dtype"])
+        self.retriever = Ragged(local, "retriever", retriever["dtype"])
         scorer = self.meta.get("scorer")
-        self.scorer = Ragged(path, "scorer", scorer["dtype"]) if scorer else None
+        self.scorer = Ragged(local, "scorer", scorer["dtype"]) if scorer else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -307,11 +309,13 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     corpus_path = local_copy(corpus_path)
     if not os.path.isfile(corpus_path):
         raise UserError(f"file not found: {corpus_path}")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
+    parent = staging_parent(out)
     processes, me = jax.process_count(), jax.process_index()
-    if processes == 1:
-        staging = folder = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+    # a URL's job shares no folder: the parts travel through the store's storage
+    shared = processes > 1 and not is_remote(out)
+    if not shared:
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+        folder = staging if processes == 1 else os.path.join(staging, f"part-{me}")
     else:
         # one staging folder for the job, named alike on every process; each tokenizes every
         # processes-th batch into its own part, process 0 merges the parts in batch order
@@ -321,7 +325,7 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
             os.makedirs(staging)
         barrier("art_jax.prepare_corpus.staging")
         folder = os.path.join(staging, f"part-{me}")
-        os.makedirs(folder)
+    os.makedirs(folder, exist_ok=True)
     builder = PromptBuilder(scorer_tokenizer) if scorer_tokenizer is not None else None
     columns = {"title": np.dtype(np.uint8), "text": np.dtype(np.uint8),
                "retriever": np.dtype(_token_dtype(len(retriever_tokenizer)))}
@@ -370,13 +374,22 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
         if not len(all_ids):
             raise UserError(f"{corpus_path}: no passages")
         if processes > 1:
+            parts_url = f"{os.path.dirname(out)}/.{os.path.basename(out)}.parts"
+            if not shared and not is_lead():
+                storage.upload_tree(folder, f"{parts_url}/part-{me}")
             barrier("art_jax.prepare_corpus.parts")
             if is_lead():
+                if not shared:
+                    for part in range(1, processes):
+                        storage.download_tree(f"{parts_url}/part-{part}", os.path.join(staging, f"part-{part}"))
+                    storage.rmtree(parts_url)
                 _merge_parts(staging, columns, processes, [len(a) for a in ids])
     except BaseException:
-        shutil.rmtree(staging if is_lead() else folder, ignore_errors=True)
+        shutil.rmtree(staging if is_lead() or not shared else folder, ignore_errors=True)
         raise
     if not is_lead():
+        if not shared:
+            shutil.rmtree(staging, ignore_errors=True)
         barrier("art_jax.prepare_corpus.published")
         return CorpusStore(out)
     try:
@@ -388,12 +401,12 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
             "retriever": _token_meta(retriever_tokenizer, retriever, sep_id=retriever_tokenizer.sep_token_id),
             "scorer": _token_meta(scorer_tokenizer, scorer) if builder is not None else None,
         }
-        atomic_write(os.path.join(staging, "meta.json"), json.dumps(meta, indent=1))
-        os.chmod(staging, FOLDER_MODE)
-        _publish(staging, out)
-    except BaseException:
+        write_text(os.path.join(staging, "meta.json"), json.dumps(meta, indent=1))
+        storage.publish_folder(staging, out, marker="meta.json")
+        if is_remote(out):
+            keep_as_copy(staging, out)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     barrier("art_jax.prepare_corpus.published")
     if bad_rows and progress:
         print(f"prepare-corpus: skipped {len(bad_rows)} bad row(s), e.g. line {bad_rows[0][0]}: {bad_rows[0][1]}")
@@ -437,15 +450,3 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 def _token_meta(tokenizer, spec: TokenizerSpec, **extra) -> dict:
     return {"tokenizer": spec.name, "max_length": spec.max_length, "vocab_size": len(tokenizer),
             "dtype": np.dtype(_token_dtype(len(tokenizer))).name, "pad_id": tokenizer.pad_token_id, **extra}
-
-
-def _publish(staging: str, out: str) -> None:
-    """Swap the finished folder into place: a reader sees the old store or the new one
-    complete (or, between the two renames, no store at all), never a mix of both."""
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(os.path.abspath(out)))
-        os.rename(out, os.path.join(old, "store"))
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)

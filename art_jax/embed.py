@@ -63,7 +63,7 @@ def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint:
     if lead:
         builder.publish(store.ids)
     barrier("art_jax.embed.published")
-    return builder.final
+    return builder.folder
 
 
 def _embed_chunks(tower, store, plan, chunks, mesh, batch_size, length_multiple):

@@ -12,7 +12,8 @@ import numpy as np
 import regex
 
 from art_jax.errors import UserError
-from art_jax.fileio import atomic_write, read_json
+from art_jax.fileio import read_json
+from art_jax.storage import write_text
 
 DEFAULT_KS = (1, 5, 20, 50, 100)
 
@@ -141,6 +142,6 @@ def evaluate_file(results_path: str, match: str = "string", ks: Iterable[int] = 
     """Evaluate a DPR results JSON; optionally write it back with recomputed has_answer."""
     accuracy, annotated = evaluate_results(read_json(results_path), match, ks, source=results_path)
     if annotated_out:
-        atomic_write(annotated_out, json.dumps(annotated, indent=1, ensure_ascii=False) + "\n")
+        write_text(annotated_out, json.dumps(annotated, indent=1, ensure_ascii=False) + "\n")
     return {"questions": len(annotated), "match": match,
             "top_k": {str(k): a for k, a in accuracy.items()}}

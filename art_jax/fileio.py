@@ -1,13 +1,13 @@
-"""Reading user files with errors that name the line, and writing results atomically."""
+"""Reading user files with errors that name the file and line."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from art_jax import storage
 from art_jax.errors import UserError
 from art_jax.remote import local_copy
 
@@ -39,40 +39,12 @@ def read_jsonl(path: str, required: tuple[str, ...] = (),
 
 
 def read_json(path: str) -> Any:
-    path = local_copy(path)
-    if not os.path.isfile(path):
-        raise UserError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp/mkdtemp create private files; published results get the usual permissions
-FILE_MODE = 0o666 & ~_umask()
-FOLDER_MODE = 0o777 & ~_umask()
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    """A JSON file, local or a URL (read whole, not cached: workdir files change)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None

@@ -1,27 +1,27 @@
 """Versioned evidence-embedding indexes on disk.
 
-An index folder holds versions ``v000000, v000001, ...``. A version is built in a
-hidden ``.vNNNNNN.building`` folder - the embeddings as a tensorstore zarr array
-[count, dim] (float16 or bfloat16) written chunk by chunk, each finished chunk
-recorded by a marker file - and published by renaming it into place once every chunk
-and ``meta.json`` are written. Readers open only published versions, so they never see
-half an index; a killed build resumes from its markers.
+An index folder holds versions ``v000000, v000001, ...``, on local disk or at a URL
+(gs://...). A version's folder holds the embeddings as a tensorstore zarr array
+[count, dim] (float16 or bfloat16) written chunk by chunk, each finished chunk recorded
+by a marker file, then ``ids.npy``, then ``meta.json``: written last, it publishes the
+version (object stores cannot rename a folder). Readers open only versions with a
+meta.json, so they never see half an index; a killed build resumes from its markers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
-import shutil
 import time
 
 import numpy as np
 import tensorstore as ts
 
+from art_jax import storage
 from art_jax.errors import UserError
-from art_jax.fileio import atomic_write
 
 INDEX_FORMAT = 1
 DTYPES = ("float16", "bfloat16")
@@ -57,30 +57,32 @@ def version_name(version: int) -> str:
     return f"v{version:06d}"
 
 
-def building_folder(index_dir: str, version: int) -> str:
-    """Where ``version`` is built before it is published (a killed build resumes there)."""
-    return os.path.join(index_dir, f".{version_name(version)}.building")
+def version_folder(index_dir: str, version: int) -> str:
+    """Where ``version`` is built and, once its meta.json is written, published."""
+    return os.path.join(index_dir, version_name(version))
 
 
-def published_versions(index_dir: str) -> list[int]:
-    if not os.path.isdir(index_dir):
-        return []
-    found = [(m, name) for name in os.listdir(index_dir) if (m := _VERSION.match(name))]
-    return sorted(int(m.group(1)) for m, name in found if os.path.isfile(os.path.join(index_dir, name, "meta.json")))
+def published_versions(index_dir: str, *, after: int = -1) -> list[int]:
+    """Version numbers above ``after`` that are published, oldest first."""
+    numbers = sorted(int(m.group(1)) for name in storage.listdir(index_dir) if (m := _VERSION.match(name)))
+    return [v for v in numbers if v > after and storage.isfile(os.path.join(version_folder(index_dir, v), "meta.json"))]
 
 
 def resolve_version(path: str) -> str:
     """A published version folder: ``path`` itself, or the newest version inside it."""
-    if os.path.isfile(os.path.join(path, "meta.json")):
+    if storage.isfile(os.path.join(path, "meta.json")):
         return path
     versions = published_versions(path)
     if not versions:
         raise UserError(f"{path}: no published index version (build one with art-jax embed)")
-    return os.path.join(path, version_name(versions[-1]))
+    return version_folder(path, versions[-1])
 
 
 def _embeddings_spec(folder: str) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(folder, "embeddings")}}
+    path = os.path.join(folder, "embeddings")
+    # tensorstore parses storage URLs itself: gs://bucket/path/ is its gcs driver, file:/// its file driver
+    kvstore = path + "/" if storage.is_remote(path) else {"driver": "file", "path": os.path.abspath(path)}
+    return {"driver": "zarr3", "kvstore": kvstore}
 
 
 class IndexBuilder:
@@ -89,30 +91,29 @@ class IndexBuilder:
 
     def __init__(self, index_dir: str, version: int, plan: IndexPlan):
         self.index_dir, self.version, self.plan = index_dir, version, plan
-        self.final = os.path.join(index_dir, version_name(version))
-        self.folder = building_folder(index_dir, version)
+        self.folder = version_folder(index_dir, version)
 
     def open(self, *, create: bool) -> "IndexBuilder":
         """Start the build, or continue one with the same plan (a different plan starts over).
-        With ``create=False`` (processes other than the first) wait for the folder instead."""
-        if os.path.isdir(self.final):
-            raise UserError(f"{self.final}: this index version is already published")
+        With ``create=False`` (processes other than the first) join the build process 0 opened."""
+        if storage.isfile(os.path.join(self.folder, "meta.json")):
+            raise UserError(f"{self.folder}: this index version is already published")
         plan_path = os.path.join(self.folder, "plan.json")
         if create:
-            if os.path.isfile(plan_path) and _read(plan_path) != dataclasses.asdict(self.plan):
-                shutil.rmtree(self.folder)
-            if not os.path.isfile(plan_path):
-                shutil.rmtree(self.folder, ignore_errors=True)
-                os.makedirs(os.path.join(self.folder, "done"))
+            if storage.isfile(plan_path) and _read(plan_path) != dataclasses.asdict(self.plan):
+                storage.rmtree(self.folder)
+            if not storage.isfile(plan_path):
+                storage.rmtree(self.folder)
+                storage.makedirs(os.path.join(self.folder, "done"))
                 ts.open(_embeddings_spec(self.folder), create=True, dtype=getattr(ts, self.plan.dtype),
                         shape=[self.plan.count, self.plan.dim],
                         chunk_layout=ts.ChunkLayout(write_chunk_shape=[self.plan.chunk_rows, self.plan.dim])).result()
-                atomic_write(plan_path, json.dumps(dataclasses.asdict(self.plan), indent=1))
+                storage.write_text(plan_path, json.dumps(dataclasses.asdict(self.plan), indent=1))
         self.array = ts.open(_embeddings_spec(self.folder)).result()
         return self
 
     def done_chunks(self) -> set[int]:
-        return {int(name) for name in os.listdir(os.path.join(self.folder, "done"))}
+        return {int(name) for name in storage.listdir(os.path.join(self.folder, "done"))}
 
     def write_chunk(self, chunk: int, embeddings: np.ndarray) -> None:
         """Store one chunk, then mark it done (the marker comes only after the data is durable)."""
@@ -120,24 +121,23 @@ class IndexBuilder:
         if embeddings.shape != (stop - start, self.plan.dim):
             raise ValueError(f"chunk {chunk}: embeddings {embeddings.shape}, expected {(stop - start, self.plan.dim)}")
         self.array[start:stop].write(embeddings).result()
-        open(os.path.join(self.folder, "done", f"{chunk:08d}"), "w").close()
+        storage.write_bytes(os.path.join(self.folder, "done", f"{chunk:08d}"), b"")
 
     def publish(self, ids: np.ndarray) -> str:
-        """Write ids and metadata, then rename the finished build into place."""
+        """Write ids, then the metadata that publishes the version."""
         missing = self.plan.num_chunks - len(self.done_chunks())
         if missing:
             raise RuntimeError(f"{self.folder}: {missing} chunk(s) not written yet; cannot publish")
-        np.save(os.path.join(self.folder, "ids.npy"), np.asarray(ids, np.int64))
+        with storage.writing(os.path.join(self.folder, "ids.npy")) as local, open(local, "wb") as f:
+            np.save(f, np.asarray(ids, np.int64), allow_pickle=False)
         meta = {"format": INDEX_FORMAT, **dataclasses.asdict(self.plan), "version": self.version,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write(os.path.join(self.folder, "meta.json"), json.dumps(meta, indent=1))
-        os.rename(self.folder, self.final)
-        return self.final
+        storage.write_text(os.path.join(self.folder, "meta.json"), json.dumps(meta, indent=1))
+        return self.folder
 
 
 def _read(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 @dataclasses.dataclass
@@ -155,7 +155,9 @@ class IndexVersion:
         meta = _read(os.path.join(path, "meta.json"))
         if meta.get("format") != INDEX_FORMAT:
             raise UserError(f"{path}: index format {meta.get('format')}, expected {INDEX_FORMAT}")
-        ids = np.load(os.path.join(path, "ids.npy"), mmap_mode="r")
+        ids_path = os.path.join(path, "ids.npy")
+        ids = (np.load(io.BytesIO(storage.read_bytes(ids_path))) if storage.is_remote(path) else
+               np.load(ids_path, mmap_mode="r"))
         return cls(path, meta, ids, ts.open(_embeddings_spec(path), open=True).result())
 
     @property

@@ -1,5 +1,6 @@
 """The run's metrics, written by process 0 only: a progress line on stdout, one JSON line
-per step in WORKDIR/metrics.jsonl and TensorBoard scalars in WORKDIR/tensorboard/.
+per step in WORKDIR/metrics.jsonl and TensorBoard scalars in WORKDIR/tensorboard/ (in a
+gs:// workdir both are uploaded whole every 30 s and at the end: GCS cannot append).
 
 The event files are encoded here (TFRecord framing around hand-written ``Event`` protocol
 buffers) rather than through tensorboard or tensorflow: neither is a dependency, and
@@ -16,9 +17,10 @@ import time
 
 import numpy as np
 
+from art_jax import storage
 from art_jax.distributed import is_lead
 from art_jax.evaluation import format_table
-from art_jax.fileio import atomic_write
+from art_jax.storage import AppendFile
 
 
 def _crc32c_table() -> list[int]:
@@ -88,12 +90,11 @@ def _float32(value: float) -> bytes:
 
 class EventFile:
     """An append-only TensorBoard event file; every record is flushed as written, so a kill
-    loses at most the record being written."""
+    loses at most the record being written (in a URL workdir: since the last upload)."""
 
     def __init__(self, folder: str, *, start: int = 0):
-        os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-        self.file = open(self.path, "ab")  # "a": a run restarted within the same second keeps the first file
+        self.file = AppendFile(self.path)  # appends: a run restarted within the same second keeps the first file
         self._write(event(time.time(), 0, file_version="brain.Event:2"))
         # TensorBoard takes every SessionLog START after a run's first as a restart, and drops
         # what was logged at or after its step: the steps a resumed run redoes
@@ -129,9 +130,9 @@ class MetricWriter:
         if not self.active:
             return
         path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.isfile(path):
-            _drop_rows_after(path, start)  # the interrupted run's steps past its checkpoint are redone
-        self.jsonl = open(path, "a", encoding="utf-8")
+        # the interrupted run's steps past its checkpoint are redone
+        kept = _rows_up_to(storage.read_bytes(path), start) if storage.isfile(path) else b""
+        self.jsonl = AppendFile(path, initial=kept)
         self.events = EventFile(os.path.join(workdir, "tensorboard"), start=start)
         self.started = time.perf_counter()
 
@@ -139,7 +140,7 @@ class MetricWriter:
         if not self.active:
             return
         row = {"step": step, **metrics, **{f"top{k}": v for k, v in accuracy.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.write((json.dumps(row) + "\n").encode())
         self.jsonl.flush()
         self.events.scalars(step, {tag(name): value for name, value in row.items() if name != "step"})
         if step % self.log_every == 0 or accuracy or step == self.total_steps:
@@ -170,8 +171,7 @@ class MetricWriter:
             self.events.close()
 
 
-def _drop_rows_after(path: str, step: int) -> None:
-    with open(path, encoding="utf-8") as f:
-        # a row cut short by the kill is dropped too
-        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-    atomic_write(path, "".join(kept))
+def _rows_up_to(jsonl: bytes, step: int) -> bytes:
+    # a row cut short by the kill is dropped too
+    lines = jsonl.decode("utf-8").splitlines(keepends=True)
+    return "".join(line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step).encode()

@@ -6,16 +6,15 @@ the workdir, so either can die or restart without the other:
   trainer -> refresher: a checkpoint at every multiple of ``train.refresh_every`` ("checkpoint
     ready"), ``config.json`` (the run's settings) and ``finished.json`` (the run is over: the
     refresher indexes the last checkpoint and exits);
-  refresher -> trainer: index versions published in ``index/`` by an atomic rename ("index
-    ready"), and ``refresher.json``, a heartbeat (pid, host, state, time) rewritten atomically,
+  refresher -> trainer: index versions published in ``index/`` by their meta.json, written
+    last ("index ready"), and ``refresher.json``, a heartbeat (pid, host, state, time) rewritten atomically,
     which the trainer quotes when an index is overdue.
-The trainer looks for a newer version at each step boundary (one listdir) and swaps to it;
+The trainer looks for a newer version at each step boundary (one listing) and swaps to it;
 a slow or dead refresher only makes the index staler.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -26,13 +25,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from art_jax import storage
 from art_jax.checkpoints import SKIP, Checkpoints
 from art_jax.corpus import CorpusStore
 from art_jax.distributed import is_lead, lead_value
 from art_jax.embed import embed_corpus
 from art_jax.errors import UserError
-from art_jax.fileio import atomic_write, read_json
-from art_jax.index import IndexVersion, building_folder, published_versions, version_name
+from art_jax.fileio import read_json
+from art_jax.storage import write_text
+from art_jax.index import IndexVersion, published_versions, version_folder
 from art_jax.sharding import make_mesh
 from art_jax.train_step import init_state
 
@@ -73,14 +74,13 @@ def mark_finished(workdir: str, step: int | None) -> None:
         return
     path = os.path.join(workdir, FINISHED)
     if step is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        storage.remove(path)
     else:
-        atomic_write(path, json.dumps({"step": step, "time": time.time()}))
+        write_text(path, json.dumps({"step": step, "time": time.time()}))
 
 
 class IndexWatcher:
-    """The trainer's half: at each step boundary a listdir of WORKDIR/index, and a read of one
+    """The trainer's half: at each step boundary process 0 lists WORKDIR/index, and reads one
     small meta.json when a new version number shows up."""
 
     def __init__(self, workdir: str, refresh_every: int):
@@ -92,12 +92,12 @@ class IndexWatcher:
     def poll(self, step: int, index_step: int) -> tuple[str, int] | None:
         """(folder, checkpoint step) of a version built from a later checkpoint than the index
         in use (whose embeddings come from ``index_step``), or None; warns once when overdue."""
-        versions = published_versions(self.index_dir)
+        # process 0 looks: a lagging host's view must not differ
+        versions = published_versions(self.index_dir, after=self._seen) if is_lead() else []
         newest = lead_value(versions[-1] if versions else None)
-        if newest is not None and newest > self._seen:
+        if newest is not None:
             self._seen = newest
-            path = os.path.join(self.index_dir, version_name(newest))
-            # process 0 reads it: a lagging host's view must not differ
+            path = version_folder(self.index_dir, newest)
             built = lead_value(read_json(os.path.join(path, "meta.json")).get("step") if is_lead() else None)
             if built is not None and built > index_step:
                 self._warned = False
@@ -138,7 +138,7 @@ def refresher_state(workdir: str) -> str:
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config the trainer wrote into ``workdir``; it must be an async run."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise UserError(f"{workdir}: not a training workdir (no config.json); "
                         f"`art-jax train --workdir={workdir}` writes it when it starts")
     cfg = ml_collections.ConfigDict(read_json(path))
@@ -163,12 +163,12 @@ class Refresher:
     def heartbeat(self, state: str, **fields) -> None:
         if not is_lead():
             return
-        atomic_write(os.path.join(self.workdir, HEARTBEAT),
+        write_text(os.path.join(self.workdir, HEARTBEAT),
                      json.dumps({**self._beat, "state": state, "time": time.time(), **fields}))
 
     def steps(self) -> list[int]:
         if self.checkpoints is None:
-            if not os.path.isdir(os.path.join(self.workdir, "checkpoints")):
+            if not storage.isdir(os.path.join(self.workdir, "checkpoints")):
                 return []  # the trainer has not opened its checkpoints yet
             self.checkpoints = Checkpoints(self.workdir, read_only=True)
         return self.checkpoints.steps()
@@ -178,16 +178,16 @@ class Refresher:
         versions = published_versions(self.index_dir)
         if not versions:
             return -1
-        step = read_json(os.path.join(self.index_dir, version_name(versions[-1]), "meta.json")).get("step")
+        step = read_json(os.path.join(version_folder(self.index_dir, versions[-1]), "meta.json")).get("step")
         return -1 if step is None else step
 
     def _half_built(self) -> tuple[int | None, int]:
         """(checkpoint step, finished chunks) of the next version's unfinished build, if any."""
-        folder = building_folder(self.index_dir, (published_versions(self.index_dir) or [-1])[-1] + 1)
+        folder = version_folder(self.index_dir, (published_versions(self.index_dir) or [-1])[-1] + 1)
         plan = os.path.join(folder, "plan.json")
-        if not os.path.isfile(plan):
+        if not storage.isfile(plan):
             return None, 0
-        return read_json(plan).get("step"), len(os.listdir(os.path.join(folder, "done")))
+        return read_json(plan).get("step"), len(storage.listdir(os.path.join(folder, "done")))
 
     def next_step(self, steps: list[int], *, newest_only: bool = False) -> int | None:
         """The checkpoint to index next: a half-built version's, so its finished chunks are kept,
@@ -236,7 +236,7 @@ class Refresher:
         published = []
         while True:
             # read before the steps: when it exists, the last checkpoint is already complete
-            finished = bool(lead_value(os.path.isfile(os.path.join(self.workdir, FINISHED))))
+            finished = bool(lead_value(storage.isfile(os.path.join(self.workdir, FINISHED))))
             steps = self.steps()
             # a multi-process refresher builds one version together: process 0's pick for all
             step = lead_value(self.next_step(steps, newest_only=once))

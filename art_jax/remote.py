@@ -9,36 +9,53 @@ modification time changes. tf.io.gfile reads the URLs (seqio needs TensorFlow an
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import shutil
 import tempfile
 
 from art_jax.errors import UserError
-
-_URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
-
-
-def is_remote(path: str) -> bool:
-    return bool(_URL.match(path))
+from art_jax.storage import download_tree, filesystem, is_remote, split_url
 
 
 def cache_root() -> str:
     return os.path.expanduser(os.environ.get("ART_JAX_CACHE", "~/.cache/art_jax"))
 
 
+def _cache_path(url: str) -> str:
+    scheme, rest = split_url(url)
+    return os.path.join(cache_root(), scheme, rest.rstrip("/"))
+
+
+def staging_parent(out: str) -> str:
+    """Where to build the output ``out`` before publishing it: beside it when local (renamed
+    into place), else beside its cached copy (kept as that copy by ``keep_as_copy``)."""
+    parent = os.path.dirname(os.path.abspath(out) if not is_remote(out) else _cache_path(out))
+    os.makedirs(parent, exist_ok=True)
+    return parent
+
+
+def keep_as_copy(folder: str, url: str) -> None:
+    """Make the local ``folder``, just uploaded to ``url``, the cached copy of ``url``: the
+    writer need not fetch back what it wrote."""
+    target = _cache_path(url)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.keeping-", dir=os.path.dirname(target))
+    try:
+        _install(folder, target, staging)
+        _write_stamp(target, json.dumps(_stamp(filesystem(url), url.rstrip("/"))))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def local_copy(path: str) -> str:
     """``path`` itself when local; else the cached local copy of the remote file or folder."""
-    match = _URL.match(path)
-    if not match:
+    if not is_remote(path):
         return path
-    gfile = _gfile()
+    gfile = filesystem(path)
     if not gfile.exists(path):
         raise UserError(f"not found: {path}")
     url = path.rstrip("/")
-    target = os.path.join(cache_root(), match.group(1), match.group(2).rstrip("/"))
+    target = _cache_path(url)
     stamp = json.dumps(_stamp(gfile, url))
     stamp_path = target + ".stamp"
     if os.path.exists(target) and _read(stamp_path) == stamp:
@@ -48,19 +65,20 @@ def local_copy(path: str) -> str:
     try:
         fetched = os.path.join(staging, "copy")
         if gfile.isdir(url):
-            for name, _, _ in _files(gfile, url):
-                os.makedirs(os.path.dirname(os.path.join(fetched, name)), exist_ok=True)
-                gfile.copy(f"{url}/{name}", os.path.join(fetched, name), overwrite=True)
-            os.makedirs(fetched, exist_ok=True)  # an empty folder is still a folder
+            download_tree(url, fetched)
         else:
             gfile.copy(url, fetched, overwrite=True)
         _install(fetched, target, staging)
-        with open(stamp_path + ".tmp", "w") as f:
-            f.write(stamp)
-        os.replace(stamp_path + ".tmp", stamp_path)
+        _write_stamp(target, stamp)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _write_stamp(target: str, stamp: str) -> None:
+    with open(target + ".stamp.tmp", "w") as f:
+        f.write(stamp)
+    os.replace(target + ".stamp.tmp", target + ".stamp")
 
 
 def _install(fetched: str, target: str, staging: str) -> None:
@@ -80,8 +98,8 @@ def _files(gfile, url: str):
     """(relative name, size, mtime) of every file under the folder ``url``."""
     for root, _, names in gfile.walk(url):
         for name in names:
-            stat = gfile.stat(f"{root}/{name}")
-            yield f"{root}/{name}"[len(url) + 1:], stat.length, stat.mtime_nsec
+            stat = gfile.stat(os.path.join(root, name))
+            yield os.path.join(root, name)[len(url) + 1:], stat.length, stat.mtime_nsec
 
 
 def _stamp(gfile, url: str):
@@ -97,19 +115,3 @@ def _read(path: str) -> str | None:
             return f.read()
     except FileNotFoundError:
         return None
-
-
-def _gfile():
-    return tensorflow().io.gfile
-
-
-@functools.cache
-def tensorflow():
-    """TensorFlow for host-side work only (seqio's engine, gs:// reads); imported late, since
-    most commands do not need it."""
-    import tensorflow as tf
-
-    # a TensorFlow that saw the GPUs would reserve their memory beside JAX (set once: TensorFlow
-    # refuses to change it after its runtime started)
-    tf.config.set_visible_devices([], "GPU")
-    return tf

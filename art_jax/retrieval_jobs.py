@@ -4,16 +4,16 @@ DPR-format results ``[{"question","answers","ctxs":[{"id","title","text","score"
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 
+from art_jax import storage
 from art_jax.corpus import CorpusStore
 from art_jax.data.questions import Question
 from art_jax.errors import UserError
 from art_jax.evaluation import evaluate_results
-from art_jax.fileio import atomic_write
+from art_jax.storage import write_text
 from art_jax.index import IndexVersion
 from art_jax.progress import progress_bar
 from art_jax.retriever import DualEncoder
@@ -23,7 +23,7 @@ from art_jax.search import ShardedIndex
 def open_corpus_for(version: IndexVersion, corpus: str | None) -> CorpusStore:
     """The corpus store an index was built from (or ``corpus``), checked to match it."""
     path = corpus or version.meta["corpus"]
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise UserError(f"{version.path}: its corpus store {path} is missing; pass --corpus")
     store = CorpusStore(path)
     if len(store) != version.count or not np.array_equal(store.ids[:1000], version.ids[:1000]):
@@ -69,5 +69,5 @@ def search_file(encoder: DualEncoder, version: IndexVersion, index: ShardedIndex
     scores, rows = retrieve(encoder, index, questions, k, batch_size=batch_size, progress=progress)
     accuracy, results = dpr_results(questions, scores, rows, store, version.ids, match)
     if jax.process_index() == 0:
-        atomic_write(out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        write_text(out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     return accuracy

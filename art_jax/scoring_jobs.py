@@ -7,7 +7,8 @@ import json
 import numpy as np
 
 from art_jax.errors import UserError
-from art_jax.fileio import atomic_write, read_json, read_jsonl
+from art_jax.fileio import read_json, read_jsonl
+from art_jax.storage import write_text
 from art_jax.scorer import T5Scorer
 
 
@@ -17,7 +18,7 @@ def score_pairs_file(scorer: T5Scorer, pairs_path: str, out_path: str, *, batch_
     rows = list(read_jsonl(pairs_path, required=("title", "text", "question"), nonblank=("question",)))
     scores = scorer.score([r["title"] for r in rows], [r["text"] for r in rows], [r["question"] for r in rows],
                           batch_size=batch_size, progress=progress)
-    atomic_write(out_path, "".join(json.dumps({"score": float(s)}) + "\n" for s in scores))
+    write_text(out_path, "".join(json.dumps({"score": float(s)}) + "\n" for s in scores))
     return scores
 
 
@@ -44,5 +45,5 @@ def rerank_results_file(scorer: T5Scorer, results_path: str, out_path: str, *, b
         results[qi]["ctxs"][ci]["teacher_score"] = float(s)
     for item in results:
         item["ctxs"] = sorted(item.get("ctxs", []), key=lambda c: -c["teacher_score"])
-    atomic_write(out_path, json.dumps(results, indent=1, ensure_ascii=False))
+    write_text(out_path, json.dumps(results, indent=1, ensure_ascii=False))
     return results

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from art_jax import storage
 from art_jax.batching import round_up
 from art_jax.checkpoints import Checkpoints
 from art_jax.config import write_config
@@ -24,10 +25,9 @@ from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
 from art_jax.distributed import any_process, is_lead, lead_value
-from art_jax.errors import GCS_HINT, UserError
+from art_jax.errors import UserError
 from art_jax.index import IndexVersion, version_name
 from art_jax.metrics import MetricWriter
-from art_jax.remote import is_remote
 from art_jax.models.hf import load_bert, load_tokenizer
 from art_jax.refresh import IndexWatcher, build_index, initial_index, mark_finished
 from art_jax.retrieval_jobs import dpr_results, retrieve
@@ -52,7 +52,7 @@ def _check_config(cfg, devices: int, store: CorpusStore) -> None:
         raise UserError(f"train.topk={cfg.train.topk} is larger than the corpus ({len(store)} passages)")
     for key in ("train_questions", "dev_questions"):
         path = cfg.data[key]
-        if path and not is_remote(path) and not os.path.isfile(path):
+        if path and not storage.is_remote(path) and not os.path.isfile(path):
             raise UserError(f"data.{key}: file not found: {path}")
 
 
@@ -61,7 +61,7 @@ def open_store(cfg, workdir: str) -> CorpusStore:
     if cfg.data.corpus_store:
         return CorpusStore(cfg.data.corpus_store)
     path = os.path.join(workdir, "corpus_store")
-    prepared = bool(lead_value(os.path.isfile(os.path.join(path, "meta.json"))))  # one view for all
+    prepared = bool(lead_value(storage.isfile(os.path.join(path, "meta.json"))))  # one view for all
     if not (prepared or cfg.data.corpus):
         raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")
     if not prepared:  # every process tokenizes its share of the batches
@@ -103,9 +103,7 @@ class Trainer:
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
         self.cfg, self.workdir = cfg, workdir
-        if cfg.data.initial_index.startswith("gs://"):  # the data files are read through a local copy
-            raise UserError(f"data.initial_index={cfg.data.initial_index}: {GCS_HINT}")
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         if is_lead():
             write_config(cfg, workdir)
         self.mesh = make_mesh()

@@ -4,15 +4,15 @@
 # Runs `art-jax COMMAND ARGS` on every worker of the Cloud TPU VM slice NAME at once (one JAX
 # process per host; jax.distributed finds the slice's workers itself). Creates the slice if it
 # does not exist, else reuses it; copies this checkout's committed code to every worker and
-# installs it there. Examples (the workdir on storage every worker sees: see README, Multi-host):
-#   launch/tpu_vm.sh art-v4-32 us-central2-b v4-32 train --config=configs/art_nq_base.py --workdir=/gcs/runs/nq
-#   launch/tpu_vm.sh art-v4-8 us-central2-b v4-8 refresh --workdir=/gcs/runs/nq   # refresher on its own slice
+# installs it there. Examples (the workdir in a bucket, which every worker reads and writes):
+#   launch/tpu_vm.sh art-v4-32 us-central2-b v4-32 train --config=configs/art_nq_base.py --workdir=gs://b/runs/nq
+#   launch/tpu_vm.sh art-v4-8 us-central2-b v4-8 refresh --workdir=gs://b/runs/nq   # refresher on its own slice
 #
 # Environment: GCP_PROJECT (default: gcloud's), TPU_VERSION (the TPU software version,
-# default tpu-ubuntu2204-base), TPU_SPOT=1 for a spot slice, GCS_BUCKET=name to mount
-# gs://name at /gcs on every worker (gcsfuse; the bucket needs hierarchical namespace, since
-# indexes and checkpoints are published by folder renames), DRY_RUN=1 to print the gcloud
-# commands only. Ctrl-C stops the command on every worker.
+# default tpu-ubuntu2204-base), TPU_SPOT=1 for a spot slice, GCS_BUCKET=name to also mount
+# gs://name at /gcs on every worker for plain paths (gcsfuse; stores and checkpoints on plain
+# paths are published by folder renames, atomic only on a hierarchical-namespace bucket),
+# DRY_RUN=1 to print the gcloud commands only. Ctrl-C stops the command on every worker.
 set -euo pipefail
 
 if [[ $# -lt 4 ]]; then

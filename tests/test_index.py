@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from art_jax import cli
+from art_jax import cli, storage
 from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.embed import embed_corpus, load_passage_tower
 from art_jax.errors import UserError
@@ -81,19 +81,28 @@ def _kill_after(monkeypatch, chunks: int) -> list[int]:
     return written
 
 
-def test_killed_embed_resumes_without_redoing_finished_chunks(tower, store, tmp_path, monkeypatch):
+def _url(path) -> str:
+    """A file:// URL: the code that writes gs:// indexes (tf.io.gfile for the small files,
+    tensorstore's URL kvstore for the array, no renames), run on local disk."""
+    return f"file://{path}"
+
+
+@pytest.mark.parametrize("place", [str, _url])
+def test_killed_embed_resumes_without_redoing_finished_chunks(tower, store, tmp_path, monkeypatch, place):
     reference = IndexVersion.open(_embed(tower, store, tmp_path / "reference", dtype="bfloat16"))
+    index_dir = place(tmp_path / "index")
     first = _kill_after(monkeypatch, 2)
     with pytest.raises(_Killed):
-        _embed(tower, store, tmp_path / "index", dtype="bfloat16")
+        _embed(tower, store, index_dir, dtype="bfloat16")
     # nothing is published: readers see no index at all
-    assert published_versions(str(tmp_path / "index")) == []
+    assert published_versions(index_dir) == []
     with pytest.raises(UserError, match="no published index version"):
-        IndexVersion.open(str(tmp_path / "index"))
+        IndexVersion.open(index_dir)
 
     monkeypatch.undo()
     written = _kill_after(monkeypatch, 10 ** 6)
-    resumed = IndexVersion.open(_embed(tower, store, tmp_path / "index", dtype="bfloat16"))
+    resumed = IndexVersion.open(_embed(tower, store, index_dir, dtype="bfloat16"))
+    assert resumed.path == f"{index_dir}/v000000"
     total = -(-len(store) // 48)
     assert sorted(first + written) == list(range(total)) and not set(first) & set(written)
     np.testing.assert_array_equal(resumed.read(0, resumed.count), reference.read(0, reference.count))
@@ -110,19 +119,39 @@ def test_a_changed_plan_starts_the_build_over(tower, store, tmp_path, monkeypatc
     np.testing.assert_array_equal(version.read(0, version.count), clean.read(0, clean.count))
 
 
-def test_readers_see_only_published_versions(tower, store, tmp_path, monkeypatch):
-    first = _embed(tower, store, tmp_path / "index")
+@pytest.mark.parametrize("place", [str, _url])
+def test_readers_see_only_published_versions(tower, store, tmp_path, monkeypatch, place):
+    index_dir = place(tmp_path / "index")
+    first = _embed(tower, store, index_dir)
     _kill_after(monkeypatch, 0)
     with pytest.raises(_Killed):
-        _embed(tower, store, tmp_path / "index")
-    assert os.path.isdir(tmp_path / "index" / ".v000001.building")
-    assert IndexVersion.open(str(tmp_path / "index")).path == first
+        _embed(tower, store, index_dir)
+    assert os.path.isdir(tmp_path / "index" / "v000001")  # built in place, unpublished
+    assert IndexVersion.open(index_dir).path == first
     monkeypatch.undo()
-    second = _embed(tower, store, tmp_path / "index")
-    assert second.endswith("v000001") and IndexVersion.open(str(tmp_path / "index")).path == second
+
+    # killed in publishing: every chunk and ids.npy written, meta.json not yet
+    real_write_text = storage.write_text
+
+    def write_text(path, text):
+        if path.endswith("v000001/meta.json"):
+            raise _Killed
+        real_write_text(path, text)
+
+    monkeypatch.setattr(storage, "write_text", write_text)
+    with pytest.raises(_Killed):
+        _embed(tower, store, index_dir)
+    assert os.path.isfile(tmp_path / "index" / "v000001" / "ids.npy")
+    assert published_versions(index_dir) == [0] and IndexVersion.open(index_dir).path == first
+    with pytest.raises(UserError, match="no published index version"):
+        IndexVersion.open(f"{index_dir}/v000001")
+    monkeypatch.undo()
+
+    second = _embed(tower, store, index_dir)
+    assert second.endswith("v000001") and IndexVersion.open(index_dir).path == second
     assert IndexVersion.open(first).meta["version"] == 0  # a version folder opens directly
     with pytest.raises(UserError, match="already published"):
-        _embed(tower, store, tmp_path / "index", version=1)
+        _embed(tower, store, index_dir, version=1)
 
 
 def test_prepare_embed_search_evaluate_commands(bert_dir, tmp_path, capsys):

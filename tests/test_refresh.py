@@ -15,7 +15,7 @@ import pytest
 from art_jax.checkpoints import Checkpoints
 from art_jax.config import write_config
 from art_jax.errors import UserError
-from art_jax.index import IndexBuilder, IndexPlan, IndexVersion, building_folder, published_versions, version_name
+from art_jax.index import IndexBuilder, IndexPlan, IndexVersion, published_versions, version_folder, version_name
 from art_jax.refresh import Refresher
 from art_jax.train import Trainer
 from tests.multiprocess import ROOT
@@ -160,7 +160,7 @@ def test_a_killed_refresher_does_not_stop_training_and_a_restarted_one_resumes(
     assert "warning: step 7: no new index for 7 steps" in out and "refresher.json" in out
     assert "no longer running" in out
 
-    half = building_folder(index_dir, 1)
+    half = version_folder(index_dir, 1)  # unpublished: no meta.json
     assert json.load(open(os.path.join(half, "plan.json")))["step"] == 2
     [chunk] = os.listdir(os.path.join(half, "done"))
     written = os.stat(os.path.join(half, "done", chunk)).st_mtime_ns

@@ -12,7 +12,8 @@ from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import read_questions
 from art_jax.errors import UserError
 from art_jax.models.hf import load_bert, load_tokenizer
-from art_jax.remote import local_copy, tensorflow
+from art_jax.remote import local_copy
+from art_jax.storage import tensorflow
 from tests.hf_fixtures import CORPUS
 
 gfile = tensorflow().io.gfile

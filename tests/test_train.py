@@ -112,7 +112,6 @@ def test_the_best_evaluation_is_kept_in_best_and_resume_goes_on_comparing_with_i
     ({"train.topk": 10_000}, "larger than the corpus"),
     ({"data.dev_questions": "/nonexistent/dev.jsonl"}, "data.dev_questions: file not found"),
     ({"scorer.kind": "bm25"}, "scorer.kind"),
-    ({"data.initial_index": "gs://bucket/index"}, "data.initial_index=gs://bucket/index: gs:// is read for inputs"),
     ({"train.best_metric": "top20"}, r"train.best_metric: 'top20' is not one of top1, top5 \(top-k accuracy for k "
                                      r"in train.eval_topk\)"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from art_jax import storage
 from art_jax.data.demo_world import make_world, write_world
 from art_jax.distributed import barrier, is_lead
 from art_jax.data.tokenizers import train_wordpiece
@@ -18,7 +19,7 @@ def prepare_demo(cfg, workdir: str) -> None:
     paths = {name: os.path.join(folder, file) for name, file in
              (("corpus", "corpus.tsv"), ("train", "train.jsonl"), ("dev", "dev.jsonl"))}
     # process 0 writes; config.json of the BERT is written last: the demo is complete
-    if is_lead() and not os.path.isfile(os.path.join(bert_dir, "config.json")):
+    if is_lead() and not storage.isfile(os.path.join(bert_dir, "config.json")):
         world = make_world(seed=cfg.seed, entities=cfg.demo.entities)
         write_world(world, folder)
         texts = [f"{title} {text}" for _, title, text in world.passages] + [q.question for q in world.train]

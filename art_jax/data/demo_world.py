@@ -17,7 +17,7 @@ import random
 import re
 
 from art_jax.data.questions import Question
-from art_jax.fileio import atomic_write
+from art_jax.storage import write_text
 
 # Names are a start, an optional middle and an end syllable: pronounceable, like "Talor Vemmick".
 _STARTS = ("ta", "ve", "ko", "mi", "dra", "sel", "bri", "or", "hal", "ny", "qui", "ros", "tam", "el", "gor",
@@ -117,9 +117,9 @@ def write_world(world: World, folder: str) -> dict[str, str]:
     paths = {name: os.path.join(folder, file) for name, file in
              (("corpus", "corpus.tsv"), ("train", "train.jsonl"), ("dev", "dev.jsonl"))}
     # Generated text has no tab, newline or quote, so rows need no csv quoting.
-    atomic_write(paths["corpus"], "id\ttext\ttitle\n" + "".join(
+    write_text(paths["corpus"], "id\ttext\ttitle\n" + "".join(
         f"{pid}\t{text}\t{title}\n" for pid, title, text in world.passages))
     for split in ("train", "dev"):
-        atomic_write(paths[split], "".join(json.dumps({"question": q.question, "answers": list(q.answers)}) + "\n"
+        write_text(paths[split], "".join(json.dumps({"question": q.question, "answers": list(q.answers)}) + "\n"
                                            for q in getattr(world, split)))
     return paths

@@ -13,7 +13,7 @@ import numpy as np
 
 from art_jax.data.questions import read_questions
 from art_jax.errors import UserError
-from art_jax.remote import tensorflow
+from art_jax.storage import tensorflow
 
 # the datasets of the paper and its follow-ups; any other name also works (the demo's, a user's)
 DATASETS = ("nq", "trivia", "squad", "webq", "entityqs", "msmarco")

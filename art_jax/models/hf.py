@@ -25,7 +25,8 @@ from flax import nnx
 from art_jax.errors import CheckpointError
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.t5 import T5, T5Config
-from art_jax.remote import is_remote, local_copy
+from art_jax.remote import local_copy, staging_parent
+from art_jax.storage import is_remote, publish_folder
 from art_jax.sharding import DEFAULT_RULES, state_shardings
 
 
@@ -406,23 +407,19 @@ def state_dict(model: Bert | T5) -> dict[str, np.ndarray]:
 
 def export(model: Bert | T5, tokenizer, out_dir: str) -> str:
     """Write a Hugging Face folder (config, safetensors, tokenizer) that transformers'
-    ``AutoModel`` / ``T5ForConditionalGeneration`` load; published by an atomic rename."""
+    ``AutoModel`` / ``T5ForConditionalGeneration`` load, locally or to a URL; published
+    whole (a URL gets config.json last)."""
     from safetensors.numpy import save_file
 
     hf_config = bert_config_to_hf(model.config) if isinstance(model, Bert) else t5_config_to_hf(model.config)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=staging_parent(out_dir))
     try:
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         save_file(state_dict(model), os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
+        publish_folder(staging, out_dir, marker="config.json")
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

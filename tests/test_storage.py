@@ -1,0 +1,218 @@
+"""Outputs at a URL: the storage operations on TensorFlow's in-memory filesystem (ram://,
+through tf.io.gfile like gs://), and whole jobs with file:// URLs, which run the URL code
+(no renames, markers written last, uploads) on local disk where the results can be
+compared with a local-path run's."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from art_jax import cli, storage
+from art_jax.index import IndexVersion, _embeddings_spec
+from art_jax.metrics import MetricWriter
+from art_jax.train import Trainer
+from tests.test_train import _config, _params
+
+gfile = storage.gfile()
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ART_JAX_CACHE", str(tmp_path / "cache"))
+
+
+_serial = iter(range(10 ** 6))
+
+
+@pytest.fixture(params=["local", "ram"])
+def root(request, tmp_path):
+    """A fresh folder: a local path, or a ram:// URL (ram:// outlives a test: a new name each)."""
+    return str(tmp_path / "root") if request.param == "local" else f"ram://bucket/t{next(_serial)}"
+
+
+def test_files_and_folders(root):
+    path = f"{root}/a/b.json"
+    assert not storage.exists(path) and storage.listdir(root) == []
+    storage.write_text(path, "old")
+    storage.write_text(path, "new")  # replaced whole (ram:// itself would append)
+    assert storage.read_text(path) == "new" and storage.isfile(path) and not storage.isdir(path)
+    assert storage.isdir(f"{root}/a") and not storage.isfile(f"{root}/a")
+    storage.makedirs(f"{root}/a/c")
+    assert sorted(storage.listdir(f"{root}/a")) == ["b.json", "c"]
+    storage.remove(path)
+    storage.remove(path)  # a missing file is fine
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(path)
+    storage.rmtree(root)
+    storage.rmtree(root)
+    assert not storage.exists(root)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(root):
+    path = f"{root}/out.json"
+    storage.write_text(path, "complete")
+    with pytest.raises(RuntimeError), storage.writing(path) as local:
+        with open(local, "w") as f:
+            f.write("half")
+        raise RuntimeError("killed while writing")
+    assert storage.read_text(path) == "complete" and storage.listdir(root) == ["out.json"]
+
+
+def test_appends_reach_a_url_at_most_every_upload_interval_and_at_close(monkeypatch):
+    url = f"ram://bucket/t{next(_serial)}/metrics.jsonl"
+    storage.write_text(url, "row 0\n")
+    clock = [0.0]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: clock[0])
+    appended = storage.AppendFile(url, upload_seconds=30)  # seeded from the object
+    appended.write(b"row 1\n")
+    appended.flush()
+    assert storage.read_text(url) == "row 0\n"  # not yet: uploads are whole files
+    clock[0] = 31.0
+    appended.write(b"row 2\n")
+    appended.flush()
+    assert storage.read_text(url) == "row 0\nrow 1\nrow 2\n"
+    appended.write(b"row 3\n")
+    appended.close()
+    assert storage.read_text(url) == "row 0\nrow 1\nrow 2\nrow 3\n"
+    restarted = storage.AppendFile(url, initial=b"row 0\n")  # a resumed run drops the redone rows
+    restarted.write(b"row 1 again\n")
+    restarted.close()
+    assert storage.read_text(url) == "row 0\nrow 1 again\n"
+
+
+def test_a_folder_is_published_with_its_marker_last(tmp_path, monkeypatch):
+    url = f"ram://bucket/t{next(_serial)}/store"
+    storage.write_text(f"{url}/stale.bin", "from the old store")
+    staging = tmp_path / "staging"
+    (staging / "sub").mkdir(parents=True)
+    for name in ("meta.json", "a.bin", "sub/z.bin"):
+        (staging / name).write_text(name)
+    uploaded = []
+    real_upload = storage._upload
+    monkeypatch.setattr(storage, "_upload", lambda local, dest: (uploaded.append(dest), real_upload(local, dest)))
+    storage.publish_folder(str(staging), url, marker="meta.json")
+    assert uploaded[-1] == f"{url}/meta.json" and len(uploaded) == 3
+    assert sorted(storage.listdir(url)) == ["a.bin", "meta.json", "sub"]  # the old folder is gone
+    assert storage.read_text(f"{url}/sub/z.bin") == "sub/z.bin"
+
+
+def test_a_gcs_index_goes_to_tensorstores_gcs_driver():
+    spec = ts.Spec(_embeddings_spec("gs://bucket/runs/nq/index/v000003")).to_json()
+    assert spec["kvstore"] == {"driver": "gcs", "bucket": "bucket", "path": "runs/nq/index/v000003/embeddings/"}
+
+
+def test_metrics_in_a_url_workdir_resume_like_local_ones(tmp_path):
+    for workdir in (str(tmp_path / "local"), f"ram://bucket/t{next(_serial)}"):
+        for start, stop in ((0, 5), (3, 6)):  # killed after step 5, resumed from the checkpoint at 3
+            writer = MetricWriter(workdir, 6, start=start, log_every=100)
+            for step in range(start + 1, stop + 1):
+                writer.step(step, {"loss": float(step), "teacher_entropy": 0.0, "student_entropy": 0.0,
+                                   "argmax_agreement": 0.0, "grad_norm": 0.0, "learning_rate": 0.0,
+                                   "skipped": 0.0, "index_staleness": 0}, {})
+            writer.close()
+        rows = [json.loads(line) for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+        assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6], workdir
+        events = storage.listdir(f"{workdir}/tensorboard")
+        assert events and all(storage.read_bytes(f"{workdir}/tensorboard/{name}") for name in events)
+
+
+def test_a_run_in_a_url_workdir_equals_the_local_run_across_a_preemption(files, bert_dir, tmp_path, monkeypatch):
+    """Config, metrics, index versions and checkpoints through the URL code; Orbax gets
+    file:// as the local path it names (it takes gs:// URLs itself)."""
+    straight = Trainer(_config(files, bert_dir), str(tmp_path / "straight"))
+    straight.run()
+
+    workdir = f"file://{tmp_path / 'url'}"
+    first = Trainer(_config(files, bert_dir), workdir)
+    real_step = Trainer.train_step
+
+    def preempt_at_4(self, step):
+        metrics = real_step(self, step)
+        if step == 3:
+            os.kill(os.getpid(), 15)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", preempt_at_4)
+    first.run()
+    monkeypatch.undo()
+    resumed = Trainer(_config(files, bert_dir), workdir)
+    resumed.run()
+    assert int(resumed.state.step) == 6
+    for a, b in zip(_params(straight), _params(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+    def losses(folder):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            return [(row["step"], row["loss"]) for row in map(json.loads, f)]
+
+    assert losses(tmp_path / "url") == losses(tmp_path / "straight")
+    assert sorted(os.listdir(tmp_path / "url" / "index")) == sorted(os.listdir(tmp_path / "straight" / "index"))
+    assert IndexVersion.open(f"{workdir}/index").meta["step"] == 6
+    assert json.load(open(tmp_path / "url" / "config.json"))["train"]["steps"] == 6
+    assert sorted(os.listdir(tmp_path / "url" / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_the_command_chain_with_url_outputs_equals_local_paths(bert_dir, tmp_path, capsys):
+    """prepare-corpus -> embed -> search -> evaluate -> export, every output a URL (ram:// for
+    files and stores, file:// for the index, which tensorstore writes), against local paths."""
+    from tests.test_index import _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus.tsv")
+    questions = tmp_path / "questions.tsv"
+    questions.write_text("who visited the bridge near paris\t[\"Paris\"]\nwhat did marie curie paint\t[\"castle\"]\n")
+    ram = f"ram://bucket/t{next(_serial)}"
+    outputs = {"local": {name: str(tmp_path / name) for name in ("store", "index", "results", "annotated", "bert")},
+               "url": {"store": f"{ram}/store", "index": f"file://{tmp_path / 'url-index'}",
+                       "results": f"{ram}/results.json", "annotated": f"{ram}/annotated.json",
+                       "bert": f"{ram}/bert"}}
+    reports = {}
+    for run, out in outputs.items():
+        cli.main(["prepare-corpus", "--corpus", corpus, "--retriever", bert_dir, "--out", out["store"]])
+        cli.main(["embed", "--retriever", bert_dir, "--corpus", out["store"], "--out", out["index"],
+                  "--chunk-rows", "50", "--batch-size", "8", "--max-length", "64"])
+        cli.main(["search", "--retriever", bert_dir, "--index", out["index"], "--questions", str(questions),
+                  "--topk", "5", "--out", out["results"]])
+        capsys.readouterr()
+        cli.main(["evaluate", "--results", out["results"], "--topk", "1", "5", "--annotated-out", out["annotated"]])
+        reports[run] = capsys.readouterr().out.strip().splitlines()[-1]
+        cli.main(["export", "--retriever", bert_dir, "--out", out["bert"]])
+    local, url = outputs["local"], outputs["url"]
+    assert reports["url"] == reports["local"]
+    assert IndexVersion.open(url["index"]).meta["corpus"] == url["store"]  # recorded by its URL
+    for name in ("results", "annotated"):
+        assert json.loads(storage.read_text(url[name])) == json.load(open(local[name]))
+    assert sorted(storage.listdir(url["store"])) == sorted(os.listdir(local["store"]))
+    assert sorted(storage.listdir(url["bert"])) == sorted(os.listdir(local["bert"]))
+    got, want = (IndexVersion.open(out["index"]) for out in (url, local))
+    np.testing.assert_array_equal(got.read(0, got.count), want.read(0, want.count))
+    np.testing.assert_array_equal(got.ids, want.ids)
+
+
+def test_the_refresher_serves_a_url_workdir(files, bert_dir, tmp_path):
+    """An async run in a URL workdir: the refresher reads its config, checkpoints and
+    finished.json, and publishes the last checkpoint's index there with its heartbeat."""
+    from art_jax.refresh import Refresher
+    from tests.test_refresh import _async_config
+
+    workdir = f"file://{tmp_path / 'run'}"
+    trainer = Trainer(_async_config(files, bert_dir), workdir)
+    trainer.run()  # no refresher yet: trains to the end on the first index
+    [published] = Refresher(workdir).run(poll_seconds=0.1)  # leaves once the last checkpoint is indexed
+    version = IndexVersion.open(f"{workdir}/index")
+    assert version.path == published == f"{workdir}/index/v000001" and version.meta["step"] == 6
+    assert json.loads(storage.read_text(f"{workdir}/refresher.json"))["state"] == "exited"
+    rows = np.arange(0, len(trainer.store), 37)
+    tokens = trainer.store.retriever_tokens(rows, 32, multiple=32)
+    expected = np.asarray(trainer.towers.passage_tower(trainer.state.params).embed_cls(tokens.ids, tokens.mask))
+    got = np.stack([version.read(r, r + 1)[0] for r in rows]).astype(np.float32)
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-3)
+
+
+def test_a_url_no_filesystem_handles_is_one_error_naming_it(tmp_path):
+    from art_jax.errors import UserError
+
+    with pytest.raises(UserError, match=r"s3://bucket/run/config.json: no filesystem for s3:// here .*gs://"):
+        storage.write_text("s3://bucket/run/config.json", "{}")
