@@ -13,7 +13,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from art_jax.storage import is_remote
+from art_jax.errors import UserError
+from art_jax.storage import is_remote, split_url
 
 
 # A leaf of ``like`` that ``Checkpoints.restore`` does not read (it comes back as is): the
@@ -24,9 +25,14 @@ SKIP = ocp.PLACEHOLDER
 def orbax_path(path: str) -> str:
     """Orbax takes local paths and gs:// URLs (tensorstore writes the arrays; object stores get
     a commit marker instead of the folder rename); a file:// URL is a local path to it."""
-    if path.startswith("file://"):
-        return path.removeprefix("file://")
-    return path if is_remote(path) else os.path.abspath(path)
+    if not is_remote(path):
+        return os.path.abspath(path)
+    scheme, rest = split_url(path)
+    if scheme == "file":
+        return rest
+    if scheme != "gs":
+        raise UserError(f"{path}: checkpoints are written to a local path, gs:// or file://, not {scheme}://")
+    return path
 
 
 class Checkpoints:

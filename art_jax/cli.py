@@ -168,14 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command("export", help="write a retriever tower as a Hugging Face BERT folder")
     p.add_argument("--retriever", required=True, help="checkpoint of the tower (Hugging Face folder or hub id)")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--out", required=True, help="output folder (replaced whole; a gs:// one is deleted, then uploaded)")
     p.set_defaults(run=_export)
 
     p = add_command("prepare-corpus", help="stream an evidence TSV/JSONL into a pre-tokenized store")
     p.add_argument("--corpus", required=True, help="DPR evidence TSV (id, text, title) or JSONL")
     p.add_argument("--retriever", required=True, help="retriever checkpoint whose tokenizer to use")
     p.add_argument("--scorer", help="scorer (T5/T0) checkpoint whose tokenizer to use, for training")
-    p.add_argument("--out", required=True, help="store folder (replaced atomically)")
+    p.add_argument("--out", required=True, help="store folder (replaced whole; a gs:// one is deleted, then uploaded)")
     p.add_argument("--retriever-max-length", type=int, default=512,
                    help="tokens kept per passage (indexing re-cuts to 256, training re-embeds at 512)")
     p.add_argument("--scorer-max-length", type=int, default=512)

@@ -301,30 +301,36 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
                    scorer_tokenizer=None, scorer: TokenizerSpec | None = None, *, batch_size: int = 2048,
                    skip_bad_rows: bool = False, progress: bool = True) -> CorpusStore:
     """Stream ``corpus_path`` into a store at ``out`` (written beside it, then renamed into
-    place). Tokenization of one batch overlaps parsing the next (fast tokenizers release
-    the GIL and use their own threads)."""
+    place; a URL's is built in the local cache, then uploaded with meta.json last).
+    Tokenization of one batch overlaps parsing the next (fast tokenizers release the GIL and
+    use their own threads)."""
     from art_jax.scorer import PromptBuilder
 
+    out = out.rstrip("/")
     source = corpus_path if is_remote(corpus_path) else os.path.abspath(corpus_path)
     corpus_path = local_copy(corpus_path)
     if not os.path.isfile(corpus_path):
         raise UserError(f"file not found: {corpus_path}")
     parent = staging_parent(out)
     processes, me = jax.process_count(), jax.process_index()
-    # a URL's job shares no folder: the parts travel through the store's storage
+    # each process tokenizes every processes-th batch into its own part, process 0 merges the
+    # parts in batch order: in one staging folder of the job's, or, when the store goes to a
+    # URL (no folder shared), each in its own, the others' parts passed on through parts_url
     shared = processes > 1 and not is_remote(out)
-    if not shared:
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
-        folder = staging if processes == 1 else os.path.join(staging, f"part-{me}")
-    else:
-        # one staging folder for the job, named alike on every process; each tokenizes every
-        # processes-th batch into its own part, process 0 merges the parts in batch order
+    parts_url = f"{os.path.dirname(out)}/.{os.path.basename(out)}.parts"
+    if shared:
         staging = os.path.join(parent, f".{os.path.basename(out)}.building-job")
-        if is_lead():
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
+    else:
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+    if processes > 1:
+        if is_lead():  # a failed run's leftovers must not mix in
+            if shared:
+                shutil.rmtree(staging, ignore_errors=True)
+                os.makedirs(staging)
+            else:
+                storage.rmtree(parts_url)
         barrier("art_jax.prepare_corpus.staging")
-        folder = os.path.join(staging, f"part-{me}")
+    folder = staging if processes == 1 else os.path.join(staging, f"part-{me}")
     os.makedirs(folder, exist_ok=True)
     builder = PromptBuilder(scorer_tokenizer) if scorer_tokenizer is not None else None
     columns = {"title": np.dtype(np.uint8), "text": np.dtype(np.uint8),
@@ -374,7 +380,6 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
         if not len(all_ids):
             raise UserError(f"{corpus_path}: no passages")
         if processes > 1:
-            parts_url = f"{os.path.dirname(out)}/.{os.path.basename(out)}.parts"
             if not shared and not is_lead():
                 storage.upload_tree(folder, f"{parts_url}/part-{me}")
             barrier("art_jax.prepare_corpus.parts")
@@ -386,6 +391,8 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
                 _merge_parts(staging, columns, processes, [len(a) for a in ids])
     except BaseException:
         shutil.rmtree(staging if is_lead() or not shared else folder, ignore_errors=True)
+        if processes > 1 and not shared and is_lead():
+            storage.rmtree(parts_url)
         raise
     if not is_lead():
         if not shared:

@@ -78,11 +78,24 @@ def resolve_version(path: str) -> str:
     return version_folder(path, versions[-1])
 
 
+def finished_chunks(folder: str) -> set[int]:
+    """The chunks of the build in ``folder`` whose markers are written."""
+    return {int(name) for name in storage.listdir(os.path.join(folder, "done")) if name.isdigit()}
+
+
 def _embeddings_spec(folder: str) -> dict:
     path = os.path.join(folder, "embeddings")
-    # tensorstore parses storage URLs itself: gs://bucket/path/ is its gcs driver, file:/// its file driver
-    kvstore = path + "/" if storage.is_remote(path) else {"driver": "file", "path": os.path.abspath(path)}
-    return {"driver": "zarr3", "kvstore": kvstore}
+    if not storage.is_remote(path):
+        return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.abspath(path)}}
+    # the object names spelled out, as tf.io.gfile writes the version's other files (tensorstore's
+    # own URL parsing would decode %xx and stop at ? or #)
+    scheme, rest = storage.split_url(path)
+    if scheme == "gs":
+        bucket, _, key = rest.partition("/")
+        return {"driver": "zarr3", "kvstore": {"driver": "gcs", "bucket": bucket, "path": key + "/"}}
+    if scheme == "file":
+        return {"driver": "zarr3", "kvstore": {"driver": "file", "path": rest}}
+    raise UserError(f"{folder}: an index is written to a local path, gs:// or file://, not {scheme}://")
 
 
 class IndexBuilder:
@@ -113,7 +126,7 @@ class IndexBuilder:
         return self
 
     def done_chunks(self) -> set[int]:
-        return {int(name) for name in storage.listdir(os.path.join(self.folder, "done"))}
+        return finished_chunks(self.folder)
 
     def write_chunk(self, chunk: int, embeddings: np.ndarray) -> None:
         """Store one chunk, then mark it done (the marker comes only after the data is durable)."""
@@ -121,7 +134,7 @@ class IndexBuilder:
         if embeddings.shape != (stop - start, self.plan.dim):
             raise ValueError(f"chunk {chunk}: embeddings {embeddings.shape}, expected {(stop - start, self.plan.dim)}")
         self.array[start:stop].write(embeddings).result()
-        storage.write_bytes(os.path.join(self.folder, "done", f"{chunk:08d}"), b"")
+        storage.touch(os.path.join(self.folder, "done", f"{chunk:08d}"))
 
     def publish(self, ids: np.ndarray) -> str:
         """Write ids, then the metadata that publishes the version."""

@@ -1,6 +1,7 @@
 """The run's metrics, written by process 0 only: a progress line on stdout, one JSON line
 per step in WORKDIR/metrics.jsonl and TensorBoard scalars in WORKDIR/tensorboard/ (in a
-gs:// workdir both are uploaded whole every 30 s and at the end: GCS cannot append).
+gs:// workdir both are uploaded whole every 30 s, at each checkpoint and at the end: GCS
+cannot append).
 
 The event files are encoded here (TFRecord framing around hand-written ``Event`` protocol
 buffers) rather than through tensorboard or tensorflow: neither is a dependency, and
@@ -107,6 +108,9 @@ class EventFile:
         self.file.write(tfrecord(data))
         self.file.flush()
 
+    def sync(self) -> None:
+        self.file.flush(force=True)
+
     def close(self) -> None:
         self.file.close()
 
@@ -164,6 +168,12 @@ class MetricWriter:
         if accuracy:
             heading = f"dev top-k accuracy at step {step}" + (f" ({title})" if title else "")
             print(heading + "\n" + format_table(accuracy), flush=True)
+
+    def sync(self) -> None:
+        """Store every row written so far now (in a gs:// workdir: upload, whatever the interval)."""
+        if self.active:
+            self.jsonl.flush(force=True)
+            self.events.sync()
 
     def close(self) -> None:
         if self.active:

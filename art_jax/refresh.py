@@ -33,7 +33,7 @@ from art_jax.embed import embed_corpus
 from art_jax.errors import UserError
 from art_jax.fileio import read_json
 from art_jax.storage import write_text
-from art_jax.index import IndexVersion, published_versions, version_folder
+from art_jax.index import IndexVersion, finished_chunks, published_versions, version_folder
 from art_jax.sharding import make_mesh
 from art_jax.train_step import init_state
 
@@ -80,20 +80,29 @@ def mark_finished(workdir: str, step: int | None) -> None:
 
 
 class IndexWatcher:
-    """The trainer's half: at each step boundary process 0 lists WORKDIR/index, and reads one
-    small meta.json when a new version number shows up."""
+    """The trainer's half: at each step boundary process 0 lists WORKDIR/index (in a gs://
+    workdir at most every ``poll_seconds``: each look is a few requests), and reads one small
+    meta.json when a new version number shows up."""
 
-    def __init__(self, workdir: str, refresh_every: int):
+    def __init__(self, workdir: str, refresh_every: int, *, poll_seconds: float = 10.0):
         self.workdir, self.refresh_every = workdir, refresh_every
         self.index_dir = os.path.join(workdir, "index")
+        self.poll_seconds = poll_seconds if storage.is_remote(workdir) else 0.0
+        self._looked = -float("inf")
         self._seen = -1  # newest version number already looked at
         self._warned = False
+
+    def _look(self) -> list[int]:
+        if time.monotonic() - self._looked < self.poll_seconds:
+            return []
+        self._looked = time.monotonic()
+        return published_versions(self.index_dir, after=self._seen)
 
     def poll(self, step: int, index_step: int) -> tuple[str, int] | None:
         """(folder, checkpoint step) of a version built from a later checkpoint than the index
         in use (whose embeddings come from ``index_step``), or None; warns once when overdue."""
         # process 0 looks: a lagging host's view must not differ
-        versions = published_versions(self.index_dir, after=self._seen) if is_lead() else []
+        versions = self._look() if is_lead() else []
         newest = lead_value(versions[-1] if versions else None)
         if newest is not None:
             self._seen = newest
@@ -187,7 +196,7 @@ class Refresher:
         plan = os.path.join(folder, "plan.json")
         if not storage.isfile(plan):
             return None, 0
-        return read_json(plan).get("step"), len(storage.listdir(os.path.join(folder, "done")))
+        return read_json(plan).get("step"), len(finished_chunks(folder))
 
     def next_step(self, steps: list[int], *, newest_only: bool = False) -> int | None:
         """The checkpoint to index next: a half-built version's, so its finished chunks are kept,

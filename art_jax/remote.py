@@ -1,5 +1,6 @@
 """Inputs that live in object storage (gs://...): a local copy, so that memory maps and the
-ordinary file readers work on them.
+ordinary file readers work on them; and the local staging of folders written there, which
+becomes the writer's copy.
 
 The copy mirrors the URL under ``$ART_JAX_CACHE`` (default ~/.cache/art_jax), e.g.
 gs://bucket/nq/train.qa.csv -> ~/.cache/art_jax/gs/bucket/nq/train.qa.csv, so messages that
@@ -24,7 +25,7 @@ def cache_root() -> str:
 
 def _cache_path(url: str) -> str:
     scheme, rest = split_url(url)
-    return os.path.join(cache_root(), scheme, rest.rstrip("/"))
+    return os.path.join(cache_root(), scheme, rest.strip("/"))  # (file:///x: rest is absolute)
 
 
 def staging_parent(out: str) -> str:

@@ -3,9 +3,10 @@ URL code on local disk), through the same few operations.
 
 Local paths use os. URLs use tf.io.gfile; object stores have no atomic folder rename and no
 append, so:
-- a file is written to a local temporary file, uploaded beside its destination under a
-  hidden name, then renamed over it (on GCS a server-side copy that replaces the object
-  whole): readers see the old file or the new one, never half of either;
+- a file is written to a local temporary file, then uploaded: on GCS as one object that
+  appears whole when the upload completes (TensorFlow stages it under /tmp first, so /tmp
+  needs room for the largest file); elsewhere beside its destination under a hidden name,
+  then renamed over it. Readers see the old file or the new one, never half of either;
 - a folder is published by a marker file written last (an index version's meta.json);
 - an appended file (metrics) is kept locally and uploaded whole from time to time.
 """
@@ -164,7 +165,12 @@ def writing(path: str) -> Iterator[str]:
 def _upload(local: str, url: str) -> None:
     g = filesystem(url)
     g.makedirs(os.path.dirname(url))
-    hidden = f"{os.path.dirname(url)}/.{os.path.basename(url)}.{uuid.uuid4().hex}.uploading"
+    if split_url(url)[0] == "gs":  # one object, created whole when its upload completes
+        g.copy(local, url, overwrite=True)
+        return
+    # elsewhere (file://, ram://) a copy writes into the destination as it goes: copy beside it,
+    # then rename (the hidden name matches no reader's pattern, e.g. TensorBoard's "tfevents")
+    hidden = f"{os.path.dirname(url)}/.upload-{uuid.uuid4().hex}"
     try:
         g.copy(local, hidden, overwrite=True)
         g.rename(hidden, url, overwrite=True)
@@ -180,6 +186,15 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def touch(path: str) -> None:
+    """An empty file, created directly: a marker has no contents to see half of."""
+    if is_remote(path):
+        with filesystem(path).GFile(path, "wb") as f:
+            f.write(b"")  # GFile creates the file at its first write
+    else:
+        open(path, "wb").close()
 
 
 def upload_tree(local: str, url: str, *, last: str | None = None) -> None:
@@ -206,8 +221,10 @@ def download_tree(url: str, local: str) -> None:
 def publish_folder(staging: str, out: str, *, marker: str) -> None:
     """Put the finished local folder ``staging`` at ``out``, replacing what was there. Local:
     renamed into place (``staging`` is consumed); a reader sees the old folder or the new one
-    (or, between two renames, none). URL: uploaded with the file ``marker``, by which readers
-    know the folder is complete, last (``staging`` stays)."""
+    (or, between two renames, none). URL: the old folder is deleted, marker first, then
+    ``staging`` uploaded with the file ``marker``, by which readers know the folder is
+    complete, last (``staging`` stays); a kill in between leaves no folder to take for
+    complete, and a reader must not copy the folder while it is replaced."""
     if is_remote(out):
         remove(f"{out.rstrip('/')}/{marker}")  # no reader takes the old folder for complete from here on
         rmtree(out)
@@ -246,22 +263,20 @@ class AppendFile:
         self.file = open(self.local, "ab")  # noqa: SIM115 - for the writer's life
         if self.remote:
             self.file.write(initial)
-            self._flush(force=True)
+            self.flush(force=True)
 
     def write(self, data: bytes) -> None:
         self.file.write(data)
 
-    def flush(self) -> None:
-        self._flush(force=False)
-
-    def _flush(self, *, force: bool) -> None:
+    def flush(self, *, force: bool = False) -> None:
+        """``force``: upload now, however recent the last upload."""
         self.file.flush()
         if self.remote and (force or time.monotonic() - self._uploaded >= self.upload_seconds):
             _upload(self.local, self.path)
             self._uploaded = time.monotonic()
 
     def close(self) -> None:
-        self._flush(force=True)
+        self.flush(force=True)
         self.file.close()
         if self.remote:
             os.remove(self.local)

@@ -192,7 +192,9 @@ class Trainer:
     def save(self, step: int, *, force: bool = False) -> None:
         # async: the checkpoint at each refresh_every multiple is the refresher's "checkpoint ready"
         force = force or (self.watcher is not None and step % self.cfg.train.refresh_every == 0)
-        self.checkpoints.save(step, self.state, self._record(step), force=force)
+        if self.checkpoints.save(step, self.state, self._record(step), force=force):
+            # a resumed run keeps the metrics up to its checkpoint: they must be stored by then
+            self.metric_writer.sync()
 
     def keep_if_best(self, step: int, accuracy: dict[int, float]) -> None:
         """Saves the state to WORKDIR/best/ when this evaluation beats every earlier one (ties
@@ -281,10 +283,12 @@ class Trainer:
                     return {"before": first, "after": {}}
         finally:
             signal.signal(signal.SIGTERM, previous)
-            self.metric_writer.close()
-            self.checkpoints.close()
-            if self.best:
-                self.best.close()
+            try:  # the checkpoints first: in a gs:// workdir closing the metrics is an upload
+                self.checkpoints.close()
+                if self.best:
+                    self.best.close()
+            finally:
+                self.metric_writer.close()
         if self.watcher:
             mark_finished(self.workdir, self.total_steps)  # after close: the last checkpoint is complete
         return {"before": first, "after": last}

@@ -83,7 +83,7 @@ def _kill_after(monkeypatch, chunks: int) -> list[int]:
 
 def _url(path) -> str:
     """A file:// URL: the code that writes gs:// indexes (tf.io.gfile for the small files,
-    tensorstore's URL kvstore for the array, no renames), run on local disk."""
+    tensorstore for the array, no folder renames), run on local disk."""
     return f"file://{path}"
 
 
@@ -100,6 +100,8 @@ def test_killed_embed_resumes_without_redoing_finished_chunks(tower, store, tmp_
         IndexVersion.open(index_dir)
 
     monkeypatch.undo()
+    # a marker's temporary file, as an earlier writer could leave behind, is no finished chunk
+    (tmp_path / "index" / "v000000" / "done" / ".00000005.tmp").write_text("")
     written = _kill_after(monkeypatch, 10 ** 6)
     resumed = IndexVersion.open(_embed(tower, store, index_dir, dtype="bfloat16"))
     assert resumed.path == f"{index_dir}/v000000"

@@ -134,7 +134,7 @@ def test_prepare_corpus_as_two_processes_writes_the_same_store(demo_runs, t5_v11
             if name == "meta.json":
                 first, second = (dict(json.loads(m), created=None) for m in (first, second))
             assert first == second, (run, name)
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging or parts left behind
+    assert sorted(os.listdir(tmp_path)) == ["cache", "one", "two", "url"]  # no staging, parts or stamps left
 
 
 def test_the_refresher_runs_as_a_two_process_job(tmp_path):

@@ -1,7 +1,8 @@
 """Outputs at a URL: the storage operations on TensorFlow's in-memory filesystem (ram://,
 through tf.io.gfile like gs://), and whole jobs with file:// URLs, which run the URL code
-(no renames, markers written last, uploads) on local disk where the results can be
-compared with a local-path run's."""
+(tf.io.gfile, no folder renames, markers written last, uploads from local staging) on
+local disk, where the results can be compared with a local-path run's. Orbax is the
+exception: it takes gs:// itself, and a file:// workdir's checkpoints as local paths."""
 
 import json
 import os
@@ -41,6 +42,8 @@ def test_files_and_folders(root):
     assert storage.read_text(path) == "new" and storage.isfile(path) and not storage.isdir(path)
     assert storage.isdir(f"{root}/a") and not storage.isfile(f"{root}/a")
     storage.makedirs(f"{root}/a/c")
+    storage.touch(f"{root}/a/c/marker")
+    assert storage.isfile(f"{root}/a/c/marker") and storage.read_bytes(f"{root}/a/c/marker") == b""
     assert sorted(storage.listdir(f"{root}/a")) == ["b.json", "c"]
     storage.remove(path)
     storage.remove(path)  # a missing file is fine
@@ -51,13 +54,23 @@ def test_files_and_folders(root):
     assert not storage.exists(root)
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(root):
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(root, monkeypatch):
     path = f"{root}/out.json"
     storage.write_text(path, "complete")
     with pytest.raises(RuntimeError), storage.writing(path) as local:
         with open(local, "w") as f:
             f.write("half")
         raise RuntimeError("killed while writing")
+    assert storage.read_text(path) == "complete" and storage.listdir(root) == ["out.json"]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed while publishing")
+
+    monkeypatch.setattr(os, "replace", fail)  # the last step: a rename locally, an upload's rename for ram://
+    monkeypatch.setattr(gfile, "rename", fail)
+    with pytest.raises(RuntimeError, match="publishing"):
+        storage.write_text(path, "new")
+    monkeypatch.undo()
     assert storage.read_text(path) == "complete" and storage.listdir(root) == ["out.json"]
 
 
@@ -99,9 +112,20 @@ def test_a_folder_is_published_with_its_marker_last(tmp_path, monkeypatch):
     assert storage.read_text(f"{url}/sub/z.bin") == "sub/z.bin"
 
 
-def test_a_gcs_index_goes_to_tensorstores_gcs_driver():
-    spec = ts.Spec(_embeddings_spec("gs://bucket/runs/nq/index/v000003")).to_json()
-    assert spec["kvstore"] == {"driver": "gcs", "bucket": "bucket", "path": "runs/nq/index/v000003/embeddings/"}
+def test_a_gcs_index_goes_to_tensorstores_gcs_driver_under_the_names_gfile_uses():
+    spec = ts.Spec(_embeddings_spec("gs://bucket/runs/n%20q/index/v000003")).to_json()
+    assert spec["kvstore"] == {"driver": "gcs", "bucket": "bucket", "path": "runs/n%20q/index/v000003/embeddings/"}
+    assert ts.Spec(_embeddings_spec("file:///data/index/v000000")).to_json()["kvstore"] == {
+        "driver": "file", "path": "/data/index/v000000/embeddings/"}
+    from art_jax.checkpoints import orbax_path
+    from art_jax.errors import UserError
+
+    with pytest.raises(UserError, match=r"ram://bucket/index/v000000: an index is written to a local path, gs://"):
+        _embeddings_spec("ram://bucket/index/v000000")
+    with pytest.raises(UserError, match=r"ram://bucket/run/checkpoints: checkpoints are written to a local path"):
+        orbax_path("ram://bucket/run/checkpoints")
+    assert orbax_path("gs://bucket/run/checkpoints") == "gs://bucket/run/checkpoints"
+    assert orbax_path("file:///data/run/checkpoints") == "/data/run/checkpoints"
 
 
 def test_metrics_in_a_url_workdir_resume_like_local_ones(tmp_path):
@@ -117,6 +141,25 @@ def test_metrics_in_a_url_workdir_resume_like_local_ones(tmp_path):
         assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6], workdir
         events = storage.listdir(f"{workdir}/tensorboard")
         assert events and all(storage.read_bytes(f"{workdir}/tensorboard/{name}") for name in events)
+
+
+def test_metrics_uploaded_at_a_checkpoint_survive_a_kill():
+    """Rows reach a URL every 30 s, and at each checkpoint: a run killed (no close) keeps the
+    rows up to its checkpoint, so the resumed run has every step."""
+    workdir = f"ram://bucket/t{next(_serial)}"
+    metrics = {"loss": 1.0, "teacher_entropy": 0.0, "student_entropy": 0.0, "argmax_agreement": 0.0,
+               "grad_norm": 0.0, "learning_rate": 0.0, "skipped": 0.0, "index_staleness": 0}
+    killed = MetricWriter(workdir, 6, log_every=100)
+    for step in (1, 2, 3):
+        killed.step(step, metrics, {})
+    killed.sync()  # the trainer's checkpoint at step 3
+    killed.step(4, metrics, {})  # then killed: no close
+    resumed = MetricWriter(workdir, 6, start=3, log_every=100)
+    for step in (4, 5, 6):
+        resumed.step(step, metrics, {})
+    resumed.close()
+    rows = [json.loads(line)["step"] for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_run_in_a_url_workdir_equals_the_local_run_across_a_preemption(files, bert_dir, tmp_path, monkeypatch):

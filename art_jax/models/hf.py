@@ -407,8 +407,8 @@ def state_dict(model: Bert | T5) -> dict[str, np.ndarray]:
 
 def export(model: Bert | T5, tokenizer, out_dir: str) -> str:
     """Write a Hugging Face folder (config, safetensors, tokenizer) that transformers'
-    ``AutoModel`` / ``T5ForConditionalGeneration`` load, locally or to a URL; published
-    whole (a URL gets config.json last)."""
+    ``AutoModel`` / ``T5ForConditionalGeneration`` load, locally (renamed into place) or to a
+    URL (uploaded with config.json last)."""
     from safetensors.numpy import save_file
 
     hf_config = bert_config_to_hf(model.config) if isinstance(model, Bert) else t5_config_to_hf(model.config)
