@@ -121,7 +121,7 @@ def _refresh(args) -> None:
 def _selfcheck(args) -> None:
     from art_jax import selfcheck
 
-    if not selfcheck.run()["ok"]:
+    if not selfcheck.run(args.storage)["ok"]:
         raise SystemExit(1)
 
 
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_refresh)
 
     p = add_command("selfcheck", help="prove the install works: tiny random models, end to end")
+    p.add_argument("--storage", metavar="URL", help="also write, read back and delete a scratch folder under URL "
+                   "(gs://BUCKET/PATH) as a run would: a file, metrics, an export, an index, a checkpoint")
     p.set_defaults(run=_selfcheck)
     return parser
 

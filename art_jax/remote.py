@@ -48,6 +48,15 @@ def keep_as_copy(folder: str, url: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def drop_copy(url: str) -> None:
+    """Forget the cached copy of ``url`` (a scratch object that is gone)."""
+    target = _cache_path(url)
+    shutil.rmtree(target, ignore_errors=True)
+    for leftover in (target, target + ".stamp"):
+        if os.path.isfile(leftover):
+            os.remove(leftover)
+
+
 def local_copy(path: str) -> str:
     """``path`` itself when local; else the cached local copy of the remote file or folder."""
     if not is_remote(path):

@@ -259,3 +259,16 @@ def test_a_url_no_filesystem_handles_is_one_error_naming_it(tmp_path):
 
     with pytest.raises(UserError, match=r"s3://bucket/run/config.json: no filesystem for s3:// here .*gs://"):
         storage.write_text("s3://bucket/run/config.json", "{}")
+
+
+def test_selfcheck_storage_writes_reads_back_and_deletes_a_scratch_folder(tmp_path, capsys):
+    from art_jax import selfcheck
+
+    (tmp_path / "bucket").mkdir()
+    assert selfcheck.run(f"file://{tmp_path / 'bucket'}")["ok"]
+    out = capsys.readouterr().out
+    for check in ("file replaced whole", "metrics appended", "Hugging Face export", "index version",
+                  "Orbax checkpoint"):
+        assert f"storage: {check}" in out and "WRONG" not in out, out
+    assert os.listdir(tmp_path / "bucket") == []  # the scratch folder is gone
+    assert not any(files for _, _, files in os.walk(tmp_path / "cache"))  # and so is its cached copy
