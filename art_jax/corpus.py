@@ -29,7 +29,6 @@ from art_jax.distributed import barrier, is_lead
 from art_jax.errors import UserError
 from art_jax.progress import progress_bar
 from art_jax.remote import keep_as_copy, local_copy, staging_parent
-from art_jax.storage import is_remote, write_text
 from art_jax.retriever import Tokens, passage_rows
 
 STORE_FORMAT = 1
@@ -245,7 +244,7 @@ class CorpusStore:
 
     def __init__(self, path: str):
         # an index records its store by this path: absolute, or a URL (for other machines)
-        self.path = path if is_remote(path) else os.path.abspath(path)
+        self.path = path if storage.is_remote(path) else os.path.abspath(path)
         local = local_copy(path)  # memory-mapped: a gs:// store is copied to local disk first
         meta_path = os.path.join(local, "meta.json")
         if not os.path.isfile(meta_path):
@@ -307,7 +306,7 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     from art_jax.scorer import PromptBuilder
 
     out = out.rstrip("/")
-    source = corpus_path if is_remote(corpus_path) else os.path.abspath(corpus_path)
+    source = corpus_path if storage.is_remote(corpus_path) else os.path.abspath(corpus_path)
     corpus_path = local_copy(corpus_path)
     if not os.path.isfile(corpus_path):
         raise UserError(f"file not found: {corpus_path}")
@@ -316,7 +315,7 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     # each process tokenizes every processes-th batch into its own part, process 0 merges the
     # parts in batch order: in one staging folder of the job's, or, when the store goes to a
     # URL (no folder shared), each in its own, the others' parts passed on through parts_url
-    shared = processes > 1 and not is_remote(out)
+    shared = processes > 1 and not storage.is_remote(out)
     parts_url = f"{os.path.dirname(out)}/.{os.path.basename(out)}.parts"
     if shared:
         staging = os.path.join(parent, f".{os.path.basename(out)}.building-job")
@@ -408,9 +407,9 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
             "retriever": _token_meta(retriever_tokenizer, retriever, sep_id=retriever_tokenizer.sep_token_id),
             "scorer": _token_meta(scorer_tokenizer, scorer) if builder is not None else None,
         }
-        write_text(os.path.join(staging, "meta.json"), json.dumps(meta, indent=1))
+        storage.write_text(os.path.join(staging, "meta.json"), json.dumps(meta, indent=1))
         storage.publish_folder(staging, out, marker="meta.json")
-        if is_remote(out):
+        if storage.is_remote(out):
             keep_as_copy(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,7 +21,6 @@ import numpy as np
 from art_jax import storage
 from art_jax.distributed import is_lead
 from art_jax.evaluation import format_table
-from art_jax.storage import AppendFile
 
 
 def _crc32c_table() -> list[int]:
@@ -95,7 +94,8 @@ class EventFile:
 
     def __init__(self, folder: str, *, start: int = 0):
         self.path = os.path.join(folder, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-        self.file = AppendFile(self.path)  # appends: a run restarted within the same second keeps the first file
+        # appends: a run restarted within the same second keeps the first file
+        self.file = storage.AppendFile(self.path)
         self._write(event(time.time(), 0, file_version="brain.Event:2"))
         # TensorBoard takes every SessionLog START after a run's first as a restart, and drops
         # what was logged at or after its step: the steps a resumed run redoes
@@ -136,7 +136,7 @@ class MetricWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         # the interrupted run's steps past its checkpoint are redone
         kept = _rows_up_to(storage.read_bytes(path), start) if storage.isfile(path) else b""
-        self.jsonl = AppendFile(path, initial=kept)
+        self.jsonl = storage.AppendFile(path, initial=kept)
         self.events = EventFile(os.path.join(workdir, "tensorboard"), start=start)
         self.started = time.perf_counter()
 

@@ -7,9 +7,9 @@ the workdir, so either can die or restart without the other:
     ready"), ``config.json`` (the run's settings) and ``finished.json`` (the run is over: the
     refresher indexes the last checkpoint and exits);
   refresher -> trainer: index versions published in ``index/`` by their meta.json, written
-    last ("index ready"), and ``refresher.json``, a heartbeat (pid, host, state, time) rewritten atomically,
-    which the trainer quotes when an index is overdue.
-The trainer looks for a newer version at each step boundary (one listing) and swaps to it;
+    last ("index ready"), and ``refresher.json``, a heartbeat (pid, host, state, time)
+    replaced whole, which the trainer quotes when an index is overdue.
+The trainer looks for a newer version at step boundaries (one listing) and swaps to it;
 a slow or dead refresher only makes the index staler.
 """
 
@@ -32,7 +32,6 @@ from art_jax.distributed import is_lead, lead_value
 from art_jax.embed import embed_corpus
 from art_jax.errors import UserError
 from art_jax.fileio import read_json
-from art_jax.storage import write_text
 from art_jax.index import IndexVersion, finished_chunks, published_versions, version_folder
 from art_jax.sharding import make_mesh
 from art_jax.train_step import init_state
@@ -76,7 +75,7 @@ def mark_finished(workdir: str, step: int | None) -> None:
     if step is None:
         storage.remove(path)
     else:
-        write_text(path, json.dumps({"step": step, "time": time.time()}))
+        storage.write_text(path, json.dumps({"step": step, "time": time.time()}))
 
 
 class IndexWatcher:
@@ -172,7 +171,7 @@ class Refresher:
     def heartbeat(self, state: str, **fields) -> None:
         if not is_lead():
             return
-        write_text(os.path.join(self.workdir, HEARTBEAT),
+        storage.write_text(os.path.join(self.workdir, HEARTBEAT),
                      json.dumps({**self._beat, "state": state, "time": time.time(), **fields}))
 
     def steps(self) -> list[int]:

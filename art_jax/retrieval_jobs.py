@@ -13,7 +13,6 @@ from art_jax.corpus import CorpusStore
 from art_jax.data.questions import Question
 from art_jax.errors import UserError
 from art_jax.evaluation import evaluate_results
-from art_jax.storage import write_text
 from art_jax.index import IndexVersion
 from art_jax.progress import progress_bar
 from art_jax.retriever import DualEncoder
@@ -69,5 +68,5 @@ def search_file(encoder: DualEncoder, version: IndexVersion, index: ShardedIndex
     scores, rows = retrieve(encoder, index, questions, k, batch_size=batch_size, progress=progress)
     accuracy, results = dpr_results(questions, scores, rows, store, version.ids, match)
     if jax.process_index() == 0:
-        write_text(out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        storage.write_text(out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     return accuracy
