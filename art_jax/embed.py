@@ -18,7 +18,7 @@ import numpy as np
 
 from art_jax.batching import round_up
 from art_jax.corpus import CorpusStore
-from art_jax.distributed import barrier, is_lead
+from art_jax.distributed import barrier, is_lead, lead_value
 from art_jax.errors import UserError
 from art_jax.index import DTYPES, IndexBuilder, IndexPlan, published_versions
 from art_jax.models.bert import Bert
@@ -36,7 +36,7 @@ def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint:
     if dtype not in DTYPES:
         raise UserError(f"embed: dtype {dtype!r} is not one of {DTYPES}")
     if version is None:
-        version = (published_versions(index_dir) or [-1])[-1] + 1
+        version = lead_value((published_versions(index_dir) or [-1])[-1] + 1)  # one view for all processes
     plan = IndexPlan(count=len(store), dim=tower.config.hidden_size, dtype=dtype, chunk_rows=chunk_rows,
                      corpus=store.path, checkpoint=checkpoint, step=step, max_length=max_length)
     builder = IndexBuilder(index_dir, version, plan)

@@ -22,6 +22,7 @@ import tensorstore as ts
 
 from art_jax import storage
 from art_jax.errors import UserError
+from art_jax.fileio import read_json
 
 INDEX_FORMAT = 1
 DTYPES = ("float16", "bfloat16")
@@ -113,7 +114,7 @@ class IndexBuilder:
             raise UserError(f"{self.folder}: this index version is already published")
         plan_path = os.path.join(self.folder, "plan.json")
         if create:
-            if storage.isfile(plan_path) and _read(plan_path) != dataclasses.asdict(self.plan):
+            if storage.isfile(plan_path) and read_json(plan_path) != dataclasses.asdict(self.plan):
                 storage.rmtree(self.folder)
             if not storage.isfile(plan_path):
                 storage.rmtree(self.folder)
@@ -149,10 +150,6 @@ class IndexBuilder:
         return self.folder
 
 
-def _read(path: str) -> dict:
-    return json.loads(storage.read_text(path))
-
-
 @dataclasses.dataclass
 class IndexVersion:
     """A published version, opened lazily: rows are read from tensorstore on demand."""
@@ -165,7 +162,7 @@ class IndexVersion:
     @classmethod
     def open(cls, path: str) -> "IndexVersion":
         path = resolve_version(path)
-        meta = _read(os.path.join(path, "meta.json"))
+        meta = read_json(os.path.join(path, "meta.json"))
         if meta.get("format") != INDEX_FORMAT:
             raise UserError(f"{path}: index format {meta.get('format')}, expected {INDEX_FORMAT}")
         ids_path = os.path.join(path, "ids.npy")

@@ -200,7 +200,8 @@ class Refresher:
     def next_step(self, steps: list[int], *, newest_only: bool = False) -> int | None:
         """The checkpoint to index next: a half-built version's, so its finished chunks are kept,
         else the newest; those in between are skipped. None when the newest is indexed."""
-        fresh = [s for s in steps if s > self.indexed_step()]
+        indexed = self.indexed_step()  # (a listing and a read: once, not per step)
+        fresh = [s for s in steps if s > indexed]
         if not fresh:
             return None
         half, _ = self._half_built()
@@ -249,7 +250,8 @@ class Refresher:
             # a multi-process refresher builds one version together: process 0's pick for all
             step = lead_value(self.next_step(steps, newest_only=once))
             if step is not None:
-                published.append(self.build(step, [s for s in steps if self.indexed_step() < s < step]))
+                indexed = self.indexed_step()
+                published.append(self.build(step, [s for s in steps if indexed < s < step]))
                 if once:
                     break
                 continue  # at once: more checkpoints may have come while embedding

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 
 from art_jax.errors import UserError
-from art_jax.storage import download_tree, filesystem, is_remote, split_url
+from art_jax.storage import download_tree, filesystem, is_remote, read_text, split_url, write_text
 
 
 def cache_root() -> str:
@@ -43,7 +43,7 @@ def keep_as_copy(folder: str, url: str) -> None:
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.keeping-", dir=os.path.dirname(target))
     try:
         _install(folder, target, staging)
-        _write_stamp(target, json.dumps(_stamp(filesystem(url), url.rstrip("/"))))
+        write_text(target + ".stamp", json.dumps(_stamp(filesystem(url), url.rstrip("/"))))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -68,7 +68,7 @@ def local_copy(path: str) -> str:
     target = _cache_path(url)
     stamp = json.dumps(_stamp(gfile, url))
     stamp_path = target + ".stamp"
-    if os.path.exists(target) and _read(stamp_path) == stamp:
+    if os.path.exists(target) and os.path.isfile(stamp_path) and read_text(stamp_path) == stamp:
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.fetching-", dir=os.path.dirname(target))
@@ -79,16 +79,10 @@ def local_copy(path: str) -> str:
         else:
             gfile.copy(url, fetched, overwrite=True)
         _install(fetched, target, staging)
-        _write_stamp(target, stamp)
+        write_text(stamp_path, stamp)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _write_stamp(target: str, stamp: str) -> None:
-    with open(target + ".stamp.tmp", "w") as f:
-        f.write(stamp)
-    os.replace(target + ".stamp.tmp", target + ".stamp")
 
 
 def _install(fetched: str, target: str, staging: str) -> None:
@@ -118,10 +112,3 @@ def _stamp(gfile, url: str):
     stat = gfile.stat(url)
     return [stat.length, stat.mtime_nsec]
 
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
