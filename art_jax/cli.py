@@ -7,13 +7,14 @@ import functools
 import os
 import sys
 
-from art_jax.errors import UserError
+from art_jax.core.errors import UserError
 
 
 def _score(args) -> None:
-    from art_jax.scorer import PromptConfig, T5Scorer
-    from art_jax.scoring_jobs import rerank_results_file, score_pairs_file
-    from art_jax.sharding import make_mesh
+    from art_jax.core.sharding import make_mesh
+    from art_jax.data.prompts import PromptConfig
+    from art_jax.jobs.score import rerank_results_file, score_pairs_file
+    from art_jax.teachers.t5 import T5Scorer
 
     prompt = PromptConfig(head=args.head, verbalizer=args.verbalizer, question_prefix=args.question_prefix,
                           max_encoder_tokens=args.max_encoder_tokens, max_decoder_tokens=args.max_decoder_tokens)
@@ -27,7 +28,7 @@ def _score(args) -> None:
 
 
 def _export(args) -> None:
-    from art_jax.distributed import barrier, is_lead
+    from art_jax.core.distributed import barrier, is_lead
     from art_jax.models.hf import export, load_bert, load_tokenizer
 
     if is_lead():  # one writer of the folder in a multi-process job
@@ -37,7 +38,7 @@ def _export(args) -> None:
 
 
 def _prepare_corpus(args) -> None:
-    from art_jax.corpus import TokenizerSpec, prepare_corpus
+    from art_jax.data.corpus import TokenizerSpec, prepare_corpus
     from art_jax.models.hf import load_tokenizer
 
     scorer = TokenizerSpec(args.scorer, args.scorer_max_length) if args.scorer else None
@@ -49,8 +50,8 @@ def _prepare_corpus(args) -> None:
 
 
 def _embed(args) -> None:
-    from art_jax.corpus import CorpusStore
-    from art_jax.embed import embed_corpus, load_passage_tower
+    from art_jax.data.corpus import CorpusStore
+    from art_jax.retrieval.embed import embed_corpus, load_passage_tower
 
     store = CorpusStore(args.corpus)
     path = embed_corpus(load_passage_tower(args.retriever), store, args.out, checkpoint=args.retriever,
@@ -62,13 +63,14 @@ def _embed(args) -> None:
 def _search(args) -> None:
     import json
 
+    from art_jax.core.sharding import make_mesh
     from art_jax.data.questions import read_questions
-    from art_jax.evaluation import format_table
-    from art_jax.index import IndexVersion
-    from art_jax.retrieval_jobs import open_corpus_for, search_file
-    from art_jax.retriever import DualEncoder
-    from art_jax.search import ShardedIndex
-    from art_jax.sharding import make_mesh
+    from art_jax.evaluation.answers import format_table
+    from art_jax.jobs.search import search_file
+    from art_jax.retrieval.encoder import DualEncoder
+    from art_jax.retrieval.index import IndexVersion
+    from art_jax.retrieval.results import open_corpus_for
+    from art_jax.retrieval.search import ShardedIndex
 
     questions = read_questions(args.questions)
     version = IndexVersion.open(args.index)
@@ -86,7 +88,7 @@ def _search(args) -> None:
 def _evaluate(args) -> None:
     import json
 
-    from art_jax.evaluation import evaluate_file, format_table
+    from art_jax.evaluation.answers import evaluate_file, format_table
 
     report = evaluate_file(args.results, args.match, args.topk, args.annotated_out)
     print(format_table({int(k): a for k, a in report["top_k"].items()}))
@@ -95,7 +97,7 @@ def _evaluate(args) -> None:
 
 def _train(args) -> None:
     from art_jax.config import load_config
-    from art_jax.distributed import is_lead
+    from art_jax.core.distributed import is_lead
     from art_jax.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -111,7 +113,7 @@ def _train(args) -> None:
 
 
 def _refresh(args) -> None:
-    from art_jax.refresh import Refresher
+    from art_jax.retrieval.refresh import Refresher
 
     if args.poll_seconds <= 0:
         raise UserError(f"--poll-seconds must be positive, got {args.poll_seconds}")
@@ -119,7 +121,7 @@ def _refresh(args) -> None:
 
 
 def _selfcheck(args) -> None:
-    from art_jax import selfcheck
+    from art_jax.jobs import selfcheck
 
     if not selfcheck.run(args.storage)["ok"]:
         raise SystemExit(1)
@@ -127,14 +129,14 @@ def _selfcheck(args) -> None:
 
 def _quiet_unless_lead() -> None:
     """Process 0 alone prints results and progress; the others keep stderr for errors."""
-    from art_jax.distributed import is_lead
+    from art_jax.core.distributed import is_lead
 
     if not is_lead():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from art_jax.scorer import PromptConfig
+    from art_jax.data.prompts import PromptConfig
 
     parser = argparse.ArgumentParser(prog="art-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = extra
     try:
-        from art_jax.distributed import initialize
+        from art_jax.core.distributed import initialize
 
         if initialize(args.coordinator_address, args.num_processes, args.process_id,
                       timeout_s=args.distributed_timeout):

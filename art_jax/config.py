@@ -14,8 +14,8 @@ import os
 
 import ml_collections
 
-from art_jax.errors import UserError
-from art_jax.storage import write_text
+from art_jax.core.errors import UserError
+from art_jax.core.storage import write_text
 
 
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:

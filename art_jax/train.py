@@ -15,27 +15,37 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from art_jax import storage
-from art_jax.batching import round_up
-from art_jax.checkpoints import Checkpoints
 from art_jax.config import write_config
-from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
+from art_jax.core import storage
+from art_jax.core.batching import round_up
+from art_jax.core.checkpoints import Checkpoints
+from art_jax.core.distributed import any_process, is_lead, lead_value
+from art_jax.core.errors import UserError
+from art_jax.core.sharding import from_identical, from_process_rows, local_replica, make_mesh, process_rows
+from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
-from art_jax.distributed import any_process, is_lead, lead_value
-from art_jax.errors import UserError
-from art_jax.index import IndexVersion, version_name
-from art_jax.metrics import MetricWriter
+from art_jax.data.tokenization import tokenize_questions
 from art_jax.models.hf import load_bert, load_tokenizer
-from art_jax.refresh import IndexWatcher, build_index, initial_index, mark_finished
-from art_jax.retrieval_jobs import dpr_results, retrieve
-from art_jax.retriever import DualEncoder, tokenize_questions
-from art_jax.search import ShardedIndex
-from art_jax.sharding import from_identical, from_process_rows, local_replica, make_mesh, process_rows
-from art_jax.train_step import OptimConfig, Towers, embed_questions, init_state, jit_update, \
-    learning_rate_schedule, make_optimizer, unique_passages
+from art_jax.retrieval.encoder import DualEncoder
+from art_jax.retrieval.index import IndexVersion, version_name
+from art_jax.retrieval.refresh import IndexWatcher, build_index, initial_index, mark_finished
+from art_jax.retrieval.results import dpr_results, retrieve
+from art_jax.retrieval.search import ShardedIndex
+from art_jax.train_step import (
+    OptimConfig,
+    Towers,
+    embed_questions,
+    init_state,
+    jit_update,
+    learning_rate_schedule,
+    make_optimizer,
+    unique_passages,
+)
+from art_jax.training.metrics import MetricWriter
 
 
 def _check_config(cfg, devices: int, store: CorpusStore) -> None:
@@ -74,7 +84,9 @@ def open_store(cfg, workdir: str) -> CorpusStore:
 
 
 def make_teacher(cfg, tokenizer, store, mesh):
-    from art_jax.scorer import PromptConfig, QueryLikelihoodScorer, T5Scorer
+    from art_jax.data.prompts import PromptConfig
+    from art_jax.teachers.query_likelihood import QueryLikelihoodScorer
+    from art_jax.teachers.t5 import T5Scorer
 
     if cfg.scorer.kind == "query_likelihood":
         return QueryLikelihoodScorer(tokenizer, store, mu=cfg.scorer.mu, scale=cfg.scorer.scale,

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from art_jax.batching import round_up
+from art_jax.core.batching import round_up
 from art_jax.models.bert import Bert
 from art_jax.objectives import art_loss
 

@@ -47,7 +47,7 @@ def torch_scores(model, tokenizer, titles, texts, questions, batch_size: int, so
     """The natural transformers implementation of the ART score, with the same prompt."""
     import torch
 
-    from art_jax.scorer import PromptBuilder
+    from art_jax.data.prompts import PromptBuilder
 
     builder = PromptBuilder(tokenizer)
     enc, dec = builder.encoder_ids(titles, texts), builder.decoder_ids(questions)
@@ -80,7 +80,7 @@ def forward_flop_rate(scorer, batch: int, enc_len: int, dec_len: int, repeats: i
     """FLOP/s of the jitted scorer forward at one shape, FLOPs as XLA counts them."""
     import jax
 
-    from art_jax.scorer import _teacher_scores
+    from art_jax.teachers.t5 import _teacher_scores
 
     rng = np.random.default_rng(0)
     vocab = scorer.model.config.vocab_size
@@ -109,7 +109,7 @@ def main() -> None:
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from art_jax.scorer import T5Scorer
+    from art_jax.teachers.t5 import T5Scorer
     from tests.hf_fixtures import make_t5_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)

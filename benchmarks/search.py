@@ -26,9 +26,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from art_jax import search as search_module  # noqa: E402
-from art_jax.search import ShardedIndex  # noqa: E402
-from art_jax.sharding import make_mesh  # noqa: E402
+from art_jax.core.sharding import make_mesh  # noqa: E402
+from art_jax.retrieval import search as search_module  # noqa: E402
+from art_jax.retrieval.search import ShardedIndex  # noqa: E402
 
 
 def best_time(fn, repeats: int) -> float:

@@ -92,10 +92,11 @@ class JaxStep:
 
     def __init__(self, folder: str, optim, temperature_multiplier: float):
         import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
+        from art_jax.core.sharding import make_mesh
         from art_jax.models.hf import load_bert
-        from art_jax.sharding import make_mesh
         from art_jax.train_step import Towers, init_state, jit_update, learning_rate_schedule, make_optimizer
 
         self.mesh = make_mesh()
@@ -182,7 +183,7 @@ def compare_update(args) -> None:
     import torch
     import transformers
 
-    from art_jax.batching import round_up
+    from art_jax.core.batching import round_up
     from art_jax.train_step import OptimConfig
     from tests.hf_fixtures import make_bert_checkpoint
 

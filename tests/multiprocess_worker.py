@@ -15,9 +15,9 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 def search(index_dir, queries_path, out_path):
     import numpy as np
 
-    from art_jax.index import IndexVersion
-    from art_jax.search import ShardedIndex
-    from art_jax.sharding import make_mesh
+    from art_jax.core.sharding import make_mesh
+    from art_jax.retrieval.index import IndexVersion
+    from art_jax.retrieval.search import ShardedIndex
 
     index = ShardedIndex.from_version(IndexVersion.open(index_dir), make_mesh(), rows_per_device=16)
     scores, rows = index.search(np.load(queries_path), 30)
@@ -26,8 +26,8 @@ def search(index_dir, queries_path, out_path):
 
 
 def embed(checkpoint, store, index_dir):
-    from art_jax.corpus import CorpusStore
-    from art_jax.embed import embed_corpus, load_passage_tower
+    from art_jax.data.corpus import CorpusStore
+    from art_jax.retrieval.embed import embed_corpus, load_passage_tower
 
     embed_corpus(load_passage_tower(checkpoint), CorpusStore(store), index_dir, checkpoint=checkpoint,
                  chunk_rows=48, batch_size=16, max_length=40, progress=False)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from art_jax.checkpoints import Checkpoints
+from art_jax.core.checkpoints import Checkpoints
 from art_jax.train import build_model
 from art_jax.train_step import init_state
 from tests.multiprocess import ROOT

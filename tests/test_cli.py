@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from art_jax import cli
-from art_jax.scorer import T5Scorer
+from art_jax.teachers.t5 import T5Scorer
 from tests.test_scorer import PAIRS, oracle_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from art_jax import cli
-from art_jax.corpus import CorpusStore, TokenizerSpec, iter_passages, prepare_corpus
-from art_jax.errors import UserError
+from art_jax.core.errors import UserError
+from art_jax.data.corpus import CorpusStore, TokenizerSpec, iter_passages, prepare_corpus
+from art_jax.data.prompts import PromptBuilder, PromptConfig
+from art_jax.data.tokenization import tokenize_passages
 from art_jax.models.hf import load_tokenizer
-from art_jax.retriever import tokenize_passages
-from art_jax.scorer import PromptBuilder, PromptConfig
 from tests.hf_fixtures import CORPUS
 
 M, S = 48, 40  # stored retriever / scorer max lengths

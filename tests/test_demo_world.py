@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from art_jax.corpus import iter_passages
+from art_jax.data.corpus import iter_passages
 from art_jax.data.demo_world import make_world, write_world
 from art_jax.data.questions import read_questions
-from art_jax.evaluation import has_answer, simple_tokenize
+from art_jax.evaluation.answers import has_answer, simple_tokenize
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import regex
 
+from art_jax.core.errors import UserError
 from art_jax.data.questions import Question, read_questions
-from art_jax.errors import UserError
-from art_jax.evaluation import (evaluate_file, evaluate_results, format_table, has_answer,
-                                simple_tokenize, top_k_accuracy)
+from art_jax.evaluation.answers import (
+    evaluate_file,
+    evaluate_results,
+    format_table,
+    has_answer,
+    simple_tokenize,
+    top_k_accuracy,
+)
 
 # --- Oracle: DPR's SimpleTokenizer + has_answer, step by step as dpr/data/qa_validation.py does
 # them (a slice compare at every start position; answer patterns through the `regex` module).

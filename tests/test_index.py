@@ -7,14 +7,15 @@ import os
 import numpy as np
 import pytest
 
-from art_jax import cli, storage
-from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
-from art_jax.embed import embed_corpus, load_passage_tower
-from art_jax.errors import UserError
-from art_jax.evaluation import has_answer
-from art_jax.index import IndexBuilder, IndexVersion, published_versions
+from art_jax import cli
+from art_jax.core import storage
+from art_jax.core.errors import UserError
+from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
+from art_jax.evaluation.answers import has_answer
 from art_jax.models.hf import load_tokenizer
-from art_jax.retriever import DualEncoder
+from art_jax.retrieval.embed import embed_corpus, load_passage_tower
+from art_jax.retrieval.encoder import DualEncoder
+from art_jax.retrieval.index import IndexBuilder, IndexVersion, published_versions
 from tests.hf_fixtures import CORPUS
 from tests.multiprocess import run_two_processes
 
@@ -194,7 +195,7 @@ def test_prepare_embed_search_evaluate_commands(bert_dir, tmp_path, capsys):
 
 
 def test_search_against_a_different_corpus_is_refused(tower, store, tmp_path, bert_dir):
-    from art_jax.retrieval_jobs import open_corpus_for
+    from art_jax.retrieval.results import open_corpus_for
 
     version = IndexVersion.open(_embed(tower, store, tmp_path / "index"))
     other = prepare_corpus(_write_corpus(tmp_path / "small.tsv", n=30), str(tmp_path / "small"),

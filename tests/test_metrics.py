@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from art_jax.metrics import MetricWriter, crc32c, tag
 from art_jax.train import Trainer
+from art_jax.training.metrics import MetricWriter, crc32c, tag
 from tests.test_train import _config
 
 

@@ -21,13 +21,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from art_jax.batching import pad_rows, round_up
-from art_jax.models.bert import Bert, BertConfig
+from art_jax.core.batching import pad_rows, round_up
+from art_jax.core.sharding import batch_sharding, make_mesh
+from art_jax.data.tokenization import tokenize_questions
 from art_jax.models import hf
+from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.hf import CheckpointError, init_module, load_bert, load_t5, load_tokenizer
 from art_jax.models.t5 import relative_position_buckets
-from art_jax.retriever import tokenize_questions
-from art_jax.sharding import batch_sharding, make_mesh
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from art_jax.checkpoints import Checkpoints
-from art_jax.index import IndexVersion, published_versions
+from art_jax.core.checkpoints import Checkpoints
+from art_jax.retrieval.index import IndexVersion, published_versions
 from tests.multiprocess import ROOT
 
 LOCAL = os.path.join(ROOT, "launch", "local.sh")

@@ -12,11 +12,18 @@ import time
 import numpy as np
 import pytest
 
-from art_jax.checkpoints import Checkpoints
 from art_jax.config import write_config
-from art_jax.errors import UserError
-from art_jax.index import IndexBuilder, IndexPlan, IndexVersion, published_versions, version_folder, version_name
-from art_jax.refresh import Refresher
+from art_jax.core.checkpoints import Checkpoints
+from art_jax.core.errors import UserError
+from art_jax.retrieval.index import (
+    IndexBuilder,
+    IndexPlan,
+    IndexVersion,
+    published_versions,
+    version_folder,
+    version_name,
+)
+from art_jax.retrieval.refresh import Refresher
 from art_jax.train import Trainer
 from tests.multiprocess import ROOT
 from tests.test_cli import _fails
@@ -26,7 +33,7 @@ from tests.test_train import _config
 # OOM kill or a lost host would: no cleanup, a half-built version left behind
 DIE_AFTER_FIRST_CHUNK = """
 import os, signal, sys
-from art_jax import index
+from art_jax.retrieval import index
 write = index.IndexBuilder.write_chunk
 def write_then_die(self, chunk, embeddings):
     write(self, chunk, embeddings)

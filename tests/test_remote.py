@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from art_jax.corpus import CorpusStore, TokenizerSpec, prepare_corpus
+from art_jax.core.errors import UserError
+from art_jax.core.remote import local_copy
+from art_jax.core.storage import tensorflow
+from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.data.questions import read_questions
-from art_jax.errors import UserError
 from art_jax.models.hf import load_bert, load_tokenizer
-from art_jax.remote import local_copy
-from art_jax.storage import tensorflow
 from tests.hf_fixtures import CORPUS
 
 gfile = tensorflow().io.gfile

@@ -17,10 +17,11 @@ import pytest
 import torch
 from flax import nnx
 
-from art_jax.errors import UserError
+from art_jax.core.errors import UserError
+from art_jax.core.sharding import make_mesh
+from art_jax.data.prompts import PromptBuilder, PromptConfig
 from art_jax.models.hf import load_tokenizer
-from art_jax.scorer import PromptBuilder, PromptConfig, T5Scorer
-from art_jax.sharding import make_mesh
+from art_jax.teachers.t5 import T5Scorer
 from tests.hf_fixtures import CORPUS
 
 # The recipe's strings, written out here rather than read from PromptConfig.

@@ -7,10 +7,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from art_jax.errors import UserError
-from art_jax.index import IndexBuilder, IndexPlan, IndexVersion
-from art_jax.search import ShardedIndex
-from art_jax.sharding import make_mesh
+from art_jax.core.errors import UserError
+from art_jax.core.sharding import make_mesh
+from art_jax.retrieval.index import IndexBuilder, IndexPlan, IndexVersion
+from art_jax.retrieval.search import ShardedIndex
 from tests.multiprocess import run_two_processes
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from art_jax import cli, storage
-from art_jax.index import IndexVersion, _embeddings_spec
-from art_jax.metrics import MetricWriter
+from art_jax import cli
+from art_jax.core import storage
+from art_jax.retrieval.index import IndexVersion, _embeddings_spec
 from art_jax.train import Trainer
+from art_jax.training.metrics import MetricWriter
 from tests.test_train import _config, _params
 
 gfile = storage.gfile()
@@ -117,8 +118,8 @@ def test_a_gcs_index_goes_to_tensorstores_gcs_driver_under_the_names_gfile_uses(
     assert spec["kvstore"] == {"driver": "gcs", "bucket": "bucket", "path": "runs/n%20q/index/v000003/embeddings/"}
     assert ts.Spec(_embeddings_spec("file:///data/index/v000000")).to_json()["kvstore"] == {
         "driver": "file", "path": "/data/index/v000000/embeddings/"}
-    from art_jax.checkpoints import orbax_path
-    from art_jax.errors import UserError
+    from art_jax.core.checkpoints import orbax_path
+    from art_jax.core.errors import UserError
 
     with pytest.raises(UserError, match=r"ram://bucket/index/v000000: an index is written to a local path, gs://"):
         _embeddings_spec("ram://bucket/index/v000000")
@@ -237,7 +238,7 @@ def test_the_command_chain_with_url_outputs_equals_local_paths(bert_dir, tmp_pat
 def test_the_refresher_serves_a_url_workdir(files, bert_dir, tmp_path):
     """An async run in a URL workdir: the refresher reads its config, checkpoints and
     finished.json, and publishes the last checkpoint's index there with its heartbeat."""
-    from art_jax.refresh import Refresher
+    from art_jax.retrieval.refresh import Refresher
     from tests.test_refresh import _async_config
 
     workdir = f"file://{tmp_path / 'run'}"
@@ -255,14 +256,14 @@ def test_the_refresher_serves_a_url_workdir(files, bert_dir, tmp_path):
 
 
 def test_a_url_no_filesystem_handles_is_one_error_naming_it(tmp_path):
-    from art_jax.errors import UserError
+    from art_jax.core.errors import UserError
 
     with pytest.raises(UserError, match=r"s3://bucket/run/config.json: no filesystem for s3:// here .*gs://"):
         storage.write_text("s3://bucket/run/config.json", "{}")
 
 
 def test_selfcheck_storage_writes_reads_back_and_deletes_a_scratch_folder(tmp_path, capsys):
-    from art_jax import selfcheck
+    from art_jax.jobs import selfcheck
 
     (tmp_path / "bucket").mkdir()
     assert selfcheck.run(f"file://{tmp_path / 'bucket'}")["ok"]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import seqio
 
+from art_jax.core.errors import UserError
 from art_jax.data.tasks import question_stream, read_shard, register_question_task
-from art_jax.errors import UserError
 
 
 @pytest.fixture

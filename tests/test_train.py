@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from art_jax.checkpoints import Checkpoints
 from art_jax.config import apply_override, default_config
-from art_jax.errors import UserError
+from art_jax.core.checkpoints import Checkpoints
+from art_jax.core.errors import UserError
 from art_jax.train import Trainer
 
 

@@ -6,14 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from art_jax.core.sharding import make_mesh
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.hf import init_module
 from art_jax.objectives import art_loss
-from art_jax.sharding import make_mesh
-from art_jax.train_step import OptimConfig, Towers, init_state, jit_update, learning_rate_schedule, \
-    make_optimizer, unique_passages, update
+from art_jax.train_step import (
+    OptimConfig,
+    Towers,
+    init_state,
+    jit_update,
+    learning_rate_schedule,
+    make_optimizer,
+    unique_passages,
+    update,
+)
 
 
 def _numpy_kl(q, p, teacher, m=1.0):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from art_jax import storage
+from art_jax.core import storage
+from art_jax.core.distributed import barrier, is_lead
 from art_jax.data.demo_world import make_world, write_world
-from art_jax.distributed import barrier, is_lead
 from art_jax.data.tokenizers import train_wordpiece
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.hf import export, init_module

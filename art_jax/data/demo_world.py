@@ -16,8 +16,8 @@ import os
 import random
 import re
 
+from art_jax.core.storage import write_text
 from art_jax.data.questions import Question
-from art_jax.storage import write_text
 
 # Names are a start, an optional middle and an end syllable: pronounceable, like "Talor Vemmick".
 _STARTS = ("ta", "ve", "ko", "mi", "dra", "sel", "bri", "or", "hal", "ny", "qui", "ros", "tam", "el", "gor",

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from art_jax.errors import UserError
-from art_jax.remote import local_copy
-from art_jax.fileio import read_json, read_jsonl
+from art_jax.core.errors import UserError
+from art_jax.core.fileio import read_json, read_jsonl
+from art_jax.core.remote import local_copy
 
 
 @dataclass(frozen=True)

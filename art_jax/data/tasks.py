@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from art_jax.core.errors import UserError
+from art_jax.core.storage import tensorflow
 from art_jax.data.questions import read_questions
-from art_jax.errors import UserError
-from art_jax.storage import tensorflow
 
 # the datasets of the paper and its follow-ups; any other name also works (the demo's, a user's)
 DATASETS = ("nq", "trivia", "squad", "webq", "entityqs", "msmarco")

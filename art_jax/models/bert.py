@@ -12,8 +12,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from art_jax.models.layers import (KeyStream, attend, attention_bias_from_mask, dense, dropout,
-                                   embed, merge_heads, split_heads)
+from art_jax.models.layers import (
+    KeyStream,
+    attend,
+    attention_bias_from_mask,
+    dense,
+    dropout,
+    embed,
+    merge_heads,
+    split_heads,
+)
 
 
 @dataclasses.dataclass(frozen=True)

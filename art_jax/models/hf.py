@@ -22,13 +22,12 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from art_jax.errors import CheckpointError
+from art_jax.core.errors import CheckpointError
+from art_jax.core.remote import local_copy, staging_parent
+from art_jax.core.sharding import DEFAULT_RULES, state_shardings
+from art_jax.core.storage import is_remote, publish_folder
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.t5 import T5, T5Config
-from art_jax.remote import local_copy, staging_parent
-from art_jax.sharding import DEFAULT_RULES, state_shardings
-from art_jax.storage import is_remote, publish_folder
-
 
 # ---------------------------------------------------------------------------------------
 # Locating and reading checkpoint folders

@@ -1,7 +1,7 @@
 """Building blocks shared by the BERT and T5 modules.
 
 Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ``vocab``) that
-``art_jax.sharding`` maps onto a mesh; modules never see the mesh themselves.
+``art_jax.core.sharding`` maps onto a mesh; modules never see the mesh themselves.
 Dropout is a pure function of an explicit key so that a train step stays a pure
 function of (state, batch): no RNG state lives inside the modules.
 """

@@ -14,8 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from art_jax.models.layers import (KeyStream, attend, attention_bias_from_mask, dense, dropout,
-                                   embed, merge_heads, split_heads)
+from art_jax.models.layers import (
+    KeyStream,
+    attend,
+    attention_bias_from_mask,
+    dense,
+    dropout,
+    embed,
+    merge_heads,
+    split_heads,
+)
 
 
 @dataclasses.dataclass(frozen=True)

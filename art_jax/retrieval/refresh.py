@@ -23,17 +23,18 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from art_jax import storage
-from art_jax.checkpoints import SKIP, Checkpoints
-from art_jax.corpus import CorpusStore
-from art_jax.distributed import is_lead, lead_value
-from art_jax.embed import embed_corpus
-from art_jax.errors import UserError
-from art_jax.fileio import read_json
-from art_jax.index import IndexVersion, finished_chunks, published_versions, version_folder
-from art_jax.sharding import make_mesh
+from art_jax.core import storage
+from art_jax.core.checkpoints import SKIP, Checkpoints
+from art_jax.core.distributed import is_lead, lead_value
+from art_jax.core.errors import UserError
+from art_jax.core.fileio import read_json
+from art_jax.core.sharding import make_mesh
+from art_jax.data.corpus import CorpusStore
+from art_jax.retrieval.embed import embed_corpus
+from art_jax.retrieval.index import IndexVersion, finished_chunks, published_versions, version_folder
 from art_jax.train_step import init_state
 
 HEARTBEAT = "refresher.json"

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 
-from art_jax.errors import UserError
+from art_jax.core.errors import UserError
 
 # ART_JAX_DISTRIBUTED=auto asks jax to find the cluster itself (what launch/tpu_vm.sh sets:
 # on a TPU VM slice the workers come from the metadata server); =off forces one process

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 
-from art_jax.errors import UserError
-from art_jax.fileio import read_json, read_jsonl
-from art_jax.scorer import T5Scorer
-from art_jax.storage import write_text
+from art_jax.core.errors import UserError
+from art_jax.core.fileio import read_json, read_jsonl
+from art_jax.core.storage import write_text
+from art_jax.teachers.t5 import T5Scorer
 
 
 def score_pairs_file(scorer: T5Scorer, pairs_path: str, out_path: str, *, batch_size: int = 32,

@@ -13,9 +13,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from art_jax.errors import UserError
-from art_jax.storage import is_remote, split_url
-
+from art_jax.core.errors import UserError
+from art_jax.core.storage import is_remote, split_url
 
 # A leaf of ``like`` that ``Checkpoints.restore`` does not read (it comes back as is): the
 # refresher reads only the passage tower out of a whole train state.

@@ -15,13 +15,13 @@ import uuid
 import jax
 import numpy as np
 
+from art_jax.core.sharding import make_mesh
 from art_jax.data.tokenizers import train_unigram, train_wordpiece
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.hf import export, init_module
 from art_jax.models.t5 import T5, T5Config
-from art_jax.retriever import DualEncoder
-from art_jax.scorer import T5Scorer
-from art_jax.sharding import make_mesh
+from art_jax.retrieval.encoder import DualEncoder
+from art_jax.teachers.t5 import T5Scorer
 
 PASSAGES = [
     ("Aurora Station", "Aurora Station is a research base on the ice shelf, founded in 1961 by glaciologists."),
@@ -69,10 +69,10 @@ def check_storage(url: str, encoder: DualEncoder, embeddings: np.ndarray) -> boo
     appended metrics, a Hugging Face export, an index version, an Orbax checkpoint), read
     each back, compare, and delete the folder: bucket access and permissions, checked in
     seconds rather than at a long run's first save."""
-    from art_jax import storage
-    from art_jax.checkpoints import Checkpoints
-    from art_jax.index import IndexBuilder, IndexPlan, IndexVersion
-    from art_jax.remote import drop_copy
+    from art_jax.core import storage
+    from art_jax.core.checkpoints import Checkpoints
+    from art_jax.core.remote import drop_copy
+    from art_jax.retrieval.index import IndexBuilder, IndexPlan, IndexVersion
 
     scratch = f"{url.rstrip('/')}/art_jax-selfcheck-{uuid.uuid4().hex[:8]}"
     print(f"  storage: writing {scratch}")

@@ -15,8 +15,8 @@ import os
 import shutil
 import tempfile
 
-from art_jax.errors import UserError
-from art_jax.storage import download_tree, filesystem, is_remote, read_text, split_url, write_text
+from art_jax.core.errors import UserError
+from art_jax.core.storage import download_tree, filesystem, is_remote, read_text, split_url, write_text
 
 
 def cache_root() -> str:

@@ -20,9 +20,9 @@ import time
 import numpy as np
 import tensorstore as ts
 
-from art_jax import storage
-from art_jax.errors import UserError
-from art_jax.fileio import read_json
+from art_jax.core import storage
+from art_jax.core.errors import UserError
+from art_jax.core.fileio import read_json
 
 INDEX_FORMAT = 1
 DTYPES = ("float16", "bfloat16")

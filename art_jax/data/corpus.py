@@ -23,13 +23,13 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from art_jax import storage
-from art_jax.batching import round_up
-from art_jax.distributed import barrier, is_lead
-from art_jax.errors import UserError
-from art_jax.progress import progress_bar
-from art_jax.remote import keep_as_copy, local_copy, staging_parent
-from art_jax.retriever import Tokens, passage_rows
+from art_jax.core import storage
+from art_jax.core.batching import round_up
+from art_jax.core.distributed import barrier, is_lead
+from art_jax.core.errors import UserError
+from art_jax.core.progress import progress_bar
+from art_jax.core.remote import keep_as_copy, local_copy, staging_parent
+from art_jax.data.tokenization import Tokens, passage_rows
 
 STORE_FORMAT = 1
 TSV_COLUMNS = ("id", "text", "title")
@@ -303,7 +303,7 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     place; a URL's is built in the local cache, then uploaded with meta.json last).
     Tokenization of one batch overlaps parsing the next (fast tokenizers release the GIL and
     use their own threads)."""
-    from art_jax.scorer import PromptBuilder
+    from art_jax.data.prompts import PromptBuilder
 
     out = out.rstrip("/")
     source = corpus_path if storage.is_remote(corpus_path) else os.path.abspath(corpus_path)

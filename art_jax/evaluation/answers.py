@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import regex
 
-from art_jax.errors import UserError
-from art_jax.fileio import read_json
-from art_jax.storage import write_text
+from art_jax.core.errors import UserError
+from art_jax.core.fileio import read_json
+from art_jax.core.storage import write_text
 
 DEFAULT_KS = (1, 5, 20, 50, 100)
 

@@ -16,14 +16,14 @@ import functools
 import jax
 import numpy as np
 
-from art_jax.batching import round_up
-from art_jax.corpus import CorpusStore
-from art_jax.distributed import barrier, is_lead, lead_value
-from art_jax.errors import UserError
-from art_jax.index import DTYPES, IndexBuilder, IndexPlan, published_versions
+from art_jax.core.batching import round_up
+from art_jax.core.distributed import barrier, is_lead, lead_value
+from art_jax.core.errors import UserError
+from art_jax.core.progress import progress_bar
+from art_jax.core.sharding import batch_sharding, local_replica, make_mesh
+from art_jax.data.corpus import CorpusStore
 from art_jax.models.bert import Bert
-from art_jax.progress import progress_bar
-from art_jax.sharding import batch_sharding, local_replica, make_mesh
+from art_jax.retrieval.index import DTYPES, IndexBuilder, IndexPlan, published_versions
 
 
 def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint: str, step: int | None = None,

@@ -12,7 +12,7 @@ from tqdm import tqdm
 @contextlib.contextmanager
 def progress_bar(**kwargs) -> Iterator[tqdm]:
     """A tqdm bar; shown by process 0 only in a multi-process job."""
-    from art_jax.distributed import is_lead
+    from art_jax.core.distributed import is_lead
 
     bar = tqdm(**{**kwargs, "disable": kwargs.get("disable", False) or not is_lead()})
     try:

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from art_jax.errors import UserError
+from art_jax.core.errors import UserError
 
 # Megatron-style tensor parallelism for a scorer too big to replicate: attention
 # heads, FFN width and vocabulary split over `model`; everything else replicated.

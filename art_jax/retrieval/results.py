@@ -1,22 +1,20 @@
-"""`art-jax search`: questions -> question tower -> exact top-K over the sharded index ->
-DPR-format results ``[{"question","answers","ctxs":[{"id","title","text","score","has_answer"}]}]``."""
+"""Questions -> question tower -> exact top-K over the sharded index -> DPR-format results
+``[{"question","answers","ctxs":[{"id","title","text","score","has_answer"}]}]`` and top-k
+accuracy (`art-jax search` and the trainer's evaluation alike)."""
 
 from __future__ import annotations
 
-import json
-
-import jax
 import numpy as np
 
-from art_jax import storage
-from art_jax.corpus import CorpusStore
+from art_jax.core import storage
+from art_jax.core.errors import UserError
+from art_jax.core.progress import progress_bar
+from art_jax.data.corpus import CorpusStore
 from art_jax.data.questions import Question
-from art_jax.errors import UserError
-from art_jax.evaluation import evaluate_results
-from art_jax.index import IndexVersion
-from art_jax.progress import progress_bar
-from art_jax.retriever import DualEncoder
-from art_jax.search import ShardedIndex
+from art_jax.evaluation.answers import evaluate_results
+from art_jax.retrieval.encoder import DualEncoder
+from art_jax.retrieval.index import IndexVersion
+from art_jax.retrieval.search import ShardedIndex
 
 
 def open_corpus_for(version: IndexVersion, corpus: str | None) -> CorpusStore:
@@ -59,14 +57,3 @@ def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray,
 
 def _ks_up_to(k: int) -> tuple[int, ...]:
     return tuple(x for x in (1, 5, 20, 50, 100) if x <= k) or (k,)
-
-
-def search_file(encoder: DualEncoder, version: IndexVersion, index: ShardedIndex, store: CorpusStore,
-                questions: list[Question], out: str, k: int, *, batch_size: int = 64, match: str = "string",
-                progress: bool = True) -> dict[int, float]:
-    """Every process searches (the index spans all of them); process 0 writes ``out``."""
-    scores, rows = retrieve(encoder, index, questions, k, batch_size=batch_size, progress=progress)
-    accuracy, results = dpr_results(questions, scores, rows, store, version.ids, match)
-    if jax.process_index() == 0:
-        storage.write_text(out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    return accuracy

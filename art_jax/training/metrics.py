@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from art_jax import storage
-from art_jax.distributed import is_lead
-from art_jax.evaluation import format_table
+from art_jax.core import storage
+from art_jax.core.distributed import is_lead
+from art_jax.evaluation.answers import format_table
 
 
 def _crc32c_table() -> list[int]:

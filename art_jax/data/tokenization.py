@@ -1,7 +1,5 @@
-"""The dual encoder: question and passage BERT towers, [CLS] embeddings.
-
-Inputs follow DPR/ART: question ``[CLS] q [SEP]``, passage ``[CLS] title [SEP] text [SEP]``
-with only the text cut to fit, token type ids all 0 (the towers ignore them).
+"""Retriever inputs as DPR and ART build them: question ``[CLS] q [SEP]``, passage
+``[CLS] title [SEP] text [SEP]`` with only the text cut to fit, padded to a few static shapes.
 """
 
 from __future__ import annotations
@@ -9,13 +7,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
-from art_jax.batching import pad_rows, round_up
-from art_jax.errors import UserError
-from art_jax.models.bert import Bert
-from art_jax.models.hf import load_bert, load_tokenizer
+from art_jax.core.batching import pad_rows, round_up
+from art_jax.core.errors import UserError
 
 
 @dataclasses.dataclass
@@ -59,35 +54,3 @@ def _passage_row(tokenizer, title: str, text: str, max_length: int) -> list[int]
 def tokenize_passages(tokenizer, titles: Sequence[str], texts: Sequence[str], max_length: int, *,
                       pad_to: int | None = None) -> Tokens:
     return _pad(passage_rows(tokenizer, titles, texts, max_length), tokenizer.pad_token_id, pad_to)
-
-
-@dataclasses.dataclass
-class DualEncoder:
-    """Two towers (the same module when shared) and their tokenizer."""
-
-    question: Bert
-    passage: Bert
-    tokenizer: object
-    question_max_length: int = 256
-    passage_max_length: int = 256
-
-    @classmethod
-    def from_pretrained(cls, question: str, passage: str | None = None, *, shared: bool = False,
-                        mesh=None, **overrides) -> "DualEncoder":
-        """Towers from Hugging Face checkpoints. With one checkpoint both towers start from
-        it (separate weights unless ``shared``)."""
-        q_tower = load_bert(question, mesh=mesh, **overrides)
-        p_tower = q_tower if shared else load_bert(passage or question, mesh=mesh, **overrides)
-        return cls(q_tower, p_tower, load_tokenizer(question))
-
-    def embed_questions(self, questions: Sequence[str]) -> jax.Array:
-        tokens = tokenize_questions(self.tokenizer, questions, self.question_max_length)
-        return _embed(self.question, tokens.ids, tokens.mask)
-
-    def embed_passages(self, titles: Sequence[str], texts: Sequence[str]) -> jax.Array:
-        tokens = tokenize_passages(self.tokenizer, titles, texts, self.passage_max_length)
-        return _embed(self.passage, tokens.ids, tokens.mask)
-
-
-# NNX modules are pytrees: the tower is an ordinary jit argument.
-_embed = jax.jit(lambda tower, ids, mask: tower.embed_cls(ids, mask))

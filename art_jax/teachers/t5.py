@@ -8,7 +8,6 @@ The same scorer re-ranks retrieved passages zero-shot (UPR).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -17,58 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from art_jax.batching import pad_rows, round_up
-from art_jax.errors import UserError
+from art_jax.core.batching import pad_rows, round_up
+from art_jax.core.progress import progress_bar
+from art_jax.core.sharding import (
+    DEFAULT_RULES,
+    batch_sharding,
+    from_process_rows,
+    local_data_positions,
+    to_process_rows,
+)
+from art_jax.data.prompts import PromptBuilder, PromptConfig
 from art_jax.models.hf import load_t5, load_tokenizer
 from art_jax.models.t5 import T5
-from art_jax.progress import progress_bar
-from art_jax.sharding import DEFAULT_RULES, batch_sharding, from_process_rows, local_data_positions, to_process_rows
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptConfig:
-    head: str = "Passage: "
-    verbalizer: str = " . Please write a question based on this passage."
-    question_prefix: str = "Question: "
-    max_encoder_tokens: int = 512  # passage prompt, verbalizer and </s> included
-    max_decoder_tokens: int = 128  # question target, </s> included
-
-
-class PromptBuilder:
-    """Token ids of ART's teacher prompts, built from ids as the reference does: the
-    passage part ``head + title + text`` is cut from its end so that it, the verbalizer
-    and </s> fit ``max_encoder_tokens``; the question keeps its </s> when cut."""
-
-    def __init__(self, tokenizer, prompt: PromptConfig = PromptConfig()):
-        self.tokenizer = tokenizer
-        self.prompt = prompt
-        self.eos = tokenizer.eos_token_id
-        self.head = self._ids([prompt.head])[0]
-        self.verbalizer = self._ids([prompt.verbalizer])[0]
-        self.passage_budget = prompt.max_encoder_tokens - len(self.verbalizer) - 1
-        if self.passage_budget < len(self.head):
-            raise UserError(f"prompt: max_encoder_tokens={prompt.max_encoder_tokens} leaves no room "
-                             "for the passage after the head and verbalizer")
-
-    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-    def passage_ids(self, titles: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
-        """Title ids followed by text ids, no separator (what the corpus store keeps)."""
-        return [title + text for title, text in zip(self._ids(titles), self._ids(texts))]
-
-    def encoder_ids(self, titles: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
-        return self.encoder_ids_from_passages(self.passage_ids(titles, texts))
-
-    def encoder_ids_from_passages(self, passages: Sequence[Sequence[int]]) -> list[list[int]]:
-        return [(self.head + list(p))[:self.passage_budget] + self.verbalizer + [self.eos] for p in passages]
-
-    def decoder_ids(self, questions: Sequence[str]) -> list[list[int]]:
-        for i, q in enumerate(questions):
-            if not q or not q.strip():
-                raise UserError(f"question {i} is empty")
-        budget = self.prompt.max_decoder_tokens - 1
-        return [ids[:budget] + [self.eos] for ids in self._ids([self.prompt.question_prefix + q for q in questions])]
 
 
 def teacher_scores(model: T5, enc_ids, enc_mask, labels, label_mask) -> jax.Array:
@@ -170,43 +129,3 @@ class T5Scorer:
             while in_flight:
                 collect()
         return scores
-
-
-class QueryLikelihoodScorer:
-    """Dirichlet-smoothed unigram query likelihood, the classic log p(q | d) - the quantity
-    T0 estimates with a language model, here from counts, so it needs no pretrained
-    weights (the offline demo's teacher). Score = ``scale`` x the mean over question
-    tokens of log((c(w, d) + mu p(w | C)) / (|d| + mu)); the scale (about the question
-    length makes it a sum) sharpens the teacher's softmax, since template words shared by
-    every passage dominate a mean. Tokens are the retriever's, special tokens left out."""
-
-    def __init__(self, tokenizer, store, *, mu: float = 50.0, scale: float = 1.0, max_length: int = 64):
-        self.tokenizer = tokenizer
-        self.mu, self.scale, self.max_length = mu, scale, max_length
-        vocab = max(len(tokenizer), int(store.meta["retriever"]["vocab_size"]))
-        self.special = np.zeros(vocab, bool)
-        self.special[tokenizer.all_special_ids] = True
-        counts = np.bincount(np.asarray(store.retriever.data), minlength=vocab).astype(np.float64)
-        counts[self.special] = 0
-        # add-one, so a question word missing from the whole corpus costs a finite amount
-        self.collection_log_probs = jnp.asarray(np.log((counts + 1) / (counts.sum() + vocab)), jnp.float32)
-
-    def score_retrieved(self, questions: Sequence[str], rows: np.ndarray, store, **_) -> jax.Array:
-        from art_jax.retriever import tokenize_questions
-
-        q = tokenize_questions(self.tokenizer, questions, self.max_length)
-        p = store.retriever_tokens(rows.reshape(-1), store.meta["retriever"]["max_length"], multiple=8)
-        p_ids, p_mask = (a.reshape(*rows.shape, -1) for a in (p.ids, p.mask))
-        return _query_likelihood(q.ids, q.mask * ~self.special[q.ids], p_ids, p_mask * ~self.special[p_ids],
-                                 self.collection_log_probs, self.mu, self.scale)
-
-
-@jax.jit
-def _query_likelihood(q_ids, q_mask, p_ids, p_mask, collection_log_probs, mu, scale):
-    """[B, K] scores; q [B, Lq], p [B, K, Lp]; masks already exclude special tokens."""
-    counts = jnp.sum((p_ids[:, :, None, :] == q_ids[:, None, :, None]) & (p_mask[:, :, None, :] > 0), -1)
-    lengths = jnp.sum(p_mask, -1).astype(jnp.float32)
-    background = mu * jnp.exp(collection_log_probs[q_ids])[:, None, :]
-    log_probs = jnp.log(counts + background) - jnp.log(lengths + mu)[..., None]
-    q_mask = q_mask.astype(jnp.float32)[:, None, :]
-    return scale * jnp.sum(log_probs * q_mask, -1) / jnp.maximum(jnp.sum(q_mask, -1), 1.0)

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from art_jax.errors import UserError
+from art_jax.core.errors import UserError
 
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
 

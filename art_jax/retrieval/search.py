@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from art_jax.batching import round_up
-from art_jax.errors import UserError
+from art_jax.core.batching import round_up
+from art_jax.core.errors import UserError
 
 ROWS = P("data", None)
 
@@ -88,7 +89,7 @@ class ShardedIndex:
 
     @classmethod
     def from_version(cls, version, mesh: Mesh, **kwargs) -> "ShardedIndex":
-        """A published ``art_jax.index.IndexVersion`` loaded onto ``mesh``."""
+        """A published ``art_jax.retrieval.index.IndexVersion`` loaded onto ``mesh``."""
         return cls.from_reader(version.read, version.count, version.dim, mesh, **kwargs)
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:

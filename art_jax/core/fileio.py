@@ -7,9 +7,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from art_jax import storage
-from art_jax.errors import UserError
-from art_jax.remote import local_copy
+from art_jax.core import storage
+from art_jax.core.errors import UserError
+from art_jax.core.remote import local_copy
 
 
 def read_jsonl(path: str, required: tuple[str, ...] = (),

@@ -1,0 +1,26 @@
+"""`art-jax search`: a question file -> DPR-format results JSON, top-k accuracy printed."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+
+from art_jax.core import storage
+from art_jax.data.corpus import CorpusStore
+from art_jax.data.questions import Question
+from art_jax.retrieval.encoder import DualEncoder
+from art_jax.retrieval.index import IndexVersion
+from art_jax.retrieval.results import dpr_results, retrieve
+from art_jax.retrieval.search import ShardedIndex
+
+
+def search_file(encoder: DualEncoder, version: IndexVersion, index: ShardedIndex, store: CorpusStore,
+                questions: list[Question], out: str, k: int, *, batch_size: int = 64, match: str = "string",
+                progress: bool = True) -> dict[int, float]:
+    """Every process searches (the index spans all of them); process 0 writes ``out``."""
+    scores, rows = retrieve(encoder, index, questions, k, batch_size=batch_size, progress=progress)
+    accuracy, results = dpr_results(questions, scores, rows, store, version.ids, match)
+    if jax.process_index() == 0:
+        storage.write_text(out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    return accuracy
