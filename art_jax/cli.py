@@ -28,11 +28,16 @@ def _score(args) -> None:
 
 
 def _export(args) -> None:
-    from art_jax.core.distributed import barrier, is_lead
-    from art_jax.models.hf import export, load_bert, load_tokenizer
+    from art_jax.core.distributed import barrier
+    from art_jax.jobs.export import export_spec
+    from art_jax.retrieval.encoder import retriever_kind
 
-    if is_lead():  # one writer of the folder in a multi-process job
-        export(load_bert(args.retriever), load_tokenizer(args.retriever), args.out)
+    if args.workdir and retriever_kind(args.workdir) != "run":
+        raise UserError(f"--run {args.workdir}: not a training run's workdir (config.json and checkpoints/) "
+                        "or one of its checkpoints")
+    # every process reads (a run's checkpoint is restored by all), process 0 alone writes
+    export_spec(args.workdir or args.retriever, args.out, step=args.step, best=args.best,
+                question_max_length=args.question_max_length, passage_max_length=args.passage_max_length)
     barrier("art_jax.export")
     print(f"wrote {args.out}")
 
@@ -40,9 +45,10 @@ def _export(args) -> None:
 def _prepare_corpus(args) -> None:
     from art_jax.data.corpus import TokenizerSpec, prepare_corpus
     from art_jax.models.hf import load_tokenizer
+    from art_jax.retrieval.encoder import load_retriever_tokenizer
 
     scorer = TokenizerSpec(args.scorer, args.scorer_max_length) if args.scorer else None
-    store = prepare_corpus(args.corpus, args.out, load_tokenizer(args.retriever),
+    store = prepare_corpus(args.corpus, args.out, load_retriever_tokenizer(args.retriever),
                            TokenizerSpec(args.retriever, args.retriever_max_length),
                            load_tokenizer(args.scorer) if args.scorer else None, scorer,
                            batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows)
@@ -54,8 +60,9 @@ def _embed(args) -> None:
     from art_jax.retrieval.embed import embed_corpus, load_passage_tower
 
     store = CorpusStore(args.corpus)
-    path = embed_corpus(load_passage_tower(args.retriever), store, args.out, checkpoint=args.retriever,
-                        version=args.version, dtype=args.dtype, max_length=args.max_length,
+    tower, recorded = load_passage_tower(args.retriever, step=args.step, best=args.best)
+    path = embed_corpus(tower, store, args.out, checkpoint=args.retriever, step=args.step, version=args.version,
+                        dtype=args.dtype, max_length=args.max_length or recorded or 256,
                         chunk_rows=args.chunk_rows, batch_size=args.batch_size)
     print(f"published {path}")
 
@@ -67,7 +74,7 @@ def _search(args) -> None:
     from art_jax.data.questions import read_questions
     from art_jax.evaluation.answers import format_table
     from art_jax.jobs.search import search_file
-    from art_jax.retrieval.encoder import DualEncoder
+    from art_jax.retrieval.encoder import load_retriever
     from art_jax.retrieval.index import IndexVersion
     from art_jax.retrieval.results import open_corpus_for
     from art_jax.retrieval.search import ShardedIndex
@@ -76,8 +83,9 @@ def _search(args) -> None:
     version = IndexVersion.open(args.index)
     store = open_corpus_for(version, args.corpus)
     index = ShardedIndex.from_version(version, make_mesh(), rows_per_device=args.rows_per_device)
-    encoder = DualEncoder.from_pretrained(args.retriever, shared=True)
-    encoder.question_max_length = args.max_length
+    encoder = load_retriever(args.retriever, step=args.step, best=args.best)
+    if args.max_length:
+        encoder.question_max_length = args.max_length
     accuracy = search_file(encoder, version, index, store, questions, args.out, args.topk,
                            batch_size=args.batch_size, match=args.match)
     print(f"wrote {args.out}: {len(questions)} questions x top-{args.topk} from {version.path}")
@@ -98,17 +106,17 @@ def _evaluate(args) -> None:
 def _train(args) -> None:
     from art_jax.config import load_config
     from art_jax.core.distributed import is_lead
-    from art_jax.train import Trainer
+    from art_jax.methods import make_trainer
 
     cfg = load_config(args.config, args.overrides)
     if cfg.demo.enabled:
         from art_jax.data.demo import prepare_demo
 
         prepare_demo(cfg, args.workdir)
-    result = Trainer(cfg, args.workdir).run()
-    if result["before"] and is_lead():
-        gains = ", ".join(f"top-{k} {100 * result['before'][k]:.1f}% -> {100 * result['after'][k]:.1f}%"
-                          for k in sorted(result["after"]))
+    result = make_trainer(cfg, args.workdir).run()
+    if result["before"] and result["after"] and is_lead():
+        gains = ", ".join(f"{name.replace('top', 'top-')} {100 * result['before'][name]:.1f}% -> "
+                          f"{100 * value:.1f}%" for name, value in result["after"].items())
         print(f"dev accuracy: {gains}")
 
 
@@ -133,6 +141,16 @@ def _quiet_unless_lead() -> None:
 
     if not is_lead():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+_RETRIEVER_HELP = ("a Hugging Face folder, hub id or gs:// folder (one tower for both sides), an export folder, or "
+                   "a training run's workdir or checkpoint")
+
+
+def _add_checkpoint_choice(parser) -> None:
+    """Which checkpoint of a training run a retriever argument means."""
+    parser.add_argument("--step", type=int, help="a run's checkpoint at this step (default: its newest)")
+    parser.add_argument("--best", action="store_true", help="a run's best evaluation (WORKDIR/best/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-decoder-tokens", type=int, default=defaults.max_decoder_tokens)
     p.set_defaults(run=_score)
 
-    p = add_command("export", help="write a retriever tower as a Hugging Face BERT folder")
-    p.add_argument("--retriever", required=True, help="checkpoint of the tower (Hugging Face folder or hub id)")
+    p = add_command("export", help="write a retriever as an export folder: question_encoder/ and passage_encoder/, "
+                    "Hugging Face BERT folders that transformers and sentence-transformers load")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--retriever", help=_RETRIEVER_HELP)
+    source.add_argument("--run", dest="workdir", metavar="WORKDIR", help="a training run's workdir (or one of its checkpoints)")
+    _add_checkpoint_choice(p)
+    p.add_argument("--question-max-length", type=int, help="question tokens (default: the recorded length of an "
+                   "export, else 64)")
+    p.add_argument("--passage-max-length", type=int, help="passage tokens (default: the recorded length of an "
+                   "export, else 256)")
     p.add_argument("--out", required=True, help="output folder (replaced whole; a gs:// one is deleted, then uploaded)")
     p.set_defaults(run=_export)
 
@@ -177,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="DPR evidence TSV (id, text, title) or JSONL")
     p.add_argument("--retriever", required=True, help="retriever checkpoint whose tokenizer to use")
     p.add_argument("--scorer", help="scorer (T5/T0) checkpoint whose tokenizer to use, for training")
-    p.add_argument("--out", required=True, help="store folder (replaced whole; a gs:// one is deleted, then uploaded)")
+    p.add_argument("--out", required=True, help="store folder (an existing store is replaced whole, any other "
+                   "non-empty folder refused; a gs:// one is deleted, then uploaded)")
     p.add_argument("--retriever-max-length", type=int, default=512,
                    help="tokens kept per passage (indexing re-cuts to 256, training re-embeds at 512)")
     p.add_argument("--scorer-max-length", type=int, default=512)
@@ -186,18 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_prepare_corpus)
 
     p = add_command("embed", help="embed a prepared corpus into a new index version")
-    p.add_argument("--retriever", required=True, help="checkpoint of the passage tower")
+    p.add_argument("--retriever", required=True, help=_RETRIEVER_HELP + "; its passage tower is used")
+    _add_checkpoint_choice(p)
     p.add_argument("--corpus", required=True, help="corpus store from prepare-corpus")
     p.add_argument("--out", required=True, help="index folder; the version is published inside it")
     p.add_argument("--version", type=int, help="version number (default: the one after the newest)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, help="passage tokens (default: the retriever's recorded length, "
+                   "else 256)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--chunk-rows", type=int, default=8192, help="rows per written (and resumable) chunk")
     p.set_defaults(run=_embed)
 
     p = add_command("search", help="exact top-K retrieval for a question file -> DPR-format results")
-    p.add_argument("--retriever", required=True, help="checkpoint of the question tower")
+    p.add_argument("--retriever", required=True, help=_RETRIEVER_HELP + "; its question tower is used")
+    _add_checkpoint_choice(p)
     p.add_argument("--index", required=True, help="index folder (newest version) or one version folder")
     p.add_argument("--questions", required=True, help="TSV question<TAB>[answers], DPR JSON or JSONL")
     p.add_argument("--out", required=True)
@@ -205,14 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="corpus store (default: the one recorded in the index)")
     p.add_argument("--match", default="string", choices=("string", "regex"))
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=256, help="question tokens")
+    p.add_argument("--max-length", type=int, help="question tokens (default: the retriever's recorded length, "
+                   "else 256)")
     p.add_argument("--rows-per-device", type=int, help="index rows each device scores per block")
     p.set_defaults(run=_search)
 
     p = add_command("evaluate", help="top-K accuracy of DPR-format results (DPR's answer matching)")
     p.add_argument("--results", required=True)
     p.add_argument("--match", default="string", choices=("string", "regex"))
-    p.add_argument("--topk", type=int, nargs="+", default=[1, 5, 20, 50, 100])
+    p.add_argument("--topk", type=int, nargs="+",
+                   help="k values to report (default: 1, 5, 20, 50, 100 below the results' depth, then the "
+                        "depth); a k past the depth is refused")
     p.add_argument("--annotated-out", help="write the results with has_answer recomputed")
     p.set_defaults(run=_evaluate)
 
@@ -235,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# options naming an output file, by command
+_FILE_OUTPUTS = {"score": "out", "search": "out", "evaluate": "annotated_out"}
+
+
+def _check_args(args) -> None:
+    """Refuse before any work what would otherwise fail only at the end, after the models
+    load and run: a top-k below 1, an output file that cannot be written."""
+    topk = getattr(args, "topk", None)
+    for k in [topk] if isinstance(topk, int) else topk or []:
+        if k < 1:
+            raise UserError(f"--topk must be positive, got {k}")
+    option = _FILE_OUTPUTS.get(args.command)
+    if option and getattr(args, option):
+        from art_jax.core.storage import check_file_target
+
+        check_file_target(getattr(args, option), "--" + option.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -244,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = extra
     try:
+        _check_args(args)
         from art_jax.core.distributed import initialize
 
         if initialize(args.coordinator_address, args.num_processes, args.process_id,

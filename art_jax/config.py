@@ -14,8 +14,9 @@ import os
 
 import ml_collections
 
+from art_jax.core import storage
 from art_jax.core.errors import UserError
-from art_jax.core.storage import write_text
+from art_jax.core.fileio import read_json
 
 
 def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -69,15 +70,25 @@ def _parse(raw: str, old, key: str):
     return value
 
 
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote into ``workdir``."""
+    path = os.path.join(workdir, "config.json")
+    if not storage.isfile(path):
+        raise UserError(f"{workdir}: not a training workdir (no config.json); "
+                        f"`art-jax train --workdir={workdir}` writes it when it starts")
+    return ml_collections.ConfigDict(read_json(path))
+
+
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     path = os.path.join(workdir, "config.json")
-    write_text(path, json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=str) + "\n")
+    storage.write_text(path, json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=str) + "\n")
     return path
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with the paper's NQ values; experiment files change a few."""
     cfg = ml_collections.ConfigDict()
+    cfg.method = "art"  # the training system: art (more to come: methods.md)
     cfg.seed = 1234
     cfg.retriever = ml_collections.ConfigDict(dict(
         checkpoint="bert-base-uncased",  # a Hugging Face BERT folder/hub id; both towers start from it

@@ -8,7 +8,7 @@ checkpoint and the same batch, in one process, then the step time split of the r
 
 Part 1, the update. Both towers (separate weights) are loaded from one random BERT folder
 written by transformers' ``save_pretrained``: art_jax's ``update`` jitted as
-``art_jax.train.Trainer`` jits it (shardings, state donated) against transformers
+``art_jax.training.update.jit_update`` jits it (shardings, state donated) against transformers
 ``BertModel`` towers in train mode. Both take the same batch: B questions, K rows per
 question retrieved from a random corpus of token ids (popular rows drawn more often, so
 questions share passages as in real retrieval), the batch's unique rows re-embedded once
@@ -66,7 +66,7 @@ def random_tokens(count: int, length: int, vocab: int, rng) -> tuple[np.ndarray,
 
 def make_batch(args, multiple: int) -> tuple[dict[str, np.ndarray], int]:
     """The update's batch (one micro-batch) and how many distinct rows the B x K hold."""
-    from art_jax.train_step import unique_passages
+    from art_jax.methods.art import unique_passages
 
     rng = np.random.default_rng(args.seed)
     rows = retrieved_rows(args.batch, args.k, args.corpus, args.zipf, rng)
@@ -96,16 +96,18 @@ class JaxStep:
         from jax.sharding import PartitionSpec as P
 
         from art_jax.core.sharding import make_mesh
+        from art_jax.methods import art
         from art_jax.models.hf import load_bert
-        from art_jax.train_step import Towers, init_state, jit_update, learning_rate_schedule, make_optimizer
+        from art_jax.training.state import ParamGroups, init_state, learning_rate_schedule, make_optimizer
+        from art_jax.training.update import jit_update
 
         self.mesh = make_mesh()
-        self.towers, params = Towers.split(load_bert(folder), load_bert(folder))
+        self.towers, params = ParamGroups.split({"question": load_bert(folder), "passage": load_bert(folder)})
         self.m = temperature_multiplier
-        optimizer = make_optimizer(optim, params)
+        optimizer = make_optimizer(optim, self.towers, params)
         self.state = jax.device_put(init_state(params, optimizer, seed=0), NamedSharding(self.mesh, P()))
-        self._update, _ = jit_update(self.towers, optimizer, learning_rate_schedule(optim), self.mesh,
-                                     temperature_multiplier=temperature_multiplier)
+        self._update = jit_update(art.objective(self.towers, temperature_multiplier=temperature_multiplier),
+                                  optimizer, learning_rate_schedule(optim), self.mesh, art.batch_shardings(self.mesh))
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         self.state, metrics = self._update(self.state, batch)
@@ -117,8 +119,8 @@ class JaxStep:
         from art_jax.objectives import art_loss
 
         def loss(params, b):
-            q = self.towers.question_tower(params).embed_cls(b["question_ids"], b["question_mask"])
-            p = self.towers.passage_tower(params).embed_cls(b["passage_ids"][0], b["passage_mask"][0])
+            q = self.towers.module(params, "question").embed_cls(b["question_ids"], b["question_mask"])
+            p = self.towers.module(params, "passage").embed_cls(b["passage_ids"][0], b["passage_mask"][0])
             return art_loss(q, p[b["passage_index"]], b["teacher_scores"], self.m)[0]
 
         return float(jax.jit(loss)(self.state.params, batch))
@@ -184,7 +186,7 @@ def compare_update(args) -> None:
     import transformers
 
     from art_jax.core.batching import round_up
-    from art_jax.train_step import OptimConfig
+    from art_jax.training.state import OptimConfig
     from tests.hf_fixtures import make_bert_checkpoint
 
     transformers.logging.set_verbosity_error()  # the peer leaves the checkpoint's pooler unused
@@ -230,7 +232,7 @@ def loop_split(args) -> None:
 
     from art_jax.config import load_config
     from art_jax.data.demo import prepare_demo
-    from art_jax.train import Trainer
+    from art_jax.methods import make_trainer
 
     cfg = load_config(os.path.join(ROOT, "configs", "demo.py"))
     cfg.demo.update(hidden_size=args.hidden, layers=args.layers, heads=args.heads, entities=args.entities,
@@ -249,10 +251,10 @@ def loop_split(args) -> None:
                                                        **SIZES[args.t5_size])
             teacher = f"T5 v1.1 '{args.t5_size}' {args.scorer_dtype}, batch {cfg.scorer.batch_size}"
         prepare_demo(cfg, workdir)
-        trainer = Trainer(cfg, workdir)
+        trainer = make_trainer(cfg, workdir)
         start = time.perf_counter()
         trainer.resume()  # the first index, from the initial passage tower
-        print(f"loop: demo world of {len(trainer.store):,} passages, B={args.batch} K={args.k}, "
+        print(f"loop: demo world of {len(trainer.method.store):,} passages, B={args.batch} K={args.k}, "
               f"teacher {teacher}; first index built in {time.perf_counter() - start:.1f} s")
         compiles: list[float] = []  # seconds of XLA compilation in the step under way
         jax.monitoring.register_event_duration_secs_listener(
@@ -271,7 +273,7 @@ def loop_split(args) -> None:
     if not steady:
         return
     stages = (("search", "search: question tower + exact top-K"), ("scorer", "scorer: frozen teacher"),
-              ("update", "update: store lookup + re-embed + AdamW"))
+              ("batch", "batch: store lookup, dedupe, placement"), ("update", "update: re-embed + AdamW"))
     totals = {name: sum(r[f"time_{name}"] for r in steady) for name, _ in stages}
     print(f"  {'stage':<42}{'median ms':>10}{'mean ms':>10}{'share':>8}")
     for name, label in stages:

@@ -29,7 +29,7 @@ def embed(checkpoint, store, index_dir):
     from art_jax.data.corpus import CorpusStore
     from art_jax.retrieval.embed import embed_corpus, load_passage_tower
 
-    embed_corpus(load_passage_tower(checkpoint), CorpusStore(store), index_dir, checkpoint=checkpoint,
+    embed_corpus(load_passage_tower(checkpoint)[0], CorpusStore(store), index_dir, checkpoint=checkpoint,
                  chunk_rows=48, batch_size=16, max_length=40, progress=False)
 
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from art_jax.core.checkpoints import Checkpoints
-from art_jax.train import build_model
-from art_jax.train_step import init_state
+from art_jax.methods import make_trainer
 from tests.multiprocess import ROOT
 from tests.test_train import _config
 
@@ -97,11 +96,11 @@ def uninterrupted(train, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def like(files, bert_dir):
+def like(files, bert_dir, tmp_path_factory):
     """A train state of the run's shape: what a checkpoint is restored into."""
-    cfg = _config(files, bert_dir)
-    _, _, optimizer, params = build_model(cfg, cfg.train.steps)
-    return init_state(params, optimizer, cfg.seed)
+    trainer = make_trainer(_config(files, bert_dir), str(tmp_path_factory.mktemp("like")))
+    trainer.checkpoints.close()
+    return trainer.state
 
 
 def _restore(workdir, step, like):

@@ -188,29 +188,32 @@ def test_export_bert_loads_in_transformers(bert_dir, tmp_path, capsys):
     from transformers import AutoModel, AutoTokenizer, BertModel
 
     out = tmp_path / "exported"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier export")
+    cli.main(["export", "--retriever", bert_dir, "--out", str(out)])
+    (out / "stale.txt").write_text("from an earlier export")  # an export's folder is replaced by the next
     cli.main(["export", "--retriever", bert_dir, "--out", str(out)])
     assert f"wrote {out}" in capsys.readouterr().out
     assert not (out / "stale.txt").exists(), "the output folder is replaced, not merged"
 
-    model, info = AutoModel.from_pretrained(str(out), output_loading_info=True)
-    assert isinstance(model, BertModel)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     original = BertModel.from_pretrained(bert_dir)
-    want, got = original.state_dict(), model.state_dict()
-    assert set(got) == set(want)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
-
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
     reference = AutoTokenizer.from_pretrained(bert_dir)
-    text = ["Who visited the bridge near Paris?", "the old castle"]
-    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
-    batch = reference(text, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(**batch).last_hidden_state,
-                                   original.eval()(**batch).last_hidden_state)
+    for side in ("question", "passage"):
+        folder = str(out / f"{side}_encoder")
+        model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+        assert isinstance(model, BertModel)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        want, got = original.state_dict(), model.state_dict()
+        assert set(got) == set(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=f"{side}: {key}")
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        text = ["Who visited the bridge near Paris?", "the old castle"]
+        assert tokenizer.get_vocab() == reference.get_vocab()
+        assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+        batch = reference(text, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(**batch).last_hidden_state,
+                                       original.eval()(**batch).last_hidden_state)
 
 
 # ---------------------------------------------------------------------------------------

@@ -141,11 +141,18 @@ def _results():
 
 def test_evaluate_results_recomputes_has_answer():
     results = _results()
-    accuracy, annotated = evaluate_results(results, ks=(1, 2, 100))
+    accuracy, annotated = evaluate_results(results, ks=(1, 2))
     # The title holding the answer never counts; stored has_answer values are overwritten.
     assert [[c["has_answer"] for c in r["ctxs"]] for r in annotated] == [[False, True], [True], [False] * 3]
-    assert accuracy == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 100: pytest.approx(2 / 3)}
+    assert accuracy == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}
     assert results == _results()  # the input is left alone
+    # past the depth (3 ctxs): refused, unless the ctxs are the whole corpus
+    with pytest.raises(UserError, match="top-100 asked for, but no question has more than 3 ctxs"):
+        evaluate_results(results, ks=(1, 100))
+    assert evaluate_results(results, ks=(100,), exhaustive=True)[0] == {100: pytest.approx(2 / 3)}
+    assert list(evaluate_results(results)[0]) == [1, 3]  # by default: the standard ks, then the depth
+    with pytest.raises(UserError, match="no question has any ctxs"):
+        evaluate_results([{"question": "q", "answers": ["a"], "ctxs": []}])
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -41,7 +41,7 @@ def store(bert_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tower(bert_dir):
-    return load_passage_tower(bert_dir)
+    return load_passage_tower(bert_dir)[0]
 
 
 def _embed(tower, store, index_dir, **kwargs):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from art_jax.train import Trainer
+from art_jax.methods import make_trainer
 from art_jax.training.metrics import MetricWriter, crc32c, tag
 from tests.test_train import _config
 
@@ -51,9 +51,9 @@ def test_crc32c_is_castagnoli():
 def test_tensorflow_reads_back_what_was_logged(tmp_path, capsys):
     workdir = str(tmp_path)
     writer = MetricWriter(workdir, total_steps=4, log_every=2)
-    writer.evaluation(0, {1: 0.1, 5: 0.3}, "before training")
+    writer.evaluation(0, {"top1": 0.1, "top5": 0.3}, "before training")
     for step in range(1, 5):
-        writer.step(step, _metrics(step), {1: 0.2, 5: 0.7} if step in (2, 4) else {})
+        writer.step(step, _metrics(step), {"top1": 0.2, "top5": 0.7} if step in (2, 4) else {})
     writer.close()
 
     events = _events(workdir)
@@ -117,15 +117,15 @@ def test_a_resumed_writer_appends_and_drops_the_steps_it_redoes(tmp_path):
 def test_other_processes_write_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     writer = MetricWriter(str(tmp_path), total_steps=1)
-    writer.evaluation(0, {1: 0.5}, "before training")
-    writer.step(1, _metrics(1), {1: 0.5})
+    writer.evaluation(0, {"top1": 0.5}, "before training")
+    writer.step(1, _metrics(1), {"top1": 0.5})
     writer.close()
     assert os.listdir(tmp_path) == [] and capsys.readouterr().out == ""
 
 
 def test_a_training_run_logs_the_jsonl_metrics_to_tensorboard(files, bert_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    result = Trainer(_config(files, bert_dir, **{"train.steps": 4, "train.eval_every": 2, "train.log_every": 1}),
+    result = make_trainer(_config(files, bert_dir, **{"train.steps": 4, "train.eval_every": 2, "train.log_every": 1}),
                      workdir).run()
     rows = _rows(workdir)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
@@ -134,7 +134,7 @@ def test_a_training_run_logs_the_jsonl_metrics_to_tensorboard(files, bert_dir, t
     assert "top5" in rows[1] and "top5" in rows[3] and "top5" not in rows[2]
 
     logged = {(tag(name), row["step"]): value for row in rows for name, value in row.items() if name != "step"}
-    logged.update({(f"dev/top{k}", 0): value for k, value in result["before"].items()})  # before training
+    logged.update({(f"dev/{name}", 0): value for name, value in result["before"].items()})  # before training
     scalars = _scalars(_events(workdir))
     assert scalars.keys() == logged.keys()
     for key, value in logged.items():

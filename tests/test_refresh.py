@@ -4,6 +4,7 @@ and a restarted refresher resumes its half-built version."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from art_jax.config import write_config
 from art_jax.core.checkpoints import Checkpoints
 from art_jax.core.errors import UserError
+from art_jax.methods import make_trainer
 from art_jax.retrieval.index import (
     IndexBuilder,
     IndexPlan,
@@ -24,7 +26,7 @@ from art_jax.retrieval.index import (
     version_name,
 )
 from art_jax.retrieval.refresh import Refresher
-from art_jax.train import Trainer
+from art_jax.training.loop import Trainer
 from tests.multiprocess import ROOT
 from tests.test_cli import _fails
 from tests.test_train import _config
@@ -108,7 +110,12 @@ def _staleness(workdir):
 def test_trainer_swaps_to_the_index_the_refresher_publishes(files, bert_dir, tmp_path, monkeypatch, refreshers):
     workdir = str(tmp_path / "run")
     index_dir = os.path.join(workdir, "index")
-    trainer = Trainer(_async_config(files, bert_dir), workdir)  # writes config.json: the refresher can start
+    # the run starts from a copy of the checkpoint that is gone before the refresher starts: it
+    # reads the towers back from the workdir alone (WORKDIR/models/ and the Orbax checkpoints)
+    start = str(tmp_path / "start")
+    shutil.copytree(bert_dir, start)
+    trainer = make_trainer(_async_config(files, start), workdir)  # writes config.json: the refresher can start
+    shutil.rmtree(start)
     refresher = refreshers(workdir, "refresher")
     # checkpoint 2 is written as step 1 ends; hold the trainer in step 2 until the refresher has indexed it
     _hold_at_step(monkeypatch, 2, lambda: len(published_versions(index_dir)) == 2 or refresher.poll() is not None,
@@ -130,9 +137,9 @@ def test_trainer_swaps_to_the_index_the_refresher_publishes(files, bert_dir, tmp
 
     # v1 holds checkpoint 2's passage tower, not the initial one
     state, _ = Checkpoints(workdir, read_only=True).restore(2, trainer.state)
-    rows = np.arange(0, len(trainer.store), 37)
-    tokens = trainer.store.retriever_tokens(rows, 32, multiple=32)
-    expected = np.asarray(trainer.towers.passage_tower(state.params).embed_cls(tokens.ids, tokens.mask))
+    rows = np.arange(0, len(trainer.method.store), 37)
+    tokens = trainer.method.store.retriever_tokens(rows, 32, multiple=32)
+    expected = np.asarray(trainer.method.groups.module(state.params, "passage").embed_cls(tokens.ids, tokens.mask))
     v0, v1 = (IndexVersion.open(os.path.join(index_dir, version_name(v))) for v in (0, 1))
     got = np.stack([v1.read(r, r + 1)[0] for r in rows]).astype(np.float32)
     np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-3)
@@ -140,11 +147,11 @@ def test_trainer_swaps_to_the_index_the_refresher_publishes(files, bert_dir, tmp
                            rtol=2e-2, atol=2e-3)
 
     # the checkpoints record the refresher's version: a resumed run searches it again
-    assert trainer.index_version >= 1 and trainer.index_step >= 2
-    resumed = Trainer(_async_config(files, bert_dir, **{"train.steps": 8}), workdir)
+    assert trainer.index.version >= 1 and trainer.index.step >= 2
+    resumed = make_trainer(_async_config(files, bert_dir, **{"train.steps": 8}), workdir)
     try:
         assert resumed.resume() == 6
-        assert (resumed.index_version, resumed.index_step) == (trainer.index_version, trainer.index_step)
+        assert (resumed.index.version, resumed.index.step) == (trainer.index.version, trainer.index.step)
     finally:
         resumed.checkpoints.close()
 
@@ -153,7 +160,7 @@ def test_a_killed_refresher_does_not_stop_training_and_a_restarted_one_resumes(
         files, bert_dir, tmp_path, monkeypatch, capsys, refreshers):
     workdir = str(tmp_path / "run")
     index_dir = os.path.join(workdir, "index")
-    trainer = Trainer(_async_config(files, bert_dir, **{"train.steps": 8}), workdir)
+    trainer = make_trainer(_async_config(files, bert_dir, **{"train.steps": 8}), workdir)
     doomed = refreshers(workdir, "doomed", die_after_first_chunk=True)
     _hold_at_step(monkeypatch, 2, lambda: doomed.poll() is not None, "the refresher's death")
     result = trainer.run()
@@ -210,9 +217,9 @@ def test_bad_workdirs_and_initial_indexes_are_one_clear_error(files, bert_dir, t
     assert "train.refresh_mode is 'sync'" in _fails(["refresh", f"--workdir={sync}"], capsys)
 
     workdir = str(tmp_path / "run")
-    trainer = Trainer(_config(files, bert_dir), workdir)
+    trainer = make_trainer(_config(files, bert_dir), workdir)
     try:
-        store = trainer.store
+        store = trainer.method.store
         for path, message in [
             (_publish(str(tmp_path / "short"), store.ids[:5], 32), r"has 5 rows, but the corpus store .* has 241"),
             (_publish(str(tmp_path / "narrow"), store.ids, 16), "holds 16-d embeddings; the passage tower makes 32-d"),
@@ -225,7 +232,7 @@ def test_bad_workdirs_and_initial_indexes_are_one_clear_error(files, bert_dir, t
         trainer.cfg.data.initial_index = str(tmp_path / "good")
         good = _publish(str(tmp_path / "good"), store.ids, 32)
         assert trainer.resume() == 0
-        assert (trainer.index_path, trainer.index_step) == (good, 0)
+        assert (trainer.index.path, trainer.index.step) == (good, 0)
         assert published_versions(os.path.join(workdir, "index")) == []
     finally:
         trainer.checkpoints.close()

@@ -13,8 +13,9 @@ import tensorstore as ts
 
 from art_jax import cli
 from art_jax.core import storage
+from art_jax.methods import make_trainer
 from art_jax.retrieval.index import IndexVersion, _embeddings_spec
-from art_jax.train import Trainer
+from art_jax.training.loop import Trainer
 from art_jax.training.metrics import MetricWriter
 from tests.test_train import _config, _params
 
@@ -166,11 +167,11 @@ def test_metrics_uploaded_at_a_checkpoint_survive_a_kill():
 def test_a_run_in_a_url_workdir_equals_the_local_run_across_a_preemption(files, bert_dir, tmp_path, monkeypatch):
     """Config, metrics, index versions and checkpoints through the URL code; Orbax gets
     file:// as the local path it names (it takes gs:// URLs itself)."""
-    straight = Trainer(_config(files, bert_dir), str(tmp_path / "straight"))
+    straight = make_trainer(_config(files, bert_dir), str(tmp_path / "straight"))
     straight.run()
 
     workdir = f"file://{tmp_path / 'url'}"
-    first = Trainer(_config(files, bert_dir), workdir)
+    first = make_trainer(_config(files, bert_dir), workdir)
     real_step = Trainer.train_step
 
     def preempt_at_4(self, step):
@@ -182,7 +183,7 @@ def test_a_run_in_a_url_workdir_equals_the_local_run_across_a_preemption(files, 
     monkeypatch.setattr(Trainer, "train_step", preempt_at_4)
     first.run()
     monkeypatch.undo()
-    resumed = Trainer(_config(files, bert_dir), workdir)
+    resumed = make_trainer(_config(files, bert_dir), workdir)
     resumed.run()
     assert int(resumed.state.step) == 6
     for a, b in zip(_params(straight), _params(resumed)):
@@ -242,15 +243,15 @@ def test_the_refresher_serves_a_url_workdir(files, bert_dir, tmp_path):
     from tests.test_refresh import _async_config
 
     workdir = f"file://{tmp_path / 'run'}"
-    trainer = Trainer(_async_config(files, bert_dir), workdir)
+    trainer = make_trainer(_async_config(files, bert_dir), workdir)
     trainer.run()  # no refresher yet: trains to the end on the first index
     [published] = Refresher(workdir).run(poll_seconds=0.1)  # leaves once the last checkpoint is indexed
     version = IndexVersion.open(f"{workdir}/index")
     assert version.path == published == f"{workdir}/index/v000001" and version.meta["step"] == 6
     assert json.loads(storage.read_text(f"{workdir}/refresher.json"))["state"] == "exited"
-    rows = np.arange(0, len(trainer.store), 37)
-    tokens = trainer.store.retriever_tokens(rows, 32, multiple=32)
-    expected = np.asarray(trainer.towers.passage_tower(trainer.state.params).embed_cls(tokens.ids, tokens.mask))
+    rows = np.arange(0, len(trainer.method.store), 37)
+    tokens = trainer.method.store.retriever_tokens(rows, 32, multiple=32)
+    expected = np.asarray(trainer.passage_tower().embed_cls(tokens.ids, tokens.mask))
     got = np.stack([version.read(r, r + 1)[0] for r in rows]).astype(np.float32)
     np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-3)
 

@@ -11,7 +11,8 @@ import pytest
 from art_jax.config import apply_override, default_config
 from art_jax.core.checkpoints import Checkpoints
 from art_jax.core.errors import UserError
-from art_jax.train import Trainer
+from art_jax.methods import make_trainer
+from art_jax.training.loop import Trainer
 
 
 def _config(files, bert_dir, **overrides):
@@ -35,11 +36,11 @@ def _params(trainer):
 
 
 def test_preempted_and_resumed_run_equals_the_uninterrupted_one(files, bert_dir, tmp_path, monkeypatch):
-    straight = Trainer(_config(files, bert_dir), str(tmp_path / "straight"))
+    straight = make_trainer(_config(files, bert_dir), str(tmp_path / "straight"))
     straight.run()
 
     workdir = str(tmp_path / "interrupted")
-    first = Trainer(_config(files, bert_dir), workdir)
+    first = make_trainer(_config(files, bert_dir), workdir)
     real_step = Trainer.train_step
 
     def preempt_at_4(self, step):
@@ -54,7 +55,7 @@ def test_preempted_and_resumed_run_equals_the_uninterrupted_one(files, bert_dir,
     monkeypatch.undo()
     # a save killed half-way leaves a temporary folder that resuming must ignore
     os.makedirs(os.path.join(workdir, "checkpoints", "5.orbax-checkpoint-tmp-1"))
-    resumed = Trainer(_config(files, bert_dir), workdir)
+    resumed = make_trainer(_config(files, bert_dir), workdir)
     resumed.run()
     assert int(resumed.state.step) == 6
     for a, b in zip(_params(straight), _params(resumed)):
@@ -68,7 +69,7 @@ def test_the_best_evaluation_is_kept_in_best_and_resume_goes_on_comparing_with_i
     # every step evaluated and checkpointed: the run's own state at the best step is on disk
     settings = {"train.eval_every": 1, "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
                 "train.best_metric": "top1"}
-    trainer = Trainer(_config(files, bert_dir, **settings), workdir)
+    trainer = make_trainer(_config(files, bert_dir, **settings), workdir)
     trainer.run()
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -91,8 +92,8 @@ def test_the_best_evaluation_is_kept_in_best_and_resume_goes_on_comparing_with_i
 
     # resumed for two more steps: step 7 only equals the best (kept as is), step 8 beats it (replaces it)
     monkeypatch.setattr(Trainer, "evaluate",
-                        lambda self: {1: max(values) + (0.1 if int(self.state.step) == 8 else 0.0), 5: 0.0})
-    resumed = Trainer(_config(files, bert_dir, **settings, **{"train.steps": 8}), workdir)
+                        lambda self: {"top1": max(values) + (0.1 if int(self.state.step) == 8 else 0.0), "top5": 0.0})
+    resumed = make_trainer(_config(files, bert_dir, **settings, **{"train.steps": 8}), workdir)
     assert resumed.best_value == max(values)
     saved = []
     real_save = Checkpoints.save
@@ -114,10 +115,55 @@ def test_the_best_evaluation_is_kept_in_best_and_resume_goes_on_comparing_with_i
     ({"scorer.kind": "bm25"}, "scorer.kind"),
     ({"train.best_metric": "top20"}, r"train.best_metric: 'top20' is not one of top1, top5 \(top-k accuracy for k "
                                      r"in train.eval_topk\)"),
+    ({"train.steps": -5}, r"train.steps=-5 is negative \(0 means off, use epochs\)"),
+    ({"train.steps": 0, "train.epochs": 0}, "that is no step to train"),
+    ({"train.eval_every": -1}, "train.eval_every=-1 is negative"),
+    ({"train.checkpoint_every": 0, "train.refresh_mode": "async"}, "async needs train.checkpoint_every > 0"),
+    ({"train.eval_topk": (1, 0)}, "every k must be at least 1"),
+    ({"data.train_questions": "/"}, "data.train_questions: is a folder, expected a file"),
+    ({"scorer.kind": "t5"}, "holds no teacher tokens, which scorer.kind='t5' needs"),
 ])
-def test_bad_config_is_one_clear_error(files, bert_dir, tmp_path, override, message):
+def test_bad_config_is_one_clear_error_and_leaves_no_workdir(files, bert_dir, t5_v10_dir, tmp_path, override,
+                                                             message):
+    if override.get("scorer.kind") == "t5":  # a store prepared for a query-likelihood teacher: no T5 tokens
+        store = str(tmp_path / "store")
+        make_trainer(_config(files, bert_dir), str(tmp_path / "first")).checkpoints.close()
+        os.rename(tmp_path / "first" / "corpus_store", store)
+        override = {**override, "scorer.checkpoint": t5_v10_dir, "data.corpus_store": store}
     with pytest.raises(UserError, match=message):
-        Trainer(_config(files, bert_dir, **override), str(tmp_path / "run"))
+        make_trainer(_config(files, bert_dir, **override), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_store_of_another_tokenizer_is_refused_before_training(files, bert_dir, tmp_path):
+    from tests.hf_fixtures import make_bert_checkpoint
+
+    other = make_bert_checkpoint(str(tmp_path / "other"), tokenizer_vocab=120)  # another vocabulary
+    make_trainer(_config(files, other), str(tmp_path / "first")).checkpoints.close()
+    with pytest.raises(UserError, match=r"data.corpus_store: .* tokens differ from retriever.checkpoint's"):
+        make_trainer(_config(files, bert_dir, **{"data.corpus_store": str(tmp_path / "first" / "corpus_store")}),
+                     str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("off", ["eval_every", "checkpoint_every", "log_every", "refresh_every"])
+def test_a_cadence_of_zero_means_never(files, bert_dir, tmp_path, off, capsys):
+    workdir = tmp_path / "run"
+    settings = {"train.eval_every": 2, "train.log_every": 1, "train.steps": 4, f"train.{off}": 0}
+    trainer = make_trainer(_config(files, bert_dir, **settings), str(workdir))
+    trainer.run()
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    out = capsys.readouterr().out
+    evaluated = [row["step"] for row in rows if "top1" in row]
+    steps_logged = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
+    if off == "eval_every":
+        assert evaluated == [4]  # the final evaluation only
+    elif off == "checkpoint_every":
+        assert Checkpoints(str(workdir), read_only=True).steps() == [4]  # the last step only
+    elif off == "log_every":
+        assert steps_logged == ["2/4", "4/4"]  # only with the evaluations (every 2 steps)
+    else:
+        assert [row["index_staleness"] for row in rows] == [0, 1, 2, 3]  # one index, from step 0
+        assert os.listdir(workdir / "index") == ["v000000"]
 
 
 def test_unknown_override_key_is_named():

@@ -10,19 +10,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from art_jax.core.sharding import make_mesh
+from art_jax.methods import art
+from art_jax.methods.art import unique_passages
 from art_jax.models.bert import Bert, BertConfig
 from art_jax.models.hf import init_module
 from art_jax.objectives import art_loss
-from art_jax.train_step import (
-    OptimConfig,
-    Towers,
-    init_state,
-    jit_update,
-    learning_rate_schedule,
-    make_optimizer,
-    unique_passages,
-    update,
-)
+from art_jax.training.state import OptimConfig, ParamGroups, init_state, learning_rate_schedule, make_optimizer
+from art_jax.training.update import jit_update, update
 
 
 def _numpy_kl(q, p, teacher, m=1.0):
@@ -56,7 +50,7 @@ def _towers(shared=False):
                      max_position_embeddings=32)
     question = init_module(Bert, cfg, seed=0)
     passage = question if shared else init_module(Bert, cfg, seed=1)
-    return Towers.split(question, passage)
+    return ParamGroups.split({"question": question, "passage": passage})
 
 
 def _batch(b=4, k=3, lq=6, lp=8, seed=0):
@@ -73,8 +67,9 @@ def _batch(b=4, k=3, lq=6, lp=8, seed=0):
 def _setup(**optim):
     towers, params = _towers()
     cfg = OptimConfig(learning_rate=1e-2, total_steps=10, **optim)
-    optimizer = make_optimizer(cfg, params)
-    step = jax.jit(lambda s, b: update(towers, optimizer, learning_rate_schedule(cfg), s, b, **_setup.kwargs))
+    optimizer = make_optimizer(cfg, towers, params)
+    step = jax.jit(lambda s, b: update(art.objective(towers, **_setup.kwargs), optimizer, learning_rate_schedule(cfg),
+                                       s, b))
     return init_state(params, optimizer, seed=0), step
 
 
@@ -100,18 +95,16 @@ def test_both_towers_learn_and_the_loss_falls():
 
 def test_no_gradient_reaches_the_teacher_scores():
     towers, params = _towers()
-    from art_jax.train_step import _loss
-
     batch = jax.tree.map(lambda x: x[0] if x.ndim == 3 else x, _batch())  # one micro-batch: [U, Lp]
     keys = jax.random.split(jax.random.key(0))
-    grad = jax.grad(lambda t: _loss(towers, params, {**batch, "teacher_scores": t}, *keys, 1.0)[0])(
+    grad = jax.grad(lambda t: art.loss(towers, 1.0, params, {**batch, "teacher_scores": t}, tuple(keys))[0])(
         batch["teacher_scores"])
     assert np.all(np.asarray(grad) == 0)
 
 
 @pytest.mark.parametrize("frozen", ["question", "passage"])
 def test_a_frozen_tower_stays_fixed(frozen):
-    state, step = _setup(**{f"train_{frozen}_tower": False})
+    state, step = _setup(frozen_roles=(frozen,))
     before = state.params
     for _ in range(2):  # the first step has learning rate 0 (warmup starts there)
         state, _ = step(state, _batch())
@@ -134,7 +127,7 @@ def test_a_non_finite_step_is_skipped_and_counted():
 def _towers_without_dropout():
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                      max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
-    return Towers.split(init_module(Bert, cfg, seed=0), init_module(Bert, cfg, seed=1))
+    return ParamGroups.split({"question": init_module(Bert, cfg, seed=0), "passage": init_module(Bert, cfg, seed=1)})
 
 
 def _retrieved(b=8, k=4, n=10, lp=8, seed=0):
@@ -174,8 +167,8 @@ def test_deduplicated_passages_and_accumulation_give_the_direct_gradient():
     b, k = rows.shape
 
     def direct_loss(p):  # the recipe's computation, straight: B x K passages embedded one by one
-        q = towers.question_tower(p).embed_cls(questions["question_ids"], questions["question_mask"])
-        d = towers.passage_tower(p).embed_cls(corpus[rows.ravel()], corpus_mask[rows.ravel()])
+        q = towers.module(p, "question").embed_cls(questions["question_ids"], questions["question_mask"])
+        d = towers.module(p, "passage").embed_cls(corpus[rows.ravel()], corpus_mask[rows.ravel()])
         return art_loss(q, d.reshape(b, k, -1), questions["teacher_scores"])[0]
 
     direct = jax.grad(direct_loss)(params)
@@ -184,8 +177,8 @@ def test_deduplicated_passages_and_accumulation_give_the_direct_gradient():
         batch = _deduped_batch(corpus, corpus_mask, rows, questions, accumulation, multiple=2)
         assert batch["passage_ids"].shape[1] < b * k // accumulation  # repeats were embedded once
         state = init_state(params, optimizer, 0)
-        new, metrics = jax.jit(lambda s, x: update(towers, optimizer, optax.constant_schedule(1.0), s, x,
-                                                   accumulation=accumulation))(state, batch)
+        new, metrics = jax.jit(lambda s, x: update(art.objective(towers, accumulation=accumulation), optimizer,
+                                                   optax.constant_schedule(1.0), s, x))(state, batch)
         np.testing.assert_allclose(float(metrics["loss"]), float(direct_loss(params)), rtol=1e-5)
         np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(direct)), rtol=1e-4)
         # float32 sums in another order: differences of a few ulps on gradients of order 1
@@ -202,7 +195,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_weight_decay_skips_biases_and_layer_norm():
     towers, params = _towers()
     cfg = OptimConfig(learning_rate=1.0, total_steps=10, warmup_fraction=0.0, weight_decay=0.5, clip_norm=1e9)
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, towers, params)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zero, optimizer.init(params), params)  # zero gradient: only decay moves
     for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params)):
@@ -214,7 +207,8 @@ def _jit_update_like_the_trainer(towers, optimizer, schedule, mesh, accumulation
     """The Trainer's compiled update (``jit_update``), given a private copy of the state on
     every call: donation deletes the state it is given, and device_put may hand back (or
     alias) the caller's own buffers, which the next call still needs."""
-    step, batch_sharding = jit_update(towers, optimizer, schedule, mesh, accumulation=accumulation)
+    batch_sharding = art.batch_shardings(mesh)
+    step = jit_update(art.objective(towers, accumulation=accumulation), optimizer, schedule, mesh, batch_sharding)
     replicated = NamedSharding(mesh, P())
     return lambda state, batch: step(jax.device_put(jax.tree.map(np.array, jax.device_get(state)), replicated),
                                      jax.device_put(batch, batch_sharding))
@@ -236,7 +230,7 @@ def test_eight_devices_give_the_single_device_step(accumulation):
     sharding-independent bits, and passes this test too)."""
     towers, params = _towers()  # dropout 0.1 in both towers
     cfg = OptimConfig(learning_rate=1e-2, total_steps=10)
-    optimizer, schedule = make_optimizer(cfg, params), learning_rate_schedule(cfg)
+    optimizer, schedule = make_optimizer(cfg, towers, params), learning_rate_schedule(cfg)
     corpus, corpus_mask, rows, questions = _retrieved(b=16, k=4, n=24)
     batch = _deduped_batch(corpus, corpus_mask, rows, questions, accumulation, multiple=8)  # U splits over 8
     one = _jit_update_like_the_trainer(towers, optimizer, schedule, make_mesh(devices=jax.devices()[:1]),
@@ -298,3 +292,57 @@ def test_eight_devices_give_the_single_device_step(accumulation):
     _, other_metrics = one(init_state(params, optimizer, seed=1), batch)
     _, first_metrics = one(init_state(params, optimizer, seed=0), batch)
     assert abs(float(other_metrics["loss"]) - float(first_metrics["loss"])) > 1e-4
+
+
+def test_the_logged_learning_rate_is_the_one_applied():
+    """optax's step count skips a non-finite step, so the schedule's next rate is applied at
+    the step after it: the log must show that rate, not the one at the step's number."""
+    state, step = _setup(warmup_fraction=0.5)  # a rate that changes every step
+    schedule = learning_rate_schedule(OptimConfig(learning_rate=1e-2, total_steps=10, warmup_fraction=0.5))
+    state, _ = step(state, _batch())
+    state, _ = step(state, {**_batch(), "teacher_scores": jnp.full((4, 3), jnp.nan)})  # skipped
+    count = int(_adam(state).count)
+    assert (int(state.step), count) == (2, 1)
+    state, metrics = step(state, _batch())
+    assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(count)))
+    assert float(metrics["learning_rate"]) != pytest.approx(float(schedule(2)))
+
+
+def test_a_method_may_bring_its_own_gradient_scheme():
+    """The update takes a method's own way to the gradients (``Objective.gradients``): here a
+    two-pass cached-gradient scheme (GradCache: representations without gradient, the loss's
+    gradient with respect to them, then each chunk's backward pass) for an in-batch contrastive
+    loss, which plain micro-batch accumulation cannot split. Same step as the direct gradient."""
+    from art_jax.training.update import Objective
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
+    batch = {"questions": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
+             "passages": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)}
+
+    def contrastive(q, p):  # each question's own passage among all of the batch's
+        return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(q @ p.T, axis=-1))), {}
+
+    def loss(params, batch, keys):
+        return contrastive(batch["questions"] @ params["w"], batch["passages"] @ params["w"])
+
+    def cached(params, batch, keys, chunks=4):
+        encode = lambda p, x: x @ p["w"]  # noqa: E731
+        q, d = (jnp.concatenate([encode(params, x) for x in jnp.split(batch[name], chunks)])
+                for name in ("questions", "passages"))
+        (value, metrics), (dq, dd) = jax.value_and_grad(contrastive, argnums=(0, 1), has_aux=True)(q, d)
+        grads = jax.tree.map(jnp.zeros_like, params)
+        for name, cotangent in (("questions", dq), ("passages", dd)):
+            for x, c in zip(jnp.split(batch[name], chunks), jnp.split(cotangent, chunks)):
+                _, vjp = jax.vjp(lambda p: encode(p, x), params)  # noqa: B023
+                grads = jax.tree.map(jnp.add, grads, vjp(c)[0])
+        return (value, metrics), grads
+
+    optimizer, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+    state = init_state(params, optimizer, seed=0)
+    plain, plain_metrics = jax.jit(lambda s, b: update(Objective(loss), optimizer, schedule, s, b))(state, batch)
+    mine, my_metrics = jax.jit(lambda s, b: update(Objective(loss, gradients=cached), optimizer, schedule, s, b))(
+        state, batch)
+    np.testing.assert_allclose(float(my_metrics["loss"]), float(plain_metrics["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(mine.params["w"]), np.asarray(plain.params["w"]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(mine.params["w"]), np.asarray(params["w"]))  # it did step

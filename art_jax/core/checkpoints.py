@@ -61,8 +61,8 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, record: dict, *, force: bool = False) -> bool:
-        """Saves at multiples of ``every`` (or when forced: preemption, the last step)."""
-        if (not force and step % self.every) or step == self.manager.latest_step():
+        """Saves at multiples of ``every`` (0: never), or when forced (preemption, the last step)."""
+        if not (force or (self.every and step % self.every == 0)) or step == self.manager.latest_step():
             return False
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                record=ocp.args.JsonSave(record)), force=force)
@@ -76,6 +76,12 @@ class Checkpoints:
             state = ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract))
         restored = self.manager.restore(step, args=ocp.args.Composite(state=state, record=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["record"])
+
+    def state_metadata(self, step: int) -> dict:
+        """The saved state's tree (nested dicts) with each array's metadata (shape, dtype), read
+        without a target: what restoring a part of it needs."""
+        path = os.path.join(self.directory, str(step), "state")
+        return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
 
     def record(self, step: int) -> dict:
         """The JSON record saved with ``step``, without reading the state."""

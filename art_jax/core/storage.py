@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from art_jax.core.errors import UserError
 
@@ -138,6 +138,41 @@ FILE_MODE = 0o666 & ~_umask()
 FOLDER_MODE = 0o777 & ~_umask()
 
 
+def _check_parent(path: str, label: str) -> None:
+    """A local ``path`` whose nearest existing ancestor is a file could never be created."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{label}: {parent} is a file, not a folder")
+
+
+def check_file_target(path: str, flag: str = "") -> None:
+    """Refuse an output file that cannot be written: ``path`` is a folder, or a file stands
+    where one of its folders should be (a URL has no such cases to see). ``flag`` names the
+    option in the message."""
+    if is_remote(path):
+        return
+    label = f"{flag} {path}" if flag else path
+    if os.path.isdir(path):
+        raise UserError(f"{label}: is a folder, expected a file")
+    _check_parent(path, label)
+
+
+def check_replaceable(out: str, kind: str, is_kind: Callable[[str], bool]) -> None:
+    """Refuse, before any work, an output folder ``out`` that this job must not replace or
+    write into: it may be missing, an empty folder, or a folder ``is_kind`` recognises by its
+    own marker files. Anything else (a checkpoint, a home folder, a file) is kept: publishing
+    deletes the old folder whole. ``kind`` says what was expected, e.g. "a corpus store (no
+    meta.json of a store)"."""
+    if not is_remote(out):
+        _check_parent(out, out)
+    if not exists(out) or (isdir(out) and not listdir(out)):
+        return
+    if not isdir(out) or not is_kind(out):
+        raise UserError(f"{out}: exists and is not {kind}; refusing to replace it")
+
+
 @contextlib.contextmanager
 def writing(path: str) -> Iterator[str]:
     """A local file to write ``path``'s new contents into; on leaving the block without an
@@ -145,6 +180,7 @@ def writing(path: str) -> Iterator[str]:
     remote = is_remote(path)
     folder = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(path))
     if not remote:
+        check_file_target(path)
         os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
     os.close(fd)

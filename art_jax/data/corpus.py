@@ -27,6 +27,7 @@ from art_jax.core import storage
 from art_jax.core.batching import round_up
 from art_jax.core.distributed import barrier, is_lead
 from art_jax.core.errors import UserError
+from art_jax.core.fileio import local_file
 from art_jax.core.progress import progress_bar
 from art_jax.core.remote import keep_as_copy, local_copy, staging_parent
 from art_jax.data.tokenization import Tokens, passage_rows
@@ -113,9 +114,7 @@ def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | No
     (``{"id","title","text"}``). A bad row (column count, non-integer or duplicate id,
     invalid UTF-8, empty text) is an error naming file and line, or with
     ``skip_bad_rows`` is skipped and appended to ``bad_rows`` as ``(line, reason)``."""
-    path = local_copy(path)
-    if not os.path.isfile(path):
-        raise UserError(f"file not found: {path}")
+    path = local_file(path)
     jsonl = path.endswith((".jsonl", ".json"))
     seen = _IdSet()
     with open(path, "rb") as f:
@@ -239,6 +238,16 @@ class TokenizerSpec:
     max_length: int
 
 
+def is_corpus_store(path: str) -> bool:
+    """Whether the folder ``path`` holds a corpus store, of this format or the one before (by
+    its meta.json: an index version's meta.json has a format too, but no retriever)."""
+    try:
+        meta = json.loads(storage.read_text(os.path.join(path, "meta.json")))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") in (STORE_FORMAT, STORE_FORMAT - 1) and "retriever" in meta
+
+
 class CorpusStore:
     """A prepared corpus: ``len(store)`` passages, row r has passage id ``store.ids[r]``."""
 
@@ -306,10 +315,9 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     from art_jax.data.prompts import PromptBuilder
 
     out = out.rstrip("/")
+    storage.check_replaceable(out, "a corpus store (no meta.json of a store)", is_corpus_store)
     source = corpus_path if storage.is_remote(corpus_path) else os.path.abspath(corpus_path)
-    corpus_path = local_copy(corpus_path)
-    if not os.path.isfile(corpus_path):
-        raise UserError(f"file not found: {corpus_path}")
+    corpus_path = local_file(corpus_path)
     parent = staging_parent(out)
     processes, me = jax.process_count(), jax.process_index()
     # each process tokenizes every processes-th batch into its own part, process 0 merges the
@@ -320,7 +328,9 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     if shared:
         staging = os.path.join(parent, f".{os.path.basename(out)}.building-job")
     else:
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+        if processes == 1:
+            _remove_stale_staging(parent, os.path.basename(out))
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-{os.getpid()}-", dir=parent)
     if processes > 1:
         if is_lead():  # a failed run's leftovers must not mix in
             if shared:
@@ -417,6 +427,28 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     if bad_rows and progress:
         print(f"prepare-corpus: skipped {len(bad_rows)} bad row(s), e.g. line {bad_rows[0][0]}: {bad_rows[0][1]}")
     return CorpusStore(out)
+
+
+def _remove_stale_staging(parent: str, name: str) -> None:
+    """Remove what killed builds of the store ``name`` left in ``parent``: every
+    ``.{name}.building-*`` folder but those named by the pid of a live process. Run by a
+    one-process job only: a multi-process job's other processes (or another machine sharing
+    the disk) may be building there, and their pids mean nothing here."""
+    building = re.compile(rf"\.{re.escape(name)}\.building-(?:(\d+)-)?.*")
+    for entry in os.listdir(parent):
+        match = building.fullmatch(entry)
+        if match and not (match.group(1) and _alive(int(match.group(1)))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _merge_parts(staging: str, columns: dict[str, np.dtype], processes: int, batch_sizes: list[int]) -> None:

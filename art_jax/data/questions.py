@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from art_jax.core.errors import UserError
-from art_jax.core.fileio import read_json, read_jsonl
-from art_jax.core.remote import local_copy
+from art_jax.core.fileio import local_file, read_json, read_jsonl, text_lines
 
 
 @dataclass(frozen=True)
@@ -20,48 +19,49 @@ class Question:
 
 def read_questions(path: str) -> list[Question]:
     """All questions of ``path``: .tsv/.csv is the DPR question-answers table; .json/.jsonl
-    is a JSON list if the file starts with ``[``, else one object per line (gs:// too)."""
-    path = local_copy(path)
-    if not os.path.isfile(path):
-        raise UserError(f"file not found: {path}")
+    is a JSON list if the file starts with ``[``, else one object per line (gs:// too).
+    A file without questions is an error."""
+    path = local_file(path)
     ext = os.path.splitext(path)[1].lower()
     if ext in (".tsv", ".csv"):
-        return _read_tsv(path)
-    if ext in (".json", ".jsonl"):
-        return _read_json_list(path) if _first_char(path) == "[" else _read_jsonl(path)
-    raise UserError(f"{path}: unknown question file type {ext or '(none)'}; "
-                    "expected .tsv, .csv, .json or .jsonl")
+        questions = _read_tsv(path)
+    elif ext in (".json", ".jsonl"):
+        questions = _read_json_list(path) if _first_char(path) == "[" else _read_jsonl(path)
+    else:
+        raise UserError(f"{path}: unknown question file type {ext or '(none)'}; "
+                        "expected .tsv, .csv, .json or .jsonl")
+    if not questions:
+        raise UserError(f"{path}: no questions")
+    return questions
 
 
 def _first_char(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return line.lstrip()[0]
+    for _, line in text_lines(path):
+        if line.strip():
+            return line.lstrip()[0]
     return ""
 
 
 def _read_tsv(path: str) -> list[Question]:
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            # Split on the tab, not with csv: csv quoting mangles questions that contain '"'.
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 2:
-                raise UserError(f"{path}:{number}: expected 2 tab-separated columns "
-                                f"(question, answers), found {len(fields)}")
-            question, column = fields
-            if not question.strip():
-                raise UserError(f"{path}:{number}: empty question")
-            try:
-                # DPR eval()s this column; a literal parse reads the same lists and runs no code.
-                answers = ast.literal_eval(column.strip())
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                raise UserError(f"{path}:{number}: answers column is not a list literal: "
-                                f"{column[:80]!r}") from None
-            questions.append(Question(question, _answers(answers, f"{path}:{number}")))
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        # Split on the tab, not with csv: csv quoting mangles questions that contain '"'.
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise UserError(f"{path}:{number}: expected 2 tab-separated columns "
+                            f"(question, answers), found {len(fields)}")
+        question, column = fields
+        if not question.strip():
+            raise UserError(f"{path}:{number}: empty question")
+        try:
+            # DPR eval()s this column; a literal parse reads the same lists and runs no code.
+            answers = ast.literal_eval(column.strip())
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise UserError(f"{path}:{number}: answers column is not a list literal: "
+                            f"{column[:80]!r}") from None
+        questions.append(Question(question, _answers(answers, f"{path}:{number}")))
     return questions
 
 
@@ -74,8 +74,7 @@ def _read_json_list(path: str) -> list[Question]:
 
 def _read_jsonl(path: str) -> list[Question]:
     # read_jsonl skips blank lines, so the n-th row comes from the n-th non-blank line.
-    with open(path, encoding="utf-8") as f:
-        numbers = [number for number, line in enumerate(f, 1) if line.strip()]
+    numbers = [number for number, line in text_lines(path) if line.strip()]
     rows = read_jsonl(path, required=("question",), nonblank=("question",))
     return [_from_object(row, f"{path}:{number}") for number, row in zip(numbers, rows)]
 

@@ -1,9 +1,11 @@
-"""Top-k retrieval accuracy with DPR's exact answer matching (dpr/data/qa_validation.py)."""
+"""Top-k retrieval accuracy with DPR's exact answer matching (dpr/data/qa_validation.py),
+and the metric names used across the project: ``top{k}``, ``mrr``, ``em``, ``f1``."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -15,7 +17,8 @@ from art_jax.core.errors import UserError
 from art_jax.core.fileio import read_json
 from art_jax.core.storage import write_text
 
-DEFAULT_KS = (1, 5, 20, 50, 100)
+# The k values DPR and ART report; any positive k can be asked for.
+STANDARD_KS = (1, 5, 20, 50, 100)
 
 # DPR's SimpleTokenizer: runs of letters/digits/marks, or any single other visible character.
 _TOKEN = regex.compile(r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]",
@@ -78,29 +81,52 @@ def has_answer(answers: Sequence[str], text: str, match: str = "string") -> bool
     return _matcher_maker(match)(answers)(text)
 
 
+def report_ks(depth: int) -> tuple[int, ...]:
+    """The k values reported by default for results ``depth`` ctxs deep: the standard ones
+    below ``depth``, then ``depth`` itself (so ``--topk 10`` reports top-1, 5 and 10)."""
+    return tuple(k for k in STANDARD_KS if k < depth) + (depth,)
+
+
+def _checked_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise UserError(f"top-k values must be positive integers, got {k!r}")
+    return tuple(int(k) for k in ks)
+
+
 def top_k_accuracy(hits: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
-    """Fraction of questions (rows) with a hit among their first k ctxs (columns)."""
+    """Fraction of questions (rows) with a hit among their first k ctxs (columns), keyed by k
+    in the order given. A k past the last column counts every column (callers that cannot
+    vouch for that refuse such a k first: see ``evaluate_results``)."""
     hits = np.asarray(hits, dtype=bool)
     if hits.ndim != 2 or hits.shape[0] == 0:
         raise ValueError(f"top_k_accuracy: expected a non-empty [questions, ctxs] array, got {hits.shape}")
     found = np.logical_or.accumulate(hits, axis=1)  # found[q, i]: a hit among ctxs 0..i
     width = hits.shape[1]
-    accuracy = {}
-    for k in ks:
-        if k < 1:
-            raise UserError(f"top-k values must be positive, got {k}")
-        accuracy[k] = float(found[:, min(k, width) - 1].mean()) if width else 0.0
-    return accuracy
+    return {k: float(found[:, min(k, width) - 1].mean()) if width else 0.0 for k in _checked_ks(ks)}
 
 
-def evaluate_results(results: Any, match: str = "string", ks: Iterable[int] = DEFAULT_KS,
-                     source: str = "results") -> tuple[dict[int, float], list[dict]]:
-    """Top-k accuracies of DPR-style results, and a copy of them whose every ctx has
-    ``has_answer`` recomputed from its text (a stored value is never trusted)."""
+def evaluate_results(results: Any, match: str = "string", ks: Iterable[int] | None = None,
+                     source: str = "results", *, exhaustive: bool = False) -> tuple[dict[int, float], list[dict]]:
+    """Top-k accuracies of DPR-style results, keyed by k in the order of ``ks`` (default:
+    ``report_ks`` of the depth, the most ctxs any question has), and a copy of the results
+    whose every ctx has ``has_answer`` recomputed from its text (a stored value is never trusted).
+
+    A k past the depth is refused: the results were cut there, so nothing says whether the
+    answer was further down. ``exhaustive`` says the ctxs are the whole corpus; then a k past
+    them is as good as all of them. A question with fewer ctxs than k counts the ones it has."""
     make_matcher = _matcher_maker(match)
     _check_results(results, source)
+    width = max(len(item["ctxs"]) for item in results)
+    if width == 0:
+        raise UserError(f"{source}: no question has any ctxs to evaluate")
+    ks = report_ks(width) if ks is None else _checked_ks(ks)
+    too_deep = [k for k in ks if k > width]
+    if too_deep and not exhaustive:
+        raise UserError(f"{source}: top-{too_deep[0]} asked for, but no question has more than {width} ctxs; "
+                        f"a k past the retrieved depth cannot be measured (ask for k <= {width})")
     annotated = copy.deepcopy(results)
-    width = max(len(item["ctxs"]) for item in annotated)
     hits = np.zeros((len(annotated), width), dtype=bool)
     for qi, item in enumerate(annotated):
         matcher = make_matcher(item["answers"])
@@ -128,18 +154,56 @@ def _check_results(results: Any, source: str) -> None:
                 raise UserError(f"{where}, ctx {ci}: expected an object with a string 'text'")
 
 
-def format_table(accuracy: dict[int, float]) -> str:
-    rows = [("top-k", "accuracy (%)")] + [(str(k), f"{100 * a:.2f}") for k, a in sorted(accuracy.items())]
+def metric_name(k: int) -> str:
+    """The name of top-k accuracy in metrics, configs and checkpoint records: ``top{k}``."""
+    return f"top{_checked_ks([k])[0]}"
+
+
+_NAMED_METRICS = ("mrr", "em", "f1")
+
+
+def parse_metric(name: str) -> tuple[str, int | None]:
+    """``("top", k)`` for ``top{k}`` (k a positive integer as ``metric_name`` writes it),
+    ``(name, None)`` for ``mrr``, ``em`` and ``f1``; any other name is a UserError."""
+    if name in _NAMED_METRICS:
+        return name, None
+    top = re.fullmatch(r"top([1-9][0-9]*)", name)
+    if top is None:
+        raise UserError(f"unknown metric {name!r}; expected top{{k}} (k a positive integer), "
+                        f"{', '.join(_NAMED_METRICS)}")
+    return "top", int(top.group(1))
+
+
+def _align(rows: list[tuple[str, str]]) -> str:
+    """A header row, a rule, then the rows; left column right-aligned as numbers are."""
     left = max(len(r[0]) for r in rows)
     right = max(len(r[1]) for r in rows)
-    lines = [f"{k:>{left}} | {a:>{right}}" for k, a in rows]
+    lines = [f"{a:>{left}} | {b:>{right}}" for a, b in rows]
     lines.insert(1, f"{'-' * left}-+-{'-' * right}")
     return "\n".join(lines)
 
 
-def evaluate_file(results_path: str, match: str = "string", ks: Iterable[int] = DEFAULT_KS,
+def format_table(accuracy: dict[int, float]) -> str:
+    """Top-k accuracies keyed by int k, as percentages, k ascending."""
+    return _align([("top-k", "accuracy (%)")] + [(str(k), f"{100 * a:.2f}") for k, a in sorted(accuracy.items())])
+
+
+def format_metrics(values: dict[str, float]) -> str:
+    """Named metrics (``parse_metric``'s names), top-k first by k, then mrr, em, f1.
+    Top-k, em and f1 are fractions of questions, printed as percentages; mrr as it is."""
+    def order(name: str) -> tuple[int, int]:
+        kind, k = parse_metric(name)
+        return (0, k) if kind == "top" else (1 + _NAMED_METRICS.index(kind), 0)
+
+    rows = [(name, f"{values[name]:.4f}" if name == "mrr" else f"{100 * values[name]:.2f}%")
+            for name in sorted(values, key=order)]
+    return _align([("metric", "value")] + rows)
+
+
+def evaluate_file(results_path: str, match: str = "string", ks: Iterable[int] | None = None,
                   annotated_out: str | None = None) -> dict[str, Any]:
-    """Evaluate a DPR results JSON; optionally write it back with recomputed has_answer."""
+    """Evaluate a DPR results JSON (``ks`` as in ``evaluate_results``); optionally write it
+    back with recomputed has_answer."""
     accuracy, annotated = evaluate_results(read_json(results_path), match, ks, source=results_path)
     if annotated_out:
         write_text(annotated_out, json.dumps(annotated, indent=1, ensure_ascii=False) + "\n")

@@ -16,6 +16,8 @@ def score_pairs_file(scorer: T5Scorer, pairs_path: str, out_path: str, *, batch_
                      progress: bool = True) -> np.ndarray:
     """``{"title","text","question"}`` per line -> ``{"score": s}`` per line, input order."""
     rows = list(read_jsonl(pairs_path, required=("title", "text", "question"), nonblank=("question",)))
+    if not rows:
+        raise UserError(f'{pairs_path}: no pairs (expected one {{"title", "text", "question"}} per line)')
     scores = scorer.score([r["title"] for r in rows], [r["text"] for r in rows], [r["question"] for r in rows],
                           batch_size=batch_size, progress=progress)
     write_text(out_path, "".join(json.dumps({"score": float(s)}) + "\n" for s in scores))
@@ -40,6 +42,8 @@ def rerank_results_file(scorer: T5Scorer, results_path: str, out_path: str, *, b
             texts.append(ctx["text"])
             questions.append(item["question"])
             where.append((qi, ci))
+    if not where:
+        raise UserError(f"{results_path}: no ctxs to re-rank")
     scores = scorer.score(titles, texts, questions, batch_size=batch_size, progress=progress)
     for (qi, ci), s in zip(where, scores):
         results[qi]["ctxs"][ci]["teacher_score"] = float(s)

@@ -7,6 +7,7 @@ import json
 import jax
 
 from art_jax.core import storage
+from art_jax.core.errors import UserError
 from art_jax.data.corpus import CorpusStore
 from art_jax.data.questions import Question
 from art_jax.retrieval.encoder import DualEncoder
@@ -19,6 +20,10 @@ def search_file(encoder: DualEncoder, version: IndexVersion, index: ShardedIndex
                 questions: list[Question], out: str, k: int, *, batch_size: int = 64, match: str = "string",
                 progress: bool = True) -> dict[int, float]:
     """Every process searches (the index spans all of them); process 0 writes ``out``."""
+    dim = encoder.question.config.hidden_size
+    if dim != version.dim:  # else the first batch fails deep inside the search's matmul
+        raise UserError(f"--index {version.path} holds {version.dim}-dimensional embeddings, but the retriever's "
+                        f"question tower gives {dim}; search with the retriever the index was embedded with")
     scores, rows = retrieve(encoder, index, questions, k, batch_size=batch_size, progress=progress)
     accuracy, results = dpr_results(questions, scores, rows, store, version.ids, match)
     if jax.process_index() == 0:

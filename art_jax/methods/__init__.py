@@ -1,0 +1,16 @@
+"""The training methods, by the name ``cfg.method`` selects."""
+
+from __future__ import annotations
+
+from art_jax.core.errors import UserError
+from art_jax.methods.art import Art
+from art_jax.training.loop import Trainer
+
+METHODS = {"art": Art}
+
+
+def make_trainer(cfg, workdir: str) -> Trainer:
+    """The loop over the method ``cfg.method`` in ``workdir``."""
+    if cfg.method not in METHODS:
+        raise UserError(f"method: {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
+    return Trainer(cfg, workdir, METHODS[cfg.method])

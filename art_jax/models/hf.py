@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
 import tempfile
+import warnings
 from typing import Any
 
 import jax
@@ -55,15 +57,20 @@ def resolve_checkpoint(name: str) -> str:
 
 
 def _download_hub(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return snapshot_download(repo_id, allow_patterns=[
             "*.json", "*.safetensors", "pytorch_model.bin", "*.model", "*.txt"])
-    except Exception as err:  # offline, unknown repo, auth: one message, the cause kept
+    except Exception as err:  # offline, unknown repo, auth: one line (the hub's own texts run to several)
+        offline = " (HF_HUB_OFFLINE is set: only the local hub cache was looked in)" if constants.HF_HUB_OFFLINE else ""
         raise CheckpointError(
             f"checkpoint {repo_id!r} is not a local folder and could not be fetched from the "
-            f"Hugging Face hub ({type(err).__name__}: {err})") from err
+            f"Hugging Face hub{offline}: {type(err).__name__}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 def read_config(folder: str) -> dict[str, Any]:
@@ -85,9 +92,21 @@ _SAFETENSORS_DTYPES = {
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Memory-mapped arrays (bfloat16 included, which numpy's loader refuses)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        prefix = f.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if header_len is None or 8 + header_len > size:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, shorter than its header)")
+        try:
+            header = json.loads(f.read(header_len))
+            declared = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"),
+                           default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    if 8 + header_len + declared > size:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, its header declares "
+                              f"{8 + header_len + declared})")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
     out = {}
     for key, info in header.items():
@@ -105,7 +124,21 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     except ImportError as err:
         raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch installed "
                               "(or convert the checkpoint to safetensors)") from err
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # the file asks for code or objects beyond tensors; torch's text would advise loading it with
+        # weights_only=False, i.e. running that code: keep only its reason
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(err))
+        reason = reason.group(1) if reason else "unsafe pickle"
+        raise CheckpointError(f"{path}: refused: not a plain tensor file ({reason}); "
+                              "convert a trusted copy to safetensors") from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(err)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors by name")
     return {k: (v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy())
             for k, v in state.items()}
 
@@ -404,20 +437,29 @@ def state_dict(model: Bert | T5) -> dict[str, np.ndarray]:
     return out
 
 
+def hf_config_of(model: Bert | T5) -> dict[str, Any]:
+    return bert_config_to_hf(model.config) if isinstance(model, Bert) else t5_config_to_hf(model.config)
+
+
+def write_folder(folder: str, hf_config: dict[str, Any], weights: dict[str, np.ndarray], tokenizer) -> None:
+    """config.json, model.safetensors and the tokenizer's files into the local ``folder``."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def export(model: Bert | T5, tokenizer, out_dir: str) -> str:
     """Write a Hugging Face folder (config, safetensors, tokenizer) that transformers'
     ``AutoModel`` / ``T5ForConditionalGeneration`` load, locally (renamed into place) or to a
     URL (uploaded with config.json last)."""
-    from safetensors.numpy import save_file
-
-    hf_config = bert_config_to_hf(model.config) if isinstance(model, Bert) else t5_config_to_hf(model.config)
     staging = tempfile.mkdtemp(prefix=".export-", dir=staging_parent(out_dir))
     try:
-        with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        save_file(state_dict(model), os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        write_folder(staging, hf_config_of(model), state_dict(model), tokenizer)
         publish_folder(staging, out_dir, marker="config.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ import functools
 import jax
 import numpy as np
 
+from art_jax.core import storage
 from art_jax.core.batching import round_up
 from art_jax.core.distributed import barrier, is_lead, lead_value
 from art_jax.core.errors import UserError
@@ -23,7 +24,8 @@ from art_jax.core.progress import progress_bar
 from art_jax.core.sharding import batch_sharding, local_replica, make_mesh
 from art_jax.data.corpus import CorpusStore
 from art_jax.models.bert import Bert
-from art_jax.retrieval.index import DTYPES, IndexBuilder, IndexPlan, published_versions
+from art_jax.retrieval.encoder import load_tower
+from art_jax.retrieval.index import DTYPES, IndexBuilder, IndexPlan, is_index_folder, published_versions
 
 
 def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint: str, step: int | None = None,
@@ -35,6 +37,7 @@ def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint:
     finds its own unfinished build."""
     if dtype not in DTYPES:
         raise UserError(f"embed: dtype {dtype!r} is not one of {DTYPES}")
+    storage.check_replaceable(index_dir, "an index folder (no vNNNNNN version in it)", is_index_folder)
     if version is None:
         version = lead_value((published_versions(index_dir) or [-1])[-1] + 1)  # one view for all processes
     plan = IndexPlan(count=len(store), dim=tower.config.hidden_size, dtype=dtype, chunk_rows=chunk_rows,
@@ -107,9 +110,8 @@ def _embed_as(tower, ids, mask, dtype):
     return tower.embed_cls(ids, mask).astype(dtype)
 
 
-def load_passage_tower(checkpoint: str) -> Bert:
-    """The passage tower of a retriever checkpoint (a Hugging Face BERT folder or hub id),
-    replicated on this process's devices."""
-    from art_jax.models.hf import load_bert
-
-    return load_bert(checkpoint, mesh=make_mesh(devices=jax.local_devices()))
+def load_passage_tower(spec: str, *, step: int | None = None, best: bool = False) -> tuple[Bert, int | None]:
+    """The passage tower a retriever argument names (a Hugging Face checkpoint, an export folder
+    or a training run; see ``retriever_kind``), replicated on this process's devices, and the max
+    length it records (None when it records none)."""
+    return load_tower(spec, "passage", mesh=make_mesh(devices=jax.local_devices()), step=step, best=best)

@@ -69,6 +69,11 @@ def published_versions(index_dir: str, *, after: int = -1) -> list[int]:
     return [v for v in numbers if v > after and storage.isfile(os.path.join(version_folder(index_dir, v), "meta.json"))]
 
 
+def is_index_folder(path: str) -> bool:
+    """Whether the folder ``path`` holds index versions (published or being built)."""
+    return any(_VERSION.match(name) for name in storage.listdir(path))
+
+
 def resolve_version(path: str) -> str:
     """A published version folder: ``path`` itself, or the newest version inside it."""
     if storage.isfile(os.path.join(path, "meta.json")):

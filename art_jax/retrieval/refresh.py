@@ -26,8 +26,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from art_jax.config import read_run_config
 from art_jax.core import storage
-from art_jax.core.checkpoints import SKIP, Checkpoints
+from art_jax.core.checkpoints import Checkpoints
 from art_jax.core.distributed import is_lead, lead_value
 from art_jax.core.errors import UserError
 from art_jax.core.fileio import read_json
@@ -35,10 +36,7 @@ from art_jax.core.sharding import make_mesh
 from art_jax.data.corpus import CorpusStore
 from art_jax.retrieval.embed import embed_corpus
 from art_jax.retrieval.index import IndexVersion, finished_chunks, published_versions, version_folder
-from art_jax.train_step import init_state
-
-HEARTBEAT = "refresher.json"
-FINISHED = "finished.json"
+from art_jax.workdir import CONFIG, CORPUS_STORE, FINISHED, HEARTBEAT, read_tower
 
 
 def build_index(cfg, tower, store: CorpusStore, workdir: str, *, checkpoint: str, step: int) -> str:
@@ -144,17 +142,13 @@ def refresher_state(workdir: str) -> str:
 
 # ---------------------------------------------------------------------------- refresher side
 
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+def read_async_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config the trainer wrote into ``workdir``; it must be an async run."""
-    path = os.path.join(workdir, "config.json")
-    if not storage.isfile(path):
-        raise UserError(f"{workdir}: not a training workdir (no config.json); "
-                        f"`art-jax train --workdir={workdir}` writes it when it starts")
-    cfg = ml_collections.ConfigDict(read_json(path))
+    cfg = read_run_config(workdir)
     mode = cfg.train.get("refresh_mode", "sync")
     if mode != "async":
-        raise UserError(f"{path}: train.refresh_mode is {mode!r}; the refresher serves runs with "
-                        "train.refresh_mode=async (a sync run re-embeds the corpus itself)")
+        raise UserError(f"{os.path.join(workdir, CONFIG)}: train.refresh_mode is {mode!r}; the refresher serves runs "
+                        "with train.refresh_mode=async (a sync run re-embeds the corpus itself)")
     return cfg
 
 
@@ -163,10 +157,10 @@ class Refresher:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        self.cfg = read_run_config(workdir)
+        self.cfg = read_async_config(workdir)
         self.index_dir = os.path.join(workdir, "index")
         self.checkpoints: Checkpoints | None = None
-        self._model = None  # (store, towers, restore target), once the first checkpoint exists
+        self._store: CorpusStore | None = None  # opened at the first build
         self._beat = {"pid": os.getpid(), "host": socket.gethostname()}
 
     def heartbeat(self, state: str, **fields) -> None:
@@ -208,30 +202,22 @@ class Refresher:
         half, _ = self._half_built()
         return half if half in fresh and not newest_only else fresh[-1]
 
-    def _load(self):
-        from art_jax.train import build_model  # train imports this module
-
-        cfg = self.cfg
-        store = CorpusStore(cfg.data.corpus_store or os.path.join(self.workdir, "corpus_store"))
-        # the trainer's own TrainState, as shapes; only the passage tower's leaves are read
-        towers, _, optimizer, params = build_model(cfg, total_steps=1)  # no leaf depends on the step count
-        abstract = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed), params)
+    def _load(self, step: int):
+        """The passage tower of checkpoint ``step``, built from what the workdir holds (its
+        copied initial model config and the Orbax checkpoint), replicated on this process's devices."""
+        if self._store is None:
+            self._store = CorpusStore(self.cfg.data.corpus_store or os.path.join(self.workdir, CORPUS_STORE))
         replicated = NamedSharding(make_mesh(devices=jax.local_devices()), P())
-        tower = "shared" if towers.shared else "passage"
-        target = jax.tree.map(lambda _: SKIP, abstract)
-        target = target.replace(params={**target.params, tower: jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract.params[tower])})
-        self._model = store, towers, target
-        return self._model
+        return read_tower(self.workdir, self.checkpoints, step, "passage", replicated)
 
     def build(self, step: int, skipped: list[int]) -> str:
-        store, towers, target = self._model or self._load()
         started = time.perf_counter()
         self.heartbeat("embedding", step=step)
         half, done = self._half_built()
         self.steps()  # process 0 picked the step: open and re-list here too (only seen steps restore)
-        state, _ = self.checkpoints.restore(step, target)
-        path = build_index(self.cfg, towers.passage_tower(state.params), store, self.workdir,
+        tower = self._load(step)
+        store = self._store
+        path = build_index(self.cfg, tower, store, self.workdir,
                            checkpoint=os.path.join(self.checkpoints.directory, str(step)), step=step)
         resumed = f", resumed with {done} chunk(s) already built" if half == step and done else ""
         skipped = f", skipped checkpoint(s) {skipped}" if skipped else ""

@@ -4,6 +4,8 @@ accuracy (`art-jax search` and the trainer's evaluation alike)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from art_jax.core import storage
@@ -44,16 +46,14 @@ def retrieve(encoder: DualEncoder, index: ShardedIndex, questions: list[Question
 
 
 def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray, store: CorpusStore, ids,
-                match: str = "string") -> tuple[dict[int, float], list[dict]]:
-    """DPR-format results with has_answer computed from each passage's text, and top-k accuracy."""
+                match: str = "string", ks: Iterable[int] | None = None) -> tuple[dict[int, float], list[dict]]:
+    """DPR-format results with has_answer computed from each passage's text, and top-k
+    accuracy keyed by int k in the order of ``ks`` (default: ``report_ks`` of the retrieved
+    depth K, e.g. 1, 5, 10 for K=10). A k past K is refused, unless K is the whole store:
+    then it is exactly top-K (a small dev corpus under ``train.eval_topk``)."""
     results = [{
         "question": q.question, "answers": list(q.answers),
         "ctxs": [{"id": str(int(ids[r])), "title": store.title(r), "text": store.text(r), "score": float(s)}
                  for s, r in zip(q_scores, q_rows)],
     } for q, q_scores, q_rows in zip(questions, scores, rows)]
-    accuracy, annotated = evaluate_results(results, match, ks=_ks_up_to(rows.shape[1]))
-    return accuracy, annotated
-
-
-def _ks_up_to(k: int) -> tuple[int, ...]:
-    return tuple(x for x in (1, 5, 20, 50, 100) if x <= k) or (k,)
+    return evaluate_results(results, match, ks, source="search results", exhaustive=rows.shape[1] >= len(store))

@@ -95,6 +95,8 @@ class ShardedIndex:
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` rows by inner product: float32 scores and int64 row numbers [B, k],
         best first. ``queries`` [B, dim] must be the same on every process."""
+        if k < 1:
+            raise UserError(f"search: top-k must be positive, got {k}")
         if k > self.count:
             raise UserError(f"search: top-k {k} is larger than the index ({self.count} passages)")
         queries = np.asarray(queries, self.dtype)

@@ -20,7 +20,8 @@ import numpy as np
 
 from art_jax.core import storage
 from art_jax.core.distributed import is_lead
-from art_jax.evaluation.answers import format_table
+from art_jax.core.errors import UserError
+from art_jax.evaluation.answers import format_metrics, format_table, parse_metric
 
 
 def _crc32c_table() -> list[int]:
@@ -115,9 +116,17 @@ class EventFile:
         self.file.close()
 
 
+def is_eval_metric(name: str) -> bool:
+    try:
+        parse_metric(name)
+        return True
+    except UserError:
+        return False
+
+
 def tag(name: str) -> str:
-    """TensorBoard groups scalars by the tag's prefix: dev accuracy, step times, the rest."""
-    if name.startswith("top"):
+    """TensorBoard groups scalars by the tag's prefix: dev metrics, step times, the rest."""
+    if is_eval_metric(name):
         return f"dev/{name}"
     if name.startswith("time_"):
         return f"time/{name.removeprefix('time_')}"
@@ -128,8 +137,12 @@ class MetricWriter:
     """Process 0 writes, the others only train: ``step`` once per training step,
     ``evaluation`` for one outside the steps (before training)."""
 
-    def __init__(self, workdir: str, total_steps: int, *, start: int = 0, log_every: int = 1):
+    def __init__(self, workdir: str, total_steps: int, *, start: int = 0, log_every: int = 1,
+                 labels: dict[str, str] | None = None):
+        """``log_every``: a progress line every that many steps (0: none but at evaluations and
+        the end); ``labels``: short names for the progress line (the method's)."""
         self.total_steps, self.start, self.log_every = total_steps, start, log_every
+        self.labels = labels or {}
         self.active = is_lead()
         if not self.active:
             return
@@ -140,34 +153,43 @@ class MetricWriter:
         self.events = EventFile(os.path.join(workdir, "tensorboard"), start=start)
         self.started = time.perf_counter()
 
-    def step(self, step: int, metrics: dict[str, float], accuracy: dict[int, float]) -> None:
+    def step(self, step: int, metrics: dict[str, float], evaluation: dict[str, float]) -> None:
+        """One training step's metrics (whatever names the method returns) and the dev metrics
+        of an evaluation after it (empty when there was none)."""
         if not self.active:
             return
-        row = {"step": step, **metrics, **{f"top{k}": v for k, v in accuracy.items()}}
+        row = {"step": step, **metrics, **evaluation}
         self.jsonl.write((json.dumps(row) + "\n").encode())
         self.jsonl.flush()
         self.events.scalars(step, {tag(name): value for name, value in row.items() if name != "step"})
-        if step % self.log_every == 0 or accuracy or step == self.total_steps:
-            eta = (time.perf_counter() - self.started) / (step - self.start) * (self.total_steps - step)
-            times = " ".join(f"{name.removeprefix('time_')} {value * 1e3:.0f}ms"
-                             for name, value in metrics.items() if name.startswith("time_"))
-            print(f"step {step}/{self.total_steps} loss {metrics['loss']:.4f} "
-                  f"H(teacher) {metrics['teacher_entropy']:.3f} H(student) {metrics['student_entropy']:.3f} "
-                  f"agree {metrics['argmax_agreement']:.2f} |g| {metrics['grad_norm']:.3f} "
-                  f"lr {metrics['learning_rate']:.2e} skipped {int(metrics['skipped'])} "
-                  f"staleness {metrics['index_staleness']} | {times} | ETA {eta:.0f}s", flush=True)
-        self._table(step, accuracy, "after training" if step == self.total_steps else "")
+        if (self.log_every and step % self.log_every == 0) or evaluation or step == self.total_steps:
+            print(self._line(step, metrics), flush=True)
+        self._table(step, evaluation, "after training" if step == self.total_steps else "")
 
-    def evaluation(self, step: int, accuracy: dict[int, float], title: str) -> None:
-        if self.active and accuracy:
-            self.events.scalars(step, {tag(f"top{k}"): v for k, v in accuracy.items()})
-            self._table(step, accuracy, title)
+    def _line(self, step: int, metrics: dict[str, float]) -> str:
+        eta = (time.perf_counter() - self.started) / (step - self.start) * (self.total_steps - step)
+        values = " ".join(f"{self.labels.get(name, name)} {_short(value)}" for name, value in metrics.items()
+                          if name != "loss" and not name.startswith("time_"))
+        times = " ".join(f"{name.removeprefix('time_')} {value * 1e3:.0f}ms"
+                         for name, value in metrics.items() if name.startswith("time_"))
+        return f"step {step}/{self.total_steps} loss {metrics['loss']:.4f} {values} | {times} | ETA {eta:.0f}s"
+
+    def evaluation(self, step: int, evaluation: dict[str, float], title: str) -> None:
+        if self.active and evaluation:
+            self.events.scalars(step, {tag(name): v for name, v in evaluation.items()})
+            self._table(step, evaluation, title)
 
     @staticmethod
-    def _table(step: int, accuracy: dict[int, float], title: str) -> None:
-        if accuracy:
-            heading = f"dev top-k accuracy at step {step}" + (f" ({title})" if title else "")
-            print(heading + "\n" + format_table(accuracy), flush=True)
+    def _table(step: int, evaluation: dict[str, float], title: str) -> None:
+        if not evaluation:
+            return
+        kinds = {parse_metric(name) for name in evaluation}
+        if all(kind == "top" for kind, _ in kinds):
+            heading = f"dev top-k accuracy at step {step}"
+            table = format_table({k: evaluation[f"top{k}"] for _, k in kinds})
+        else:
+            heading, table = f"dev metrics at step {step}", format_metrics(evaluation)
+        print(heading + (f" ({title})" if title else "") + "\n" + table, flush=True)
 
     def sync(self) -> None:
         """Store every row written so far now (in a gs:// workdir: upload, whatever the interval)."""
@@ -179,6 +201,11 @@ class MetricWriter:
         if self.active:
             self.jsonl.close()
             self.events.close()
+
+
+def _short(value: float) -> str:
+    """A metric for the progress line: integers as such, else 4 significant digits."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e6 else f"{value:.4g}"
 
 
 def _rows_up_to(jsonl: bytes, step: int) -> bytes:

@@ -1,0 +1,279 @@
+"""ART (Sachan et al., TACL 2023): questions alone, a frozen teacher's question likelihood of
+each retrieved passage as soft labels.
+
+A step: this process's questions -> question tower (the step's dropout) -> exact top-K rows
+from the sharded index -> the frozen teacher's score of every (question, passage) pair ->
+the rows' passage tokens from the memory-mapped corpus store -> the generic update, whose
+loss re-embeds the questions and each micro-batch's retrieved passages once (with gradient)
+and takes KL(teacher || student) over the K passages.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from art_jax.core import storage
+from art_jax.core.batching import round_up
+from art_jax.core.distributed import lead_value
+from art_jax.core.errors import UserError
+from art_jax.core.sharding import from_identical, from_process_rows, local_replica, process_rows
+from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
+from art_jax.data.prompts import PromptBuilder
+from art_jax.data.questions import read_questions
+from art_jax.data.tasks import question_stream
+from art_jax.data.tokenization import passage_rows, tokenize_questions
+from art_jax.evaluation.answers import metric_name
+from art_jax.models.hf import load_tokenizer
+from art_jax.objectives import art_loss
+from art_jax.retrieval.encoder import DualEncoder, load_retriever, load_retriever_tokenizer
+from art_jax.retrieval.results import dpr_results, retrieve
+from art_jax.training.state import OptimConfig, ParamGroups, TrainState
+from art_jax.training.update import Objective, step_key
+
+# per-question arrays of a step's batch; the others are per micro-batch ([A, U, Lp])
+PER_QUESTION = ("question_ids", "question_mask", "passage_index", "teacher_scores")
+
+
+def unique_passages(rows: np.ndarray, accumulation: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each micro-batch's retrieved rows once. ``rows`` [B, K] -> (store rows [A, U], positions
+    [B, K] into their micro-batch's U). U is the largest micro-batch's count rounded up to
+    ``multiple``, so few shapes get compiled; shorter lists repeat their last row, and no
+    question points at those copies (they get no gradient)."""
+    groups = np.split(rows, accumulation)
+    uniques, inverses = zip(*(np.unique(group, return_inverse=True) for group in groups))
+    width = round_up(max(map(len, uniques)), multiple)
+    unique_rows = np.stack([np.pad(unique, (0, width - len(unique)), mode="edge") for unique in uniques])
+    positions = np.concatenate([inverse.reshape(group.shape) for group, inverse in zip(groups, inverses)])
+    return unique_rows, positions.astype(np.int32)
+
+
+def split_micro_batches(batch: dict[str, jax.Array], accumulation: int) -> dict[str, jax.Array]:
+    """Leading axis A on every array: per-question ones split into A equal parts, passage
+    ones ([A, U, Lp]) are per micro-batch already."""
+    return {name: value.reshape(accumulation, -1, *value.shape[1:]) if name in PER_QUESTION else value
+            for name, value in batch.items()}
+
+
+def tower_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A step's dropout keys for the question and the passage tower."""
+    question_key, passage_key = jax.random.split(key)
+    return question_key, passage_key
+
+
+def loss(groups: ParamGroups, temperature_multiplier: float, params, batch, keys):
+    """``batch``: question_ids/mask [B, Lq], passage_ids/mask [U, Lp], passage_index [B, K]
+    (which of the U passages each question retrieved), teacher_scores [B, K]."""
+    question_key, passage_key = keys
+    q = groups.module(params, "question").embed_cls(batch["question_ids"], batch["question_mask"],
+                                                    dropout_key=question_key)
+    p = groups.module(params, "passage").embed_cls(batch["passage_ids"], batch["passage_mask"],
+                                                   dropout_key=passage_key)
+    return art_loss(q, p[batch["passage_index"]], batch["teacher_scores"], temperature_multiplier)
+
+
+def objective(groups: ParamGroups, *, temperature_multiplier: float = 1.0, accumulation: int = 1) -> Objective:
+    return Objective(functools.partial(loss, groups, temperature_multiplier), keys=tower_keys,
+                     accumulation=accumulation, split=split_micro_batches)
+
+
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
+    """Per-question arrays split over `data`, each micro-batch's unique passages [A, U, Lp] along U."""
+    questions, passages = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+    return {name: questions if name in PER_QUESTION else passages
+            for name in (*PER_QUESTION, "passage_ids", "passage_mask")}
+
+
+def embed_questions(groups: ParamGroups, state: TrainState, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The step's queries, with the step's dropout: the query that retrieves is the query the
+    loss sees (bit for bit without gradient accumulation)."""
+    question_key, _ = tower_keys(step_key(state))
+    return groups.module(state.params, "question").embed_cls(ids, mask, dropout_key=question_key)
+
+
+def open_store(cfg, workdir: str) -> CorpusStore:
+    """The configured corpus store, or one prepared from ``data.corpus`` into the workdir."""
+    if cfg.data.corpus_store:
+        return CorpusStore(cfg.data.corpus_store)
+    path = os.path.join(workdir, "corpus_store")
+    prepared = bool(lead_value(storage.isfile(os.path.join(path, "meta.json"))))  # one view for all
+    if not prepared:  # every process tokenizes its share of the batches
+        scorer = cfg.scorer.checkpoint if cfg.scorer.kind == "t5" else None
+        return prepare_corpus(cfg.data.corpus, path, load_retriever_tokenizer(cfg.retriever.checkpoint),
+                              TokenizerSpec(cfg.retriever.checkpoint, cfg.retriever.train_passage_max_length),
+                              load_tokenizer(scorer) if scorer else None,
+                              TokenizerSpec(scorer, 512) if scorer else None)
+    return CorpusStore(path)
+
+
+def check_store_tokens(store: CorpusStore, key: str, retriever_tokenizer, scorer_tokenizer=None) -> None:
+    """A store made with other tokenizers than the run's (or without the teacher's tokens a T5
+    teacher needs) is refused before the first step: its first passage is tokenized again
+    and compared with what the store holds."""
+    title, text = store.title(0), store.text(0)
+    stored = store.retriever.row(0).tolist()
+    fresh = passage_rows(retriever_tokenizer, [title], [text], store.meta["retriever"]["max_length"])[0]
+    if stored != fresh:
+        raise UserError(f"{key}: {store.path} was tokenized for the retriever with "
+                        f"{store.meta['retriever']['tokenizer']!r}, whose tokens differ from retriever.checkpoint's; "
+                        "prepare the store with the run's retriever (art-jax prepare-corpus --retriever ...)")
+    if scorer_tokenizer is None:
+        return
+    if store.scorer is None:
+        raise UserError(f"{key}: {store.path} holds no teacher tokens, which scorer.kind='t5' needs; "
+                        "prepare it with art-jax prepare-corpus --scorer SCORER_CHECKPOINT")
+    fresh = PromptBuilder(scorer_tokenizer).passage_ids([title], [text])[0][:store.meta["scorer"]["max_length"]]
+    if store.scorer.row(0).tolist() != fresh:
+        raise UserError(f"{key}: {store.path} holds teacher tokens of {store.meta['scorer']['tokenizer']!r}, "
+                        "which differ from scorer.checkpoint's tokenizer; prepare the store with the run's scorer")
+
+
+def initial_towers(spec: str, *, shared: bool):
+    """(question, passage) towers a run starts from: any retriever argument (a Hugging Face
+    checkpoint gives both; an export or a run its two), one module when ``shared``."""
+    encoder = load_retriever(spec)
+    question, passage = encoder.question, encoder.passage
+    if shared:
+        if passage is not question and any(
+                not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(question, nnx.Param)),
+                                                         jax.tree.leaves(nnx.state(passage, nnx.Param)))):
+            raise UserError(f"retriever.shared_towers=True, but retriever.checkpoint {spec} has two different "
+                            "towers; set retriever.shared_towers=False")
+        return question, question
+    # one Hugging Face checkpoint for two towers: load it again (copies that share no buffer: the
+    # update donates the state, and a buffer in it twice cannot be donated)
+    return question, passage if passage is not question else load_retriever(spec).passage
+
+
+def make_teacher(cfg, tokenizer, store, mesh):
+    if cfg.scorer.kind == "query_likelihood":
+        from art_jax.teachers.query_likelihood import QueryLikelihoodScorer
+
+        return QueryLikelihoodScorer(tokenizer, store, mu=cfg.scorer.mu, scale=cfg.scorer.scale,
+                                     max_length=cfg.retriever.question_max_length)
+    from art_jax.data.prompts import PromptConfig
+    from art_jax.teachers.t5 import T5Scorer
+
+    return T5Scorer.from_pretrained(cfg.scorer.checkpoint, dtype=cfg.scorer.dtype, prompt=PromptConfig(), mesh=mesh)
+
+
+class Art:
+    """The ART method for ``training.loop.Trainer``."""
+
+    name = "art"
+    needs_index = True
+    log_labels = {"teacher_entropy": "H(teacher)", "student_entropy": "H(student)", "argmax_agreement": "agree",
+                  "grad_norm": "|g|", "learning_rate": "lr", "index_staleness": "staleness"}
+
+    @staticmethod
+    def eval_metrics(cfg) -> tuple[str, ...]:
+        return tuple(metric_name(k) for k in cfg.train.eval_topk)
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        devices = jax.device_count()
+        if cfg.scorer.kind not in ("t5", "query_likelihood"):
+            raise UserError(f"scorer.kind: {cfg.scorer.kind!r} is not 't5' or 'query_likelihood'")
+        for key in ("batch_size", "topk", "accumulation"):
+            if cfg.train[key] < 1:
+                raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
+        if cfg.train.batch_size % (devices * cfg.train.accumulation):
+            raise UserError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {devices} devices "
+                            f"x train.accumulation={cfg.train.accumulation}")
+        if any(k < 1 for k in cfg.train.eval_topk):
+            raise UserError(f"train.eval_topk={tuple(cfg.train.eval_topk)}: every k must be at least 1")
+        if not (cfg.data.corpus_store or cfg.data.corpus):
+            raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")
+        for key in ("train_questions", "dev_questions", "corpus"):
+            path = cfg.data[key]
+            if path and not storage.is_remote(path) and not os.path.isfile(path):
+                what = "is a folder, expected a file" if os.path.isdir(path) else "file not found"
+                raise UserError(f"data.{key}: {what}: {path}")
+
+    def __init__(self, cfg, workdir: str, mesh):
+        self.cfg, self.mesh = cfg, mesh
+        train = cfg.train
+        self.tokenizer = load_retriever_tokenizer(cfg.retriever.checkpoint)
+        self.dev_questions = read_questions(cfg.data.dev_questions) if cfg.data.dev_questions else []
+        # this process's shards of the training questions (a seqio Task): its rows of each global batch
+        self.stream = question_stream(cfg.data.dataset, cfg.data.train_questions, batch_size=train.batch_size,
+                                      seed=cfg.seed, num_shards=cfg.data.shards or jax.process_count(),
+                                      process=jax.process_index(), processes=jax.process_count())
+        self.my_rows = process_rows(mesh, train.batch_size)
+        if self.my_rows.stop - self.my_rows.start != train.batch_size // jax.process_count():
+            raise UserError(f"train: this process has {jax.local_device_count()} of the {jax.device_count()} devices; "
+                            f"every one of the {jax.process_count()} processes needs as many devices")
+        self.total_steps = train.steps or train.epochs * self.stream.steps_per_epoch
+        self.store = open_store(cfg, workdir)  # a given store is only opened: checked before any heavy work
+        check_store_tokens(self.store, "data.corpus_store" if cfg.data.corpus_store else "data.corpus", self.tokenizer,
+                           load_tokenizer(cfg.scorer.checkpoint) if cfg.scorer.kind == "t5" else None)
+        if train.topk > len(self.store):
+            raise UserError(f"train.topk={train.topk} is larger than the corpus ({len(self.store)} passages)")
+        self.teacher = make_teacher(cfg, self.tokenizer, self.store, mesh)
+
+        question, passage = initial_towers(cfg.retriever.checkpoint, shared=cfg.retriever.shared_towers)
+        self.groups, self.params = ParamGroups.split({"question": question, "passage": passage})
+        self.objective = objective(self.groups, temperature_multiplier=train.temperature_multiplier,
+                                   accumulation=train.accumulation)
+        self.batch_shardings = batch_shardings(mesh)
+        replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
+                                        in_shardings=(replicated, rows, rows), out_shardings=replicated)
+        # U is padded to a multiple of an eighth of the micro-batch's B x K: at most 8 shapes to compile
+        micro_batch = train.batch_size // train.accumulation
+        self._unique_multiple = round_up(max(8, micro_batch * train.topk // 8), mesh.size)
+
+    def describe(self) -> str:
+        return f"global batch {self.cfg.train.batch_size}, K={self.cfg.train.topk}"
+
+    def optim_config(self) -> OptimConfig:
+        train = self.cfg.train
+        frozen = tuple(role for role in ("question", "passage") if not train[f"train_{role}_tower"])
+        return OptimConfig(learning_rate=train.learning_rate, total_steps=self.total_steps,
+                           warmup_fraction=train.warmup_fraction, weight_decay=train.weight_decay,
+                           clip_norm=train.clip_norm, frozen_roles=frozen)
+
+    def batch(self, state: TrainState, step: int, index) -> tuple[dict[str, jax.Array], dict[str, float]]:
+        cfg, mesh = self.cfg, self.mesh
+        start = time.perf_counter()
+        _, texts = self.stream.batch(step)  # this process's questions: rows my_rows of the global batch
+        q_tokens = tokenize_questions(self.tokenizer, texts, cfg.retriever.question_max_length,
+                                      pad_to=cfg.retriever.question_max_length)
+        question_ids, question_mask = (from_process_rows(mesh, a) for a in (q_tokens.ids, q_tokens.mask))
+        queries = self._embed_questions(state, question_ids, question_mask)
+        _, rows = index.search(np.asarray(queries), cfg.train.topk)  # every process: all B x K
+        searched = time.perf_counter()
+        teacher_scores = np.asarray(self.teacher.score_retrieved(texts, rows[self.my_rows], self.store,
+                                                                 batch_size=cfg.scorer.batch_size))
+        scored = time.perf_counter()
+        # the same on every process (all hold every row): the global dedupe and its tokens
+        unique_rows, positions = unique_passages(rows, cfg.train.accumulation, self._unique_multiple)
+        passages = self.store.retriever_tokens(unique_rows.reshape(-1), cfg.retriever.train_passage_max_length,
+                                               multiple=8)
+        micro_batches, unique = unique_rows.shape
+        identical = {"passage_index": positions, "passage_ids": passages.ids.reshape(micro_batches, unique, -1),
+                     "passage_mask": passages.mask.reshape(micro_batches, unique, -1)}
+        batch = {"question_ids": question_ids, "question_mask": question_mask,
+                 "teacher_scores": from_process_rows(mesh, teacher_scores.astype(np.float32)),
+                 **{name: from_identical(self.batch_shardings[name], value) for name, value in identical.items()}}
+        return batch, {"time_search": searched - start, "time_scorer": scored - searched}
+
+    def evaluate(self, state: TrainState, index) -> dict[str, float]:
+        if not self.dev_questions:
+            return {}
+        # every process searches all dev questions (process 0 reports); towers on its own devices
+        encoder = DualEncoder(local_replica(self.groups.module(state.params, "question")),
+                              local_replica(self.groups.module(state.params, "passage")), self.tokenizer,
+                              question_max_length=self.cfg.retriever.question_max_length)
+        ks = tuple(self.cfg.train.eval_topk)
+        k = min(max(ks), len(self.store))
+        scores, rows = retrieve(encoder, index, self.dev_questions, k, progress=False)
+        accuracy, _ = dpr_results(self.dev_questions, scores, rows, self.store, self.store.ids, ks=ks)
+        return {metric_name(k): accuracy[k] for k in ks}

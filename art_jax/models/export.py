@@ -1,0 +1,137 @@
+"""The retriever export folder: a dual encoder as two Hugging Face BERT folders that
+transformers and sentence-transformers load as they are, and a record of where it came from.
+
+    OUT/art_jax_export.json   provenance + format, shared_towers, both max lengths (written last)
+    OUT/question_encoder/     config.json, model.safetensors, the tokenizer, art_jax_tower.json and
+    OUT/passage_encoder/      sentence-transformers' modules.json, sentence_bert_config.json, 1_Pooling/
+
+Both tower folders are always there (identical when the towers are shared), so a user never
+needs to know how the retriever was trained to pick the right one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from art_jax.core import storage
+from art_jax.core.errors import CheckpointError, UserError
+from art_jax.core.remote import staging_parent
+from art_jax.models.bert import Bert
+from art_jax.models.hf import hf_config_of, state_dict, write_folder
+
+EXPORT_FILE = "art_jax_export.json"
+TOWER_FILE = "art_jax_tower.json"
+FORMAT = 1
+# DPR's and ART's lengths: questions are short, passages are 100 words
+DEFAULT_MAX_LENGTHS = {"question": 64, "passage": 256}
+
+
+def tower_path(folder: str, side: str) -> str:
+    return f"{folder.rstrip('/')}/{side}_encoder"
+
+
+def is_export_folder(path: str) -> bool:
+    """An export folder of this format, or a Hugging Face folder (the single-tower export of
+    earlier versions): what `art-jax export --out` may replace."""
+    if storage.isfile(f"{path.rstrip('/')}/{EXPORT_FILE}"):
+        return True
+    try:
+        return "model_type" in json.loads(storage.read_text(f"{path.rstrip('/')}/config.json"))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def check_export_target(out: str) -> None:
+    """Refuse, before any work, an --out that is neither missing, empty, nor an export."""
+    storage.check_replaceable(out, f"an export folder (no {EXPORT_FILE})", is_export_folder)
+
+
+def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, question_max_length: int,
+                     passage_max_length: int, provenance: dict[str, Any]) -> str:
+    """Write the export folder ``out`` (local: renamed into place; a URL: uploaded with
+    art_jax_export.json last). ``provenance`` (config, step, index version, the metric that chose
+    the checkpoint, ...) goes into art_jax_export.json as it is."""
+    check_export_target(out)
+    towers = {"question": question, "passage": passage}
+    lengths = {"question": question_max_length, "passage": passage_max_length}
+    for side, tower in towers.items():
+        positions = tower.config.max_position_embeddings
+        if not 0 < lengths[side] <= positions:
+            raise UserError(f"export: {side} max length {lengths[side]} is not within the {side} tower's "
+                            f"1..{positions} positions (max_position_embeddings)")
+    weights = {side: state_dict(tower) for side, tower in towers.items()}
+    shared = question is passage or (weights["question"].keys() == weights["passage"].keys() and all(
+        np.array_equal(w, weights["passage"][name]) for name, w in weights["question"].items()))
+    staging = tempfile.mkdtemp(prefix=".export-", dir=staging_parent(out))
+    try:
+        for side, tower in towers.items():
+            folder = tower_path(staging, side)
+            write_folder(folder, hf_config_of(tower), weights[side], tokenizer)
+            _write_sentence_transformers(folder, tower.config.hidden_size, lengths[side])
+            _write_json(os.path.join(folder, TOWER_FILE), {"side": side, "max_length": lengths[side]})
+        _write_json(os.path.join(staging, EXPORT_FILE), {
+            **provenance, "format": FORMAT, "shared_towers": shared,
+            "question_max_length": question_max_length, "passage_max_length": passage_max_length})
+        storage.publish_folder(staging, out, marker=EXPORT_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_sentence_transformers(folder: str, dim: int, max_length: int) -> None:
+    """What SentenceTransformer(folder) needs to give the tower's embedding: the [CLS] token's
+    last hidden state, not normalised, inputs cut at ``max_length``. The legacy module names and
+    pooling keys are the ones every sentence-transformers from 2.2 on reads."""
+    _write_json(os.path.join(folder, "modules.json"), [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+    _write_json(os.path.join(folder, "sentence_bert_config.json"), {"max_seq_length": max_length,
+                                                                     "do_lower_case": False})
+    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+    _write_json(os.path.join(folder, "1_Pooling", "config.json"), {
+        "word_embedding_dimension": dim, **{f"pooling_mode_{m}": m == "cls_token" for m in modes}})
+    # DPR scores by inner product; without this, model.similarity would use cosine
+    _write_json(os.path.join(folder, "config_sentence_transformers.json"),
+                {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "dot"})
+
+
+def _write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+
+
+def read_export(folder: str) -> dict[str, Any]:
+    """art_jax_export.json of the export ``folder`` (a path or URL), checked to be a format this
+    reads."""
+    path = f"{os.path.expanduser(folder).rstrip('/')}/{EXPORT_FILE}"
+    try:
+        info = json.loads(storage.read_text(path))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable export record ({err})") from err
+    version = info.get("format") if isinstance(info, dict) else None
+    if version != FORMAT:
+        raise CheckpointError(f"{path}: export format {version!r} is not one this art_jax reads ({FORMAT})")
+    return info
+
+
+def provenance_of(info: dict[str, Any]) -> dict[str, Any]:
+    """The caller's part of an export record (without the fields the writer adds)."""
+    return {k: v for k, v in info.items()
+            if k not in ("format", "shared_towers", "question_max_length", "passage_max_length")}
+
+
+def tower_max_length(folder: str) -> int | None:
+    """The max length recorded in an exported tower folder; None for any other BERT folder."""
+    path = os.path.join(folder, TOWER_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return int(json.load(f)["max_length"])

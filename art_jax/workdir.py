@@ -1,0 +1,214 @@
+"""A training run's workdir: its layout, and reading what it trained back as towers.
+
+    WORKDIR/config.json       the resolved config (written at every start)
+    WORKDIR/models/ROLE/      the Hugging Face config and tokenizer files each tower started
+                              from (copied at the first start: export and the refresher need
+                              neither the hub nor the bucket it came from); models.json says
+                              which parameter group each role reads and its max length
+    WORKDIR/checkpoints/N/    Orbax checkpoints (state: params by group, optimizer, step, rng;
+                              record: data position, index version)
+    WORKDIR/best/N/           the best evaluation's checkpoint (its record: metric, value)
+    WORKDIR/index/vNNNNNN/    index versions; WORKDIR/corpus_store/ the run's own store
+    WORKDIR/refresher.json, finished.json   the async refresher's heartbeat; the run is over
+
+Both the trainer and the refresher import this module; it imports only core and models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from art_jax.config import read_run_config
+from art_jax.core import storage
+from art_jax.core.checkpoints import SKIP, Checkpoints
+from art_jax.core.distributed import is_lead
+from art_jax.core.errors import UserError
+from art_jax.core.fileio import read_json
+from art_jax.core.remote import local_copy
+from art_jax.core.sharding import make_mesh
+from art_jax.models.bert import Bert
+from art_jax.models.hf import _abstract, bert_config_from_hf, load_tokenizer, read_config, resolve_checkpoint
+
+CONFIG, CHECKPOINTS, BEST, INDEX, CORPUS_STORE = "config.json", "checkpoints", "best", "index", "corpus_store"
+HEARTBEAT, FINISHED, MODELS = "refresher.json", "finished.json", "models"
+ROLES = ("question", "passage")
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def is_run(path: str) -> bool:
+    return storage.isfile(os.path.join(path, CONFIG)) and storage.isdir(os.path.join(path, CHECKPOINTS))
+
+
+def run_root(spec: str) -> str | None:
+    """The run workdir that ``spec`` is, or holds as one of its checkpoints (WORKDIR/checkpoints/N,
+    WORKDIR/best, WORKDIR/best/N); None when it is neither."""
+    spec = spec.rstrip("/")
+    parent, name = os.path.dirname(spec), os.path.basename(spec)
+    if is_run(spec):
+        return spec
+    if name == BEST and is_run(parent):
+        return parent
+    if name.isdigit() and os.path.basename(parent) in (CHECKPOINTS, BEST) and is_run(os.path.dirname(parent)):
+        return os.path.dirname(parent)
+    return None
+
+
+def _source_folders(spec: str) -> dict[str, str]:
+    """Local folders of the Hugging Face config and tokenizer each role starts from."""
+    if is_run(spec):
+        return {role: local_copy(os.path.join(spec, MODELS, role)) for role in ROLES}
+    folder = resolve_checkpoint(spec)
+    if os.path.isfile(os.path.join(folder, "art_jax_export.json")):
+        return {"question": os.path.join(folder, "question_encoder"), "passage": os.path.join(folder, "passage_encoder")}
+    return {role: folder for role in ROLES}
+
+
+def copy_initial_models(cfg, workdir: str) -> None:
+    """WORKDIR/models/: what the towers start from, less the weights (once: a resumed run
+    keeps what the run started from)."""
+    target = os.path.join(workdir, MODELS)
+    if storage.isfile(os.path.join(target, "models.json")):
+        return
+    retriever = cfg.retriever
+    lengths = {"question": retriever.question_max_length, "passage": retriever.passage_max_length}
+    groups = {role: "shared" if retriever.shared_towers else role for role in ROLES}
+    for role, folder in _source_folders(retriever.checkpoint).items():
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and name not in _WEIGHTS and not name.endswith(".safetensors"):
+                with open(path, "rb") as f:
+                    storage.write_bytes(os.path.join(target, role, name), f.read())
+    meta = {"source": retriever.checkpoint,
+            "roles": {role: {"group": groups[role], "max_length": lengths[role]} for role in ROLES}}
+    storage.write_text(os.path.join(target, "models.json"), json.dumps(meta, indent=1))  # last: complete
+
+
+@dataclasses.dataclass
+class RunTowers:
+    """A run's towers at one checkpoint, and where they came from."""
+
+    question: Bert
+    passage: Bert
+    tokenizer: object
+    question_max_length: int
+    passage_max_length: int
+    shared: bool
+    provenance: dict
+
+
+def locate(spec: str, *, step: int | None = None, best: bool = False) -> tuple[str, str, int]:
+    """(workdir, checkpoint folder "checkpoints" or "best", step) of a run workdir (its newest
+    checkpoint, or ``step``, or ``best``), or of a checkpoint folder (WORKDIR/checkpoints/N,
+    WORKDIR/best or WORKDIR/best/N)."""
+    workdir = run_root(spec)
+    if workdir is None:
+        raise UserError(f"{spec}: not a training run (no config.json and checkpoints/) or a checkpoint folder of one")
+    if best and step is not None:
+        raise UserError("--step and --best: give one of them")
+    spec = spec.rstrip("/")
+    if spec == workdir:
+        folder = BEST if best else CHECKPOINTS
+    elif step is not None or best:
+        raise UserError(f"{spec} is one checkpoint: --step and --best are for a run workdir")
+    elif os.path.basename(spec) == BEST:
+        folder = BEST
+    else:
+        folder, step = os.path.basename(os.path.dirname(spec)), int(os.path.basename(spec))
+    if not storage.isdir(os.path.join(workdir, folder)):
+        raise UserError(f"{workdir}: no {folder}/ folder (no checkpoint saved there yet)")
+    steps = Checkpoints(workdir, folder=folder, read_only=True).steps()
+    if not steps:
+        raise UserError(f"{os.path.join(workdir, folder)}: no finished checkpoint yet")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"{os.path.join(workdir, folder)}: no checkpoint of step {step} (there are {steps})")
+    return workdir, folder, step
+
+
+def _models_meta(workdir: str) -> dict:
+    path = os.path.join(workdir, MODELS, "models.json")
+    if not storage.isfile(path):
+        raise UserError(f"{workdir}: the run records no initial models ({path} is missing; runs made before "
+                        "this version of art_jax cannot be read back)")
+    return read_json(path)
+
+
+def restore_groups(checkpoints: Checkpoints, step: int, groups: list[str], sharding) -> dict[str, dict]:
+    """The parameters of ``groups`` at ``step`` (nested dicts, as saved), placed by ``sharding``;
+    nothing else of the state is read, so the optimizer's shape need not be known."""
+    tree = checkpoints.state_metadata(step)
+    missing = [g for g in groups if g not in tree["params"]]
+    if missing:
+        raise UserError(f"{checkpoints.directory}/{step}: no parameters of {missing} "
+                        f"(the checkpoint has {sorted(tree['params'])})")
+    wanted = lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)  # noqa: E731
+    like = jax.tree.map(lambda _: SKIP, tree)
+    like["params"] = {g: jax.tree.map(wanted, tree["params"][g]) if g in groups else like["params"][g]
+                      for g in tree["params"]}
+    state, _ = checkpoints.restore(step, like)
+    return {g: state["params"][g] for g in groups}
+
+
+def tower_from_params(model_dir: str, params: dict) -> Bert:
+    """A BERT of the config in ``model_dir`` holding ``params`` (as ``restore_groups`` gives them)."""
+    cfg = bert_config_from_hf(read_config(model_dir), {"pooler.dense.weight": None} if "pooler" in params else {})
+    graphdef, abstract = nnx.split(_abstract(Bert, cfg))
+    flat = nnx.to_flat_state(abstract)
+
+    def value(path):
+        node = params
+        for key in (*path, "value"):
+            node = node[str(key)]
+        return node
+
+    return nnx.merge(graphdef, nnx.from_flat_state({path: var.replace(value(path)) for path, var in flat}))
+
+
+def read_tower(workdir: str, checkpoints: Checkpoints, step: int, role: str, sharding) -> Bert:
+    """One role's tower at ``step`` of the run in ``workdir``."""
+    group = _models_meta(workdir)["roles"][role]["group"]
+    params = restore_groups(checkpoints, step, [group], sharding)[group]
+    return tower_from_params(local_copy(os.path.join(workdir, MODELS, role)), params)
+
+
+def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=None) -> RunTowers:
+    """Both towers of a run workdir or checkpoint folder (default: the newest checkpoint),
+    replicated on ``mesh`` (default: this process's devices)."""
+    workdir, folder, step = locate(spec, step=step, best=best)
+    meta = _models_meta(workdir)
+    checkpoints = Checkpoints(workdir, folder=folder, read_only=True)
+    sharding = NamedSharding(mesh or make_mesh(devices=jax.local_devices()), P())
+    groups = sorted({meta["roles"][role]["group"] for role in ROLES})
+    params = restore_groups(checkpoints, step, groups, sharding)
+    models = os.path.join(workdir, MODELS)
+    towers = {role: tower_from_params(local_copy(os.path.join(models, role)), params[meta["roles"][role]["group"]])
+              for role in ROLES}
+    record = checkpoints.record(step)
+    provenance = {"run": workdir, "checkpoint": os.path.join(checkpoints.directory, str(step)), "step": step,
+                  "index_version": record.get("index_version"), "source": meta["source"],
+                  **({"metric": record["metric"], "value": record["value"]} if "metric" in record else {}),
+                  "config": read_run_config(workdir).to_dict()}
+    return RunTowers(towers["question"], towers["passage"], load_tokenizer(local_copy(os.path.join(models, "question"))),
+                     meta["roles"]["question"]["max_length"], meta["roles"]["passage"]["max_length"],
+                     meta["roles"]["question"]["group"] == meta["roles"]["passage"]["group"], provenance)
+
+
+def export_run(spec: str, out: str, *, step: int | None = None, best: bool = False) -> str:
+    """`art-jax export --run`: the towers of a run's checkpoint (default: the newest) as an
+    export folder, with the run's config, step, index version and the metric that chose it."""
+    from art_jax.models.export import export_retriever
+
+    run = read_run(spec, step=step, best=best)  # every process: Orbax restores together
+    if is_lead():
+        export_retriever(run.question, run.passage, run.tokenizer, out, question_max_length=run.question_max_length,
+                         passage_max_length=run.passage_max_length, provenance=run.provenance)
+    return out
+
