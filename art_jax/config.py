@@ -88,7 +88,7 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with the paper's NQ values; experiment files change a few."""
     cfg = ml_collections.ConfigDict()
-    cfg.method = "art"  # the training system: art (more to come: methods.md)
+    cfg.method = "art"  # the training system (art_jax/methods/): "art"
     cfg.seed = 1234
     cfg.retriever = ml_collections.ConfigDict(dict(
         checkpoint="bert-base-uncased",  # a Hugging Face BERT folder/hub id; both towers start from it

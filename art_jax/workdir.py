@@ -11,7 +11,7 @@
     WORKDIR/index/vNNNNNN/    index versions; WORKDIR/corpus_store/ the run's own store
     WORKDIR/refresher.json, finished.json   the async refresher's heartbeat; the run is over
 
-Both the trainer and the refresher import this module; it imports only core and models.
+Both the trainer and the refresher import this module; it imports only core, config and models.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 import jax
 from flax import nnx
@@ -34,12 +35,12 @@ from art_jax.core.fileio import read_json
 from art_jax.core.remote import local_copy
 from art_jax.core.sharding import make_mesh
 from art_jax.models.bert import Bert
-from art_jax.models.hf import _abstract, bert_config_from_hf, load_tokenizer, read_config, resolve_checkpoint
+from art_jax.models.export import EXPORT_FILE, check_max_lengths, export_retriever, tower_path
+from art_jax.models.hf import abstract_module, bert_config_from_hf, load_tokenizer, read_config, resolve_checkpoint
 
 CONFIG, CHECKPOINTS, BEST, INDEX, CORPUS_STORE = "config.json", "checkpoints", "best", "index", "corpus_store"
 HEARTBEAT, FINISHED, MODELS = "refresher.json", "finished.json", "models"
 ROLES = ("question", "passage")
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def is_run(path: str) -> bool:
@@ -62,31 +63,33 @@ def run_root(spec: str) -> str | None:
 
 def _source_folders(spec: str) -> dict[str, str]:
     """Local folders of the Hugging Face config and tokenizer each role starts from."""
-    if is_run(spec):
-        return {role: local_copy(os.path.join(spec, MODELS, role)) for role in ROLES}
+    root = run_root(spec)
+    if root:
+        return {role: local_copy(os.path.join(root, MODELS, role)) for role in ROLES}
+    if storage.isfile(os.path.join(spec, EXPORT_FILE)):
+        folder = local_copy(spec) if storage.is_remote(spec) else os.path.expanduser(spec)
+        return {role: tower_path(folder, role) for role in ROLES}
     folder = resolve_checkpoint(spec)
-    if os.path.isfile(os.path.join(folder, "art_jax_export.json")):
-        return {"question": os.path.join(folder, "question_encoder"), "passage": os.path.join(folder, "passage_encoder")}
     return {role: folder for role in ROLES}
 
 
-def copy_initial_models(cfg, workdir: str) -> None:
-    """WORKDIR/models/: what the towers start from, less the weights (once: a resumed run
-    keeps what the run started from)."""
+def copy_initial_models(workdir: str, source: str, roles: dict[str, str], lengths: dict[str, int]) -> None:
+    """WORKDIR/models/ROLE/: the config and tokenizer each role's tower starts from (not the
+    weights), and models.json: the source, each role's parameter group and max length. Once: a
+    resumed run keeps what the run started from."""
     target = os.path.join(workdir, MODELS)
     if storage.isfile(os.path.join(target, "models.json")):
         return
-    retriever = cfg.retriever
-    lengths = {"question": retriever.question_max_length, "passage": retriever.passage_max_length}
-    groups = {role: "shared" if retriever.shared_towers else role for role in ROLES}
-    for role, folder in _source_folders(retriever.checkpoint).items():
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and name not in _WEIGHTS and not name.endswith(".safetensors"):
+    for role, folder in _source_folders(source).items():
+        with tempfile.TemporaryDirectory() as saved:
+            load_tokenizer(folder).save_pretrained(saved)
+            files = {name: os.path.join(saved, name) for name in os.listdir(saved)}
+            files["config.json"] = os.path.join(folder, "config.json")
+            for name, path in sorted(files.items()):
                 with open(path, "rb") as f:
                     storage.write_bytes(os.path.join(target, role, name), f.read())
-    meta = {"source": retriever.checkpoint,
-            "roles": {role: {"group": groups[role], "max_length": lengths[role]} for role in ROLES}}
+    meta = {"source": source,
+            "roles": {role: {"group": roles[role], "max_length": lengths[role]} for role in ROLES}}
     storage.write_text(os.path.join(target, "models.json"), json.dumps(meta, indent=1))  # last: complete
 
 
@@ -99,7 +102,6 @@ class RunTowers:
     tokenizer: object
     question_max_length: int
     passage_max_length: int
-    shared: bool
     provenance: dict
 
 
@@ -160,7 +162,7 @@ def restore_groups(checkpoints: Checkpoints, step: int, groups: list[str], shard
 def tower_from_params(model_dir: str, params: dict) -> Bert:
     """A BERT of the config in ``model_dir`` holding ``params`` (as ``restore_groups`` gives them)."""
     cfg = bert_config_from_hf(read_config(model_dir), {"pooler.dense.weight": None} if "pooler" in params else {})
-    graphdef, abstract = nnx.split(_abstract(Bert, cfg))
+    graphdef, abstract = nnx.split(abstract_module(Bert, cfg))
     flat = nnx.to_flat_state(abstract)
 
     def value(path):
@@ -197,16 +199,14 @@ def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=Non
                   **({"metric": record["metric"], "value": record["value"]} if "metric" in record else {}),
                   "config": read_run_config(workdir).to_dict()}
     return RunTowers(towers["question"], towers["passage"], load_tokenizer(local_copy(os.path.join(models, "question"))),
-                     meta["roles"]["question"]["max_length"], meta["roles"]["passage"]["max_length"],
-                     meta["roles"]["question"]["group"] == meta["roles"]["passage"]["group"], provenance)
+                     meta["roles"]["question"]["max_length"], meta["roles"]["passage"]["max_length"], provenance)
 
 
 def export_run(spec: str, out: str, *, step: int | None = None, best: bool = False) -> str:
     """`art-jax export --run`: the towers of a run's checkpoint (default: the newest) as an
     export folder, with the run's config, step, index version and the metric that chose it."""
-    from art_jax.models.export import export_retriever
-
     run = read_run(spec, step=step, best=best)  # every process: Orbax restores together
+    check_max_lengths(run.question, run.passage, run.question_max_length, run.passage_max_length)
     if is_lead():
         export_retriever(run.question, run.passage, run.tokenizer, out, question_max_length=run.question_max_length,
                          passage_max_length=run.passage_max_length, provenance=run.provenance)

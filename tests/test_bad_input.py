@@ -110,12 +110,16 @@ def test_embed_writes_only_into_an_index_folder(files, bert_dir, searchable, tmp
 def test_killed_prepare_corpus_staging_is_removed_by_the_next_run(files, bert_dir, tmp_path, capsys):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = [f".store.building-{dead.pid}-x1y2", ".store.building-k3j4h5", ".store.building-job"]
-    live = f".store.building-{os.getpid()}-live"  # a build still running
-    for name in [*stale, live, ".other.building-k3j4h5"]:
+    from art_jax.data.corpus import _HOST
+
+    stale = [f".store.building-{_HOST}-{dead.pid}-x1y2"]
+    kept = [f".store.building-{_HOST}-{os.getpid()}-live",  # a build still running
+            f".store.building-elsewhere-{dead.pid}-x1y2",  # another machine's, on a shared disk
+            ".store.building-job", f".other.building-{_HOST}-{dead.pid}-k3j4h5"]
+    for name in [*stale, *kept]:
         os.makedirs(tmp_path / name / "part")
     cli.main(_prepare(files[0], bert_dir, tmp_path / "store"))
-    assert sorted(n for n in os.listdir(tmp_path) if ".building-" in n) == sorted([live, ".other.building-k3j4h5"])
+    assert sorted(n for n in os.listdir(tmp_path) if ".building-" in n) == sorted(kept)
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ LOSSES = os.path.join(os.path.dirname(__file__), "data", "art_demo_losses.json")
 
 def _same_cpu(recorded: dict) -> bool:
     """XLA:CPU compiles for the processor it runs on: bitwise equality holds on the kind recorded."""
-    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split()
-    model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":")[1].strip()
+    with open("/proc/cpuinfo") as f:
+        info = {key.strip(): value for key, value in (line.split(":", 1) for line in f if ":" in line)}
+    flags, model = info.get("flags", "").split(), info.get("model name", "").strip()
     return recorded == {"model": model, "flags_sha1": hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()}
 
 

@@ -3,8 +3,6 @@ sentence-transformers load) and retriever arguments: a Hugging Face folder, an e
 
 import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -182,29 +180,6 @@ def test_retriever_kinds(towers, exported, tmp_path):
     for path in (run, run / "checkpoints" / "100", run / "best", run / "best" / "60"):
         assert retriever_kind(str(path)) == "run", path
     assert retriever_kind(str(run / "checkpoints")) == "hf"  # not a checkpoint: loading says what is missing
-
-
-@pytest.fixture
-def fake_workdir_module(monkeypatch):
-    """Stands in for art_jax.workdir (Orbax train states -> towers), recording the calls."""
-    calls = []
-    module = types.ModuleType("art_jax.workdir")
-    module.load_run_retriever = lambda spec, **kw: calls.append(("load", spec, kw)) or "encoder"
-    module.export_run = lambda run, out, **kw: calls.append(("export", run, out, kw)) or out
-    monkeypatch.setitem(sys.modules, "art_jax.workdir", module)
-    return calls
-
-
-def test_runs_are_read_by_the_workdir_module(fake_workdir_module, tmp_path, capsys):
-    run = str(_fake_run(tmp_path / "run"))
-    assert load_retriever(f"{run}/checkpoints/100", step=100) == "encoder"
-    cli.main(["export", "--run", run, "--best", "--out", str(tmp_path / "a")])
-    cli.main(["export", "--retriever", run, "--step", "100", "--out", str(tmp_path / "b")])
-    assert fake_workdir_module == [
-        ("load", f"{run}/checkpoints/100", {"step": 100, "best": False, "mesh": None}),
-        ("export", run, str(tmp_path / "a"), {"step": None, "best": True}),
-        ("export", run, str(tmp_path / "b"), {"step": 100, "best": False})]
-    capsys.readouterr()
 
 
 def test_export_usage_errors(towers, exported, tmp_path, capsys):

@@ -8,8 +8,11 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
+import pytest
 import torch
+from flax import nnx
 
 from art_jax import cli
 from art_jax.data.questions import read_questions
@@ -81,3 +84,28 @@ def test_a_trained_run_is_exported_searched_and_reproduced_outside_art_jax(demo_
     agree = np.mean(found == np.asarray(ids)[top[:, :5]])
     assert agree > 0.97, agree  # the same ranking but for near-ties
     capsys.readouterr()
+
+
+def test_a_run_is_read_at_any_of_its_checkpoints(demo_run, tmp_path, capsys):
+    """--run takes the workdir (newest checkpoint), --step, --best, or a checkpoint folder."""
+    from art_jax.workdir import read_run
+
+    workdir, _ = demo_run
+    newest = read_run(workdir)
+    for spec, kwargs in ((f"{workdir}/checkpoints/100", {}), (workdir, {"step": 100}), (f"{workdir}/best", {}),
+                         (workdir, {"best": True})):
+        run = read_run(spec, **kwargs)
+        assert run.provenance["step"] == 100
+        for a, b in zip(jax.tree.leaves(nnx.state(run.passage)), jax.tree.leaves(nnx.state(newest.passage))):
+            np.testing.assert_array_equal(a, b)
+    best = read_run(workdir, best=True).provenance
+    assert best["metric"] == "top20" and best["value"] == pytest.approx(json.loads(
+        open(os.path.join(workdir, "metrics.jsonl")).readlines()[-1])["top20"])
+    out = str(tmp_path / "e")
+    for argv, what in ((["--run", f"{workdir}/checkpoints/100", "--step", "100"], "is one checkpoint"),
+                       (["--run", workdir, "--step", "7"], "no checkpoint of step 7"),
+                       (["--run", workdir, "--step", "100", "--best"], "give one of them")):
+        with pytest.raises(SystemExit):
+            cli.main(["export", *argv, "--out", out])
+        assert what in capsys.readouterr().err
+        assert not os.path.exists(out)

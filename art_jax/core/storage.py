@@ -159,6 +159,10 @@ def check_file_target(path: str, flag: str = "") -> None:
     _check_parent(path, label)
 
 
+# in a URL folder while publish_folder uploads it: a half-uploaded output, ours to replace
+PUBLISHING = ".art_jax-publishing"
+
+
 def check_replaceable(out: str, kind: str, is_kind: Callable[[str], bool]) -> None:
     """Refuse, before any work, an output folder ``out`` that this job must not replace or
     write into: it may be missing, an empty folder, or a folder ``is_kind`` recognises by its
@@ -169,7 +173,7 @@ def check_replaceable(out: str, kind: str, is_kind: Callable[[str], bool]) -> No
         _check_parent(out, out)
     if not exists(out) or (isdir(out) and not listdir(out)):
         return
-    if not isdir(out) or not is_kind(out):
+    if not isdir(out) or not (is_kind(out) or exists(os.path.join(out, PUBLISHING))):
         raise UserError(f"{out}: exists and is not {kind}; refusing to replace it")
 
 
@@ -264,7 +268,11 @@ def publish_folder(staging: str, out: str, *, marker: str) -> None:
     if is_remote(out):
         remove(f"{out.rstrip('/')}/{marker}")  # no reader takes the old folder for complete from here on
         rmtree(out)
+        # a kill from here on leaves a folder of ours that the next run may replace (check_replaceable)
+        makedirs(out)
+        touch(f"{out.rstrip('/')}/{PUBLISHING}")
         upload_tree(staging, out, last=marker)
+        remove(f"{out.rstrip('/')}/{PUBLISHING}")
         return
     os.chmod(staging, FOLDER_MODE)  # mkdtemp made it private
     if os.path.exists(out):

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -330,7 +331,7 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     else:
         if processes == 1:
             _remove_stale_staging(parent, os.path.basename(out))
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-{os.getpid()}-", dir=parent)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-{_HOST}-{os.getpid()}-", dir=parent)
     if processes > 1:
         if is_lead():  # a failed run's leftovers must not mix in
             if shared:
@@ -429,15 +430,19 @@ def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: T
     return CorpusStore(out)
 
 
+# staging folders carry the host and pid of their builder: only a build of this machine whose
+# process is gone is known to be dead (a shared disk may hold other machines' live builds)
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+
+
 def _remove_stale_staging(parent: str, name: str) -> None:
-    """Remove what killed builds of the store ``name`` left in ``parent``: every
-    ``.{name}.building-*`` folder but those named by the pid of a live process. Run by a
-    one-process job only: a multi-process job's other processes (or another machine sharing
-    the disk) may be building there, and their pids mean nothing here."""
-    building = re.compile(rf"\.{re.escape(name)}\.building-(?:(\d+)-)?.*")
+    """Remove what killed builds of the store ``name`` on this machine left in ``parent``: the
+    ``.{name}.building-HOST-PID-*`` folders of this host whose process is gone. (A multi-process
+    job clears its own ``.building-job`` folder when it starts.)"""
+    building = re.compile(rf"\.{re.escape(name)}\.building-{_HOST}-(\d+)-.*")
     for entry in os.listdir(parent):
         match = building.fullmatch(entry)
-        if match and not (match.group(1) and _alive(int(match.group(1)))):
+        if match and not _alive(int(match.group(1))):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from art_jax.core.distributed import is_lead
 from art_jax.core.errors import UserError
-from art_jax.models.export import DEFAULT_MAX_LENGTHS, check_export_target, export_retriever, provenance_of, read_export
+from art_jax.models.export import (
+    DEFAULT_MAX_LENGTHS,
+    check_export_target,
+    check_max_lengths,
+    export_retriever,
+    provenance_of,
+    read_export,
+)
 from art_jax.retrieval.encoder import load_retriever, retriever_kind
 
 
@@ -31,10 +38,11 @@ def export_spec(spec: str, out: str, *, step: int | None = None, best: bool = Fa
         provenance = {}
         positions = encoder.question.config.max_position_embeddings
         defaults = {side: min(n, positions) for side, n in DEFAULT_MAX_LENGTHS.items()}
+    lengths = {side: defaults[side] if given is None else given
+               for side, given in (("question", question_max_length), ("passage", passage_max_length))}
+    check_max_lengths(encoder.question, encoder.passage, lengths["question"], lengths["passage"])
     if not is_lead():  # one writer of the folder in a multi-process job
         return out
-    return export_retriever(
-        encoder.question, encoder.passage, encoder.tokenizer, out,
-        question_max_length=defaults["question"] if question_max_length is None else question_max_length,
-        passage_max_length=defaults["passage"] if passage_max_length is None else passage_max_length,
-        provenance={**provenance, "retriever": spec})
+    return export_retriever(encoder.question, encoder.passage, encoder.tokenizer, out,
+                            question_max_length=lengths["question"], passage_max_length=lengths["passage"],
+                            provenance={**provenance, "retriever": spec})

@@ -15,6 +15,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -35,8 +36,9 @@ from art_jax.models.hf import load_tokenizer
 from art_jax.objectives import art_loss
 from art_jax.retrieval.encoder import DualEncoder, load_retriever, load_retriever_tokenizer
 from art_jax.retrieval.results import dpr_results, retrieve
+from art_jax.training.loop import check_total_steps
 from art_jax.training.state import OptimConfig, ParamGroups, TrainState
-from art_jax.training.update import Objective, step_key
+from art_jax.training.update import Objective, split_evenly, step_key
 
 # per-question arrays of a step's batch; the others are per micro-batch ([A, U, Lp])
 PER_QUESTION = ("question_ids", "question_mask", "passage_index", "teacher_scores")
@@ -58,8 +60,8 @@ def unique_passages(rows: np.ndarray, accumulation: int, multiple: int) -> tuple
 def split_micro_batches(batch: dict[str, jax.Array], accumulation: int) -> dict[str, jax.Array]:
     """Leading axis A on every array: per-question ones split into A equal parts, passage
     ones ([A, U, Lp]) are per micro-batch already."""
-    return {name: value.reshape(accumulation, -1, *value.shape[1:]) if name in PER_QUESTION else value
-            for name, value in batch.items()}
+    per_question = split_evenly({name: batch[name] for name in PER_QUESTION}, accumulation)
+    return {name: per_question.get(name, value) for name, value in batch.items()}
 
 
 def tower_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -104,6 +106,8 @@ def open_store(cfg, workdir: str) -> CorpusStore:
         return CorpusStore(cfg.data.corpus_store)
     path = os.path.join(workdir, "corpus_store")
     prepared = bool(lead_value(storage.isfile(os.path.join(path, "meta.json"))))  # one view for all
+    if not (prepared or cfg.data.corpus):
+        raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")
     if not prepared:  # every process tokenizes its share of the batches
         scorer = cfg.scorer.checkpoint if cfg.scorer.kind == "t5" else None
         return prepare_corpus(cfg.data.corpus, path, load_retriever_tokenizer(cfg.retriever.checkpoint),
@@ -147,9 +151,14 @@ def initial_towers(spec: str, *, shared: bool):
             raise UserError(f"retriever.shared_towers=True, but retriever.checkpoint {spec} has two different "
                             "towers; set retriever.shared_towers=False")
         return question, question
-    # one Hugging Face checkpoint for two towers: load it again (copies that share no buffer: the
-    # update donates the state, and a buffer in it twice cannot be donated)
-    return question, passage if passage is not question else load_retriever(spec).passage
+    # two towers from one set of weights (a Hugging Face checkpoint, a run with shared towers) get
+    # copies that share no buffer: the update donates the state, and a buffer in it twice cannot be
+    return question, _copy(passage)
+
+
+def _copy(module: nnx.Module) -> nnx.Module:
+    graph, state = nnx.split(module)
+    return nnx.merge(graph, jax.tree.map(jnp.copy, state))
 
 
 def make_teacher(cfg, tokenizer, store, mesh):
@@ -174,7 +183,10 @@ class Art:
 
     @staticmethod
     def eval_metrics(cfg) -> tuple[str, ...]:
-        return tuple(metric_name(k) for k in cfg.train.eval_topk)
+        ks = tuple(cfg.train.eval_topk)
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise UserError(f"train.eval_topk={ks}: give at least one k, every k at least 1")
+        return tuple(metric_name(k) for k in ks)
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -187,11 +199,8 @@ class Art:
         if cfg.train.batch_size % (devices * cfg.train.accumulation):
             raise UserError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {devices} devices "
                             f"x train.accumulation={cfg.train.accumulation}")
-        if any(k < 1 for k in cfg.train.eval_topk):
-            raise UserError(f"train.eval_topk={tuple(cfg.train.eval_topk)}: every k must be at least 1")
-        if not (cfg.data.corpus_store or cfg.data.corpus):
-            raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")
-        for key in ("train_questions", "dev_questions", "corpus"):
+        # (data.corpus is read only when the store is prepared: a resumed run may have dropped it)
+        for key in ("train_questions", "dev_questions"):
             path = cfg.data[key]
             if path and not storage.is_remote(path) and not os.path.isfile(path):
                 what = "is a folder, expected a file" if os.path.isdir(path) else "file not found"
@@ -211,6 +220,7 @@ class Art:
             raise UserError(f"train: this process has {jax.local_device_count()} of the {jax.device_count()} devices; "
                             f"every one of the {jax.process_count()} processes needs as many devices")
         self.total_steps = train.steps or train.epochs * self.stream.steps_per_epoch
+        check_total_steps(cfg, self.total_steps)  # before the heavy work
         self.store = open_store(cfg, workdir)  # a given store is only opened: checked before any heavy work
         check_store_tokens(self.store, "data.corpus_store" if cfg.data.corpus_store else "data.corpus", self.tokenizer,
                            load_tokenizer(cfg.scorer.checkpoint) if cfg.scorer.kind == "t5" else None)
@@ -220,6 +230,9 @@ class Art:
 
         question, passage = initial_towers(cfg.retriever.checkpoint, shared=cfg.retriever.shared_towers)
         self.groups, self.params = ParamGroups.split({"question": question, "passage": passage})
+        self.source = cfg.retriever.checkpoint
+        self.max_lengths = {"question": cfg.retriever.question_max_length,
+                            "passage": cfg.retriever.passage_max_length}
         self.objective = objective(self.groups, temperature_multiplier=train.temperature_multiplier,
                                    accumulation=train.accumulation)
         self.batch_shardings = batch_shardings(mesh)

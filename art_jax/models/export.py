@@ -37,19 +37,25 @@ def tower_path(folder: str, side: str) -> str:
 
 
 def is_export_folder(path: str) -> bool:
-    """An export folder of this format, or a Hugging Face folder (the single-tower export of
-    earlier versions): what `art-jax export --out` may replace."""
-    if storage.isfile(f"{path.rstrip('/')}/{EXPORT_FILE}"):
-        return True
-    try:
-        return "model_type" in json.loads(storage.read_text(f"{path.rstrip('/')}/config.json"))
-    except (FileNotFoundError, ValueError):
-        return False
+    """What `art-jax export --out` may replace: an export folder, known by its art_jax_export.json
+    (never a model folder of the user's, which it would delete)."""
+    return storage.isfile(f"{path.rstrip('/')}/{EXPORT_FILE}")
 
 
 def check_export_target(out: str) -> None:
     """Refuse, before any work, an --out that is neither missing, empty, nor an export."""
     storage.check_replaceable(out, f"an export folder (no {EXPORT_FILE})", is_export_folder)
+
+
+def check_max_lengths(question: Bert, passage: Bert, question_max_length: int, passage_max_length: int) -> None:
+    """Each recorded length must fit its tower's position embeddings (checked on every process
+    of a job before process 0 writes: a refusal must not leave the others at a barrier)."""
+    for side, tower, length in (("question", question, question_max_length),
+                                ("passage", passage, passage_max_length)):
+        positions = tower.config.max_position_embeddings
+        if not 0 < length <= positions:
+            raise UserError(f"export: {side} max length {length} is not within the {side} tower's "
+                            f"1..{positions} positions (max_position_embeddings)")
 
 
 def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, question_max_length: int,
@@ -58,13 +64,9 @@ def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, ques
     art_jax_export.json last). ``provenance`` (config, step, index version, the metric that chose
     the checkpoint, ...) goes into art_jax_export.json as it is."""
     check_export_target(out)
+    check_max_lengths(question, passage, question_max_length, passage_max_length)
     towers = {"question": question, "passage": passage}
     lengths = {"question": question_max_length, "passage": passage_max_length}
-    for side, tower in towers.items():
-        positions = tower.config.max_position_embeddings
-        if not 0 < lengths[side] <= positions:
-            raise UserError(f"export: {side} max length {lengths[side]} is not within the {side} tower's "
-                            f"1..{positions} positions (max_position_embeddings)")
     weights = {side: state_dict(tower) for side, tower in towers.items()}
     shared = question is passage or (weights["question"].keys() == weights["passage"].keys() and all(
         np.array_equal(w, weights["passage"][name]) for name, w in weights["question"].items()))

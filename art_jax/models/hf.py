@@ -135,8 +135,12 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
         reason = reason.group(1) if reason else "unsafe pickle"
         raise CheckpointError(f"{path}: refused: not a plain tensor file ({reason}); "
                               "convert a trusted copy to safetensors") from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: unreadable ({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - any other failure of torch.load: a file that is not a checkpoint
+        with open(path, "rb") as f:
+            if f.read(40).startswith(b"version https://git-lfs"):
+                raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (run `git lfs pull`)") from None
+        raise CheckpointError(f"{path}: unreadable as a PyTorch checkpoint ({type(err).__name__}: "
+                              f"{_first_line(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors by name")
     return {k: (v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy())
@@ -357,7 +361,7 @@ def _fill_state(abstract_state: nnx.State, names: list[WeightName], weights: dic
     return nnx.from_flat_state({path: var.replace(values[path]) for path, var in flat.items()})
 
 
-def _abstract(module_cls, cfg):
+def abstract_module(module_cls, cfg):
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
 
@@ -375,7 +379,7 @@ def init_module(module_cls, cfg, seed: int = 0, mesh=None, rules=DEFAULT_RULES):
 
 
 def _load(folder: str, module_cls, cfg, names, weights, ignored, mesh, rules):
-    model = _abstract(module_cls, cfg)
+    model = abstract_module(module_cls, cfg)
     graphdef, abstract_state = nnx.split(model)
     shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
     state = _fill_state(abstract_state, names, weights, ignored, folder, shardings,

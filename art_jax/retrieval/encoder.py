@@ -82,7 +82,7 @@ def load_retriever(spec: str, *, mesh=None, step: int | None = None, best: bool 
     if kind == "run":
         from art_jax.workdir import read_run  # Orbax: only when asked
 
-        run = read_run(spec, step=step, best=best, mesh=mesh)
+        run = read_run(_normalised(spec), step=step, best=best, mesh=mesh)
         return DualEncoder(run.question, run.passage, run.tokenizer, question_max_length=run.question_max_length,
                            passage_max_length=run.passage_max_length)
     if kind == "export":

@@ -7,6 +7,7 @@ supplies its state, its batch for a step, its loss and its evaluation; the jitte
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import time
 
@@ -25,7 +26,7 @@ from art_jax.training.index import TrainingIndex
 from art_jax.training.metrics import MetricWriter
 from art_jax.training.state import init_state, learning_rate_schedule, make_optimizer
 from art_jax.training.update import jit_update
-from art_jax.workdir import copy_initial_models
+from art_jax.workdir import CORPUS_STORE, copy_initial_models
 
 
 def due(step: int, every: int) -> bool:
@@ -50,6 +51,26 @@ def check_loop_config(cfg, eval_metrics: tuple[str, ...]) -> None:
                         f"(top-k accuracy for k in train.eval_topk) or '' (no best checkpoint)")
 
 
+def check_total_steps(cfg, total_steps: int) -> None:
+    """A method's resolved number of steps (from train.steps, or train.epochs of its data)."""
+    if total_steps <= 0:
+        raise UserError(f"train.steps={cfg.train.steps}, train.epochs={cfg.train.epochs}: that is no step "
+                        "to train (steps=0 means: use epochs)")
+
+
+def _remove_but_the_store(workdir: str) -> None:
+    """A run that failed to start leaves nothing behind in the workdir it made, but the corpus
+    store it may have prepared already (hours of tokenizing on a large corpus, which the rerun
+    takes up)."""
+    names = storage.listdir(workdir)
+    for name in names:
+        if name != CORPUS_STORE:
+            path = os.path.join(workdir, name)
+            storage.rmtree(path) if storage.isdir(path) else storage.remove(path)
+    if CORPUS_STORE not in names:
+        storage.rmtree(workdir)
+
+
 class Trainer:
     """One run of ``method_class`` in ``workdir``; ``run()`` trains to the end and returns the
     evaluations before and after. A config error leaves no workdir behind (when this run made it)."""
@@ -63,7 +84,7 @@ class Trainer:
             self._build(method_class)
         except BaseException:
             if created and is_lead():
-                storage.rmtree(workdir)
+                _remove_but_the_store(workdir)
             raise
 
     def _build(self, method_class) -> None:
@@ -72,12 +93,9 @@ class Trainer:
         self.mesh = make_mesh()
         self.method = method = method_class(cfg, workdir, self.mesh)
         self.total_steps = method.total_steps
-        if self.total_steps <= 0:
-            raise UserError(f"train.steps={cfg.train.steps}, train.epochs={cfg.train.epochs}: that is no step "
-                            "to train (steps=0 means: use epochs)")
         if is_lead():
             write_config(cfg, workdir)
-            copy_initial_models(cfg, workdir)
+            copy_initial_models(workdir, method.source, method.groups.roles, method.max_lengths)
         optim = method.optim_config()
         optimizer = make_optimizer(optim, method.groups, method.params)
         replicated = NamedSharding(self.mesh, P())

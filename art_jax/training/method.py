@@ -28,6 +28,8 @@ class Method(Protocol):
     needs_index: bool  # searches the evidence index while training (the loop keeps it fresh)
     store: object  # the corpus store (when it needs the index)
     log_labels: dict[str, str]  # short names for the progress line, e.g. {"teacher_entropy": "H(teacher)"}
+    source: str  # the retriever argument its towers started from (copied into WORKDIR/models/)
+    max_lengths: dict[str, int]  # each role's max length, recorded for export and search
 
     @staticmethod
     def check_config(cfg) -> None:

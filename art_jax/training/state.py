@@ -48,10 +48,6 @@ class ParamGroups:
             roles[role] = group
         return cls(graphs, roles), params
 
-    @property
-    def shared(self) -> bool:
-        return SHARED in self.graphs
-
     def module(self, params: dict[str, nnx.State], role: str) -> nnx.Module:
         group = self.roles[role]
         return nnx.merge(self.graphs[group], params[group])
