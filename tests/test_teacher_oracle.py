@@ -170,3 +170,49 @@ def test_art_loss_equals_torch(retriever_dir, teacher_dir, store, teacher_scores
     np.testing.assert_allclose(np.asarray(grads[0]), q_torch.grad.numpy(), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(np.asarray(grads[1]), d_torch.grad.numpy(), rtol=1e-3, atol=1e-6)
     assert not np.asarray(grads[2]).any()
+
+
+def test_one_art_step_of_the_loop_equals_torch(teacher_dir, files, tmp_path, monkeypatch):
+    """One step of `art-jax train` with the T5 teacher (the method's batch: search, teacher,
+    dedupe, store tokens; the generic update), its logged loss against transformers on the
+    same retrieved pairs, rebuilt from their strings. Dropout off, so that torch can follow."""
+    from art_jax.methods import make_trainer
+    from art_jax.retrieval.search import ShardedIndex
+    from tests.test_train import _config
+
+    retriever = make_bert_checkpoint(str(tmp_path / "bert"), initializer_range=0.5, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    cfg = _config(files, retriever, **{"scorer.kind": "t5", "scorer.checkpoint": teacher_dir,
+                                       "scorer.dtype": "float32", "train.steps": 1, "train.topk": 8,
+                                       "data.dev_questions": "", "train.best_metric": "",
+                                       "retriever.question_max_length": QUESTION_LENGTH,
+                                       "retriever.train_passage_max_length": PASSAGE_LENGTH})
+    trainer = make_trainer(cfg, str(tmp_path / "run"))
+    searched = []
+    real_search = ShardedIndex.search
+    monkeypatch.setattr(ShardedIndex, "search", lambda self, q, k: searched.append(real_search(self, q, k)) or
+                        searched[-1])
+    trainer.resume()
+    metrics = trainer.train_step(0)
+    trainer.checkpoints.close()
+
+    _, questions = trainer.method.stream.batch(0)
+    [(_, rows)] = searched
+    store = trainer.method.store
+    passages = [[(store.title(r), store.text(r)) for r in row] for row in rows]
+    teacher = oracle_scores(teacher_dir, [(*p, q) for q, row in zip(questions, passages) for p in row])
+    assert (teacher.reshape(rows.shape).max(1) - teacher.reshape(rows.shape).min(1)).min() > 0.05  # informative
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(retriever)
+    q = _torch_cls(retriever, [tokenizer(x, truncation=True, max_length=QUESTION_LENGTH)["input_ids"]
+                               for x in questions]).double()
+    d = _torch_cls(retriever, [tokenizer(*p, truncation="only_second", max_length=PASSAGE_LENGTH)["input_ids"]
+                               for row in passages for p in row]).double().reshape(*rows.shape, -1)
+    teacher = torch.as_tensor(teacher.reshape(rows.shape))
+    expected = float(_oracle_art_loss(q, d, teacher))
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-4, atol=1e-6)
+    # informative: the teacher's scores given to other passages of the same question change the loss
+    shuffled = float(_oracle_art_loss(q, d, teacher.roll(1, dims=1)))
+    assert abs(shuffled - expected) > 100 * (1e-4 * expected + 1e-6), (shuffled, expected)

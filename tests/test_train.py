@@ -12,6 +12,7 @@ from art_jax.config import apply_override, default_config
 from art_jax.core.checkpoints import Checkpoints
 from art_jax.core.errors import UserError
 from art_jax.methods import make_trainer
+from art_jax.models.hf import load_tokenizer
 from art_jax.training.loop import Trainer
 
 
@@ -119,7 +120,7 @@ def test_the_best_evaluation_is_kept_in_best_and_resume_goes_on_comparing_with_i
     ({"train.steps": 0, "train.epochs": 0}, "that is no step to train"),
     ({"train.eval_every": -1}, "train.eval_every=-1 is negative"),
     ({"train.checkpoint_every": 0, "train.refresh_mode": "async"}, "async needs train.checkpoint_every > 0"),
-    ({"train.eval_topk": (1, 0)}, "every k must be at least 1"),
+    ({"train.eval_topk": (1, 0)}, r"train.eval_topk=\(1, 0\): give at least one k, every k at least 1"),
     ({"data.train_questions": "/"}, "data.train_questions: is a folder, expected a file"),
     ({"scorer.kind": "t5"}, "holds no teacher tokens, which scorer.kind='t5' needs"),
 ])
@@ -138,9 +139,15 @@ def test_bad_config_is_one_clear_error_and_leaves_no_workdir(files, bert_dir, t5
 
 
 def test_a_store_of_another_tokenizer_is_refused_before_training(files, bert_dir, tmp_path):
-    from tests.hf_fixtures import make_bert_checkpoint
+    import shutil
 
-    other = make_bert_checkpoint(str(tmp_path / "other"), tokenizer_vocab=120)  # another vocabulary
+    from art_jax.data.tokenizers import train_wordpiece
+
+    other = str(tmp_path / "other")  # the same BERT with another vocabulary
+    shutil.copytree(bert_dir, other)
+    tokenizer = train_wordpiece(["a zebra played the xylophone near Kyoto in 1920"], 64)
+    tokenizer.save_pretrained(other)
+    assert tokenizer("T0", "Ada Lovelace")["input_ids"] != load_tokenizer(bert_dir)("T0", "Ada Lovelace")["input_ids"]
     make_trainer(_config(files, other), str(tmp_path / "first")).checkpoints.close()
     with pytest.raises(UserError, match=r"data.corpus_store: .* tokens differ from retriever.checkpoint's"):
         make_trainer(_config(files, bert_dir, **{"data.corpus_store": str(tmp_path / "first" / "corpus_store")}),
