@@ -125,7 +125,9 @@ def locate(spec: str, *, step: int | None = None, best: bool = False) -> tuple[s
         folder, step = os.path.basename(os.path.dirname(spec)), int(os.path.basename(spec))
     if not storage.isdir(os.path.join(workdir, folder)):
         raise UserError(f"{workdir}: no {folder}/ folder (no checkpoint saved there yet)")
-    steps = Checkpoints(workdir, folder=folder, read_only=True).steps()
+    listing = Checkpoints(workdir, folder=folder, read_only=True)
+    steps = listing.steps()
+    listing.close()
     if not steps:
         raise UserError(f"{os.path.join(workdir, folder)}: no finished checkpoint yet")
     if step is None:
@@ -194,6 +196,7 @@ def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=Non
     towers = {role: tower_from_params(local_copy(os.path.join(models, role)), params[meta["roles"][role]["group"]])
               for role in ROLES}
     record = checkpoints.record(step)
+    checkpoints.close()
     provenance = {"run": workdir, "checkpoint": os.path.join(checkpoints.directory, str(step)), "step": step,
                   "index_version": record.get("index_version"), "source": meta["source"],
                   **({"metric": record["metric"], "value": record["value"]} if "metric" in record else {}),

@@ -116,7 +116,7 @@ def test_the_best_evaluation_is_kept_in_best_and_resume_goes_on_comparing_with_i
     ({"scorer.kind": "bm25"}, "scorer.kind"),
     ({"train.best_metric": "top20"}, r"train.best_metric: 'top20' is not one of top1, top5 \(top-k accuracy for k "
                                      r"in train.eval_topk\)"),
-    ({"train.steps": -5}, r"train.steps=-5 is negative \(0 means off, use epochs\)"),
+    ({"train.steps": -5}, r"train.steps=-5 is negative \(0 means: train for train.epochs\)"),
     ({"train.steps": 0, "train.epochs": 0}, "that is no step to train"),
     ({"train.eval_every": -1}, "train.eval_every=-1 is negative"),
     ({"train.checkpoint_every": 0, "train.refresh_mode": "async"}, "async needs train.checkpoint_every > 0"),
@@ -154,43 +154,16 @@ def test_a_store_of_another_tokenizer_is_refused_before_training(files, bert_dir
                      str(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("off", ["eval_every", "checkpoint_every", "log_every", "refresh_every"])
-def test_a_cadence_of_zero_means_never(files, bert_dir, tmp_path, off, capsys):
+def test_a_cadence_of_zero_means_never(files, bert_dir, tmp_path, capsys):
+    """Every `train.*_every` at 0 in one run: evaluated before and after training only, one
+    checkpoint (the last step's), a progress line at the end only, one index (step 0's)."""
     workdir = tmp_path / "run"
-    settings = {"train.eval_every": 2, "train.log_every": 1, "train.steps": 4, f"train.{off}": 0}
-    trainer = make_trainer(_config(files, bert_dir, **settings), str(workdir))
-    trainer.run()
+    off = {f"train.{name}_every": 0 for name in ("eval", "checkpoint", "log", "refresh")}
+    result = make_trainer(_config(files, bert_dir, **off, **{"train.steps": 4}), str(workdir)).run()
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     out = capsys.readouterr().out
-    evaluated = [row["step"] for row in rows if "top1" in row]
-    steps_logged = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
-    if off == "eval_every":
-        assert evaluated == [4]  # the final evaluation only
-    elif off == "checkpoint_every":
-        assert Checkpoints(str(workdir), read_only=True).steps() == [4]  # the last step only
-    elif off == "log_every":
-        assert steps_logged == ["2/4", "4/4"]  # only with the evaluations (every 2 steps)
-    else:
-        assert [row["index_staleness"] for row in rows] == [0, 1, 2, 3]  # one index, from step 0
-        assert os.listdir(workdir / "index") == ["v000000"]
-
-
-def test_unknown_override_key_is_named():
-    with pytest.raises(UserError, match="unknown config key 'config.train.stepz'"):
-        apply_override(default_config(), "--config.train.stepz=3")
-    with pytest.raises(UserError, match="config.train.steps: cannot parse .three. as int"):
-        apply_override(default_config(), "--config.train.steps=three")
-
-
-@pytest.mark.parametrize("arg,batch,topk,epochs,interval", [
-    ("nq", 64, 32, 10, 500), ("webq", 16, 32, 20, 500), ("msmarco", 512, 4, 10, 500),
-    ("nq,t5-xxl-lm-adapt", 32, 16, 10, 1000),
-])
-def test_paper_configs_carry_the_recipe(arg, batch, topk, epochs, interval):
-    from art_jax.config import load_config
-
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", f"art_nq_base.py:{arg}"))
-    assert (cfg.train.batch_size, cfg.train.topk, cfg.train.epochs) == (batch, topk, epochs)
-    assert cfg.train.refresh_every == cfg.train.eval_every == cfg.train.checkpoint_every == interval
-    assert (cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.warmup_fraction) == (2e-5, 0.1, 0.01)
-    assert cfg.retriever.passage_max_length == 256 and cfg.retriever.train_passage_max_length == 512
+    assert result["before"] and [row["step"] for row in rows if "top1" in row] == [4]
+    assert Checkpoints(str(workdir), read_only=True).steps() == [4]
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["4/4"]
+    assert [row["index_staleness"] for row in rows] == [0, 1, 2, 3]
+    assert os.listdir(workdir / "index") == ["v000000"]

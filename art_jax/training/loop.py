@@ -37,10 +37,12 @@ def due(step: int, every: int) -> bool:
 def check_loop_config(cfg, eval_metrics: tuple[str, ...]) -> None:
     """The loop's own keys, checked before anything is built or written."""
     train = cfg.train
-    for key in ("refresh_every", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "steps",
-                "epochs"):
+    zero = {"steps": "0 means: train for train.epochs", "keep_checkpoints": "0 keeps every checkpoint",
+            "epochs": "0 needs train.steps", **{f"{name}_every": "0 means never"
+                                                for name in ("refresh", "eval", "checkpoint", "log")}}
+    for key, meaning in zero.items():
         if train[key] < 0:
-            raise UserError(f"train.{key}={train[key]} is negative (0 means off{', use epochs' * (key == 'steps')})")
+            raise UserError(f"train.{key}={train[key]} is negative ({meaning})")
     if train.refresh_mode not in ("sync", "async"):
         raise UserError(f"train.refresh_mode: {train.refresh_mode!r} is not 'sync' or 'async'")
     if train.refresh_mode == "async" and not (train.checkpoint_every and train.refresh_every):
