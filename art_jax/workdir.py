@@ -35,7 +35,7 @@ from art_jax.core.fileio import read_json
 from art_jax.core.remote import local_copy
 from art_jax.core.sharding import make_mesh
 from art_jax.models.bert import Bert
-from art_jax.models.export import EXPORT_FILE, check_max_lengths, export_retriever, tower_path
+from art_jax.models.export import check_max_lengths, export_retriever, is_export_folder, tower_path
 from art_jax.models.hf import abstract_module, bert_config_from_hf, load_tokenizer, read_config, resolve_checkpoint
 
 CONFIG, CHECKPOINTS, BEST, INDEX, CORPUS_STORE = "config.json", "checkpoints", "best", "index", "corpus_store"
@@ -66,8 +66,8 @@ def _source_folders(spec: str) -> dict[str, str]:
     root = run_root(spec)
     if root:
         return {role: local_copy(os.path.join(root, MODELS, role)) for role in ROLES}
-    if storage.isfile(os.path.join(spec, EXPORT_FILE)):
-        folder = local_copy(spec) if storage.is_remote(spec) else os.path.expanduser(spec)
+    if is_export_folder(spec):
+        folder = local_copy(os.path.expanduser(spec))
         return {role: tower_path(folder, role) for role in ROLES}
     folder = resolve_checkpoint(spec)
     return {role: folder for role in ROLES}
@@ -176,11 +176,28 @@ def tower_from_params(model_dir: str, params: dict) -> Bert:
     return nnx.merge(graphdef, nnx.from_flat_state({path: var.replace(value(path)) for path, var in flat}))
 
 
-def read_tower(workdir: str, checkpoints: Checkpoints, step: int, role: str, sharding) -> Bert:
-    """One role's tower at ``step`` of the run in ``workdir``."""
+def read_tower(workdir: str, checkpoints: Checkpoints, step: int, role: str, mesh=None) -> Bert:
+    """One role's tower at ``step`` of the run in ``workdir``, replicated on ``mesh`` (default:
+    this process's devices); only its parameter group is read."""
     group = _models_meta(workdir)["roles"][role]["group"]
-    params = restore_groups(checkpoints, step, [group], sharding)[group]
+    params = restore_groups(checkpoints, step, [group], _replicated(mesh))[group]
     return tower_from_params(local_copy(os.path.join(workdir, MODELS, role)), params)
+
+
+def _replicated(mesh) -> NamedSharding:
+    """Replicated over ``mesh`` (default: this process's devices): a read-back tower for local work."""
+    return NamedSharding(mesh or make_mesh(devices=jax.local_devices()), P())
+
+
+def read_run_tower(spec: str, role: str, *, step: int | None = None, best: bool = False,
+                   mesh=None) -> tuple[Bert, int]:
+    """One role's tower of a run workdir or checkpoint folder, and its max length: only that
+    tower's parameters are read."""
+    workdir, folder, step = locate(spec, step=step, best=best)
+    checkpoints = Checkpoints(workdir, folder=folder, read_only=True)
+    tower = read_tower(workdir, checkpoints, step, role, mesh)
+    checkpoints.close()
+    return tower, _models_meta(workdir)["roles"][role]["max_length"]
 
 
 def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=None) -> RunTowers:
@@ -189,7 +206,7 @@ def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=Non
     workdir, folder, step = locate(spec, step=step, best=best)
     meta = _models_meta(workdir)
     checkpoints = Checkpoints(workdir, folder=folder, read_only=True)
-    sharding = NamedSharding(mesh or make_mesh(devices=jax.local_devices()), P())
+    sharding = _replicated(mesh)
     groups = sorted({meta["roles"][role]["group"] for role in ROLES})
     params = restore_groups(checkpoints, step, groups, sharding)
     models = os.path.join(workdir, MODELS)

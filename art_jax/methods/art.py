@@ -39,6 +39,7 @@ from art_jax.retrieval.results import dpr_results, retrieve
 from art_jax.training.loop import check_total_steps
 from art_jax.training.state import OptimConfig, ParamGroups, TrainState
 from art_jax.training.update import Objective, split_evenly, step_key
+from art_jax.workdir import CORPUS_STORE
 
 # per-question arrays of a step's batch; the others are per micro-batch ([A, U, Lp])
 PER_QUESTION = ("question_ids", "question_mask", "passage_index", "teacher_scores")
@@ -104,7 +105,7 @@ def open_store(cfg, workdir: str) -> CorpusStore:
     """The configured corpus store, or one prepared from ``data.corpus`` into the workdir."""
     if cfg.data.corpus_store:
         return CorpusStore(cfg.data.corpus_store)
-    path = os.path.join(workdir, "corpus_store")
+    path = os.path.join(workdir, CORPUS_STORE)
     prepared = bool(lead_value(storage.isfile(os.path.join(path, "meta.json"))))  # one view for all
     if not (prepared or cfg.data.corpus):
         raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")

@@ -14,7 +14,7 @@ from art_jax.core.errors import UserError
 from art_jax.core.remote import local_copy
 from art_jax.data.tokenization import tokenize_passages, tokenize_questions
 from art_jax.models.bert import Bert
-from art_jax.models.export import EXPORT_FILE, read_export, tower_max_length, tower_path
+from art_jax.models.export import is_export_folder, read_export, tower_max_length, tower_path
 from art_jax.models.hf import load_bert, load_tokenizer, resolve_checkpoint
 
 
@@ -65,7 +65,7 @@ def retriever_kind(spec: str) -> str:
     path = _normalised(spec)
     if not storage.isdir(path):  # a hub id, or nothing there (loading says which)
         return "hf"
-    if storage.isfile(f"{path}/{EXPORT_FILE}"):
+    if is_export_folder(path):
         return "export"
     from art_jax.workdir import run_root
 
@@ -107,8 +107,9 @@ def load_tower(spec: str, side: str, *, mesh=None, step: int | None = None,
     folder is read."""
     kind = _kind(spec, step, best)
     if kind == "run":
-        encoder = load_retriever(spec, mesh=mesh, step=step, best=best)
-        return getattr(encoder, side), getattr(encoder, f"{side}_max_length")
+        from art_jax.workdir import read_run_tower  # Orbax: only when asked
+
+        return read_run_tower(_normalised(spec), side, step=step, best=best, mesh=mesh)
     if kind == "export":
         folder = _local(spec)
         return load_bert(tower_path(folder, side), mesh=mesh), read_export(folder)[f"{side}_max_length"]
@@ -130,7 +131,7 @@ def _normalised(spec: str) -> str:
 
 def _local(spec: str) -> str:
     """A local copy of the folder ``spec`` (itself when local)."""
-    return local_copy(spec) if storage.is_remote(spec) else os.path.expanduser(spec)
+    return local_copy(os.path.expanduser(spec))
 
 
 def load_retriever_tokenizer(spec: str):

@@ -20,11 +20,8 @@ import os
 import socket
 import time
 
-import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from art_jax.config import read_run_config
 from art_jax.core import storage
@@ -32,17 +29,16 @@ from art_jax.core.checkpoints import Checkpoints
 from art_jax.core.distributed import is_lead, lead_value
 from art_jax.core.errors import UserError
 from art_jax.core.fileio import read_json
-from art_jax.core.sharding import make_mesh
 from art_jax.data.corpus import CorpusStore
 from art_jax.retrieval.embed import embed_corpus
 from art_jax.retrieval.index import IndexVersion, finished_chunks, published_versions, version_folder
-from art_jax.workdir import CONFIG, CORPUS_STORE, FINISHED, HEARTBEAT, read_tower
+from art_jax.workdir import CHECKPOINTS, CONFIG, CORPUS_STORE, FINISHED, HEARTBEAT, INDEX, read_tower
 
 
 def build_index(cfg, tower, store: CorpusStore, workdir: str, *, checkpoint: str, step: int) -> str:
     """Embed ``store`` with ``tower`` into a new version in WORKDIR/index as the run's config
     says (the trainer's sync refresh and the refresher alike); returns the published folder."""
-    return embed_corpus(tower, store, os.path.join(workdir, "index"), checkpoint=checkpoint, step=step,
+    return embed_corpus(tower, store, os.path.join(workdir, INDEX), checkpoint=checkpoint, step=step,
                         dtype=cfg.index.dtype, max_length=cfg.retriever.passage_max_length,
                         chunk_rows=cfg.index.chunk_rows, batch_size=cfg.index.embed_batch_size,
                         progress=cfg.index.progress)
@@ -84,7 +80,7 @@ class IndexWatcher:
 
     def __init__(self, workdir: str, refresh_every: int, *, poll_seconds: float = 10.0):
         self.workdir, self.refresh_every = workdir, refresh_every
-        self.index_dir = os.path.join(workdir, "index")
+        self.index_dir = os.path.join(workdir, INDEX)
         self.poll_seconds = poll_seconds if storage.is_remote(workdir) else 0.0
         self._looked = -float("inf")
         self._seen = -1  # newest version number already looked at
@@ -158,7 +154,7 @@ class Refresher:
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.cfg = read_async_config(workdir)
-        self.index_dir = os.path.join(workdir, "index")
+        self.index_dir = os.path.join(workdir, INDEX)
         self.checkpoints: Checkpoints | None = None
         self._store: CorpusStore | None = None  # opened at the first build
         self._beat = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -171,7 +167,7 @@ class Refresher:
 
     def steps(self) -> list[int]:
         if self.checkpoints is None:
-            if not storage.isdir(os.path.join(self.workdir, "checkpoints")):
+            if not storage.isdir(os.path.join(self.workdir, CHECKPOINTS)):
                 return []  # the trainer has not opened its checkpoints yet
             self.checkpoints = Checkpoints(self.workdir, read_only=True)
         return self.checkpoints.steps()
@@ -207,8 +203,7 @@ class Refresher:
         copied initial model config and the Orbax checkpoint), replicated on this process's devices."""
         if self._store is None:
             self._store = CorpusStore(self.cfg.data.corpus_store or os.path.join(self.workdir, CORPUS_STORE))
-        replicated = NamedSharding(make_mesh(devices=jax.local_devices()), P())
-        return read_tower(self.workdir, self.checkpoints, step, "passage", replicated)
+        return read_tower(self.workdir, self.checkpoints, step, "passage")
 
     def build(self, step: int, skipped: list[int]) -> str:
         started = time.perf_counter()

@@ -12,6 +12,7 @@ from art_jax.data.corpus import CorpusStore
 from art_jax.retrieval.index import IndexVersion, version_name
 from art_jax.retrieval.refresh import IndexWatcher, build_index, initial_index
 from art_jax.retrieval.search import ShardedIndex
+from art_jax.workdir import INDEX
 
 
 class TrainingIndex:
@@ -45,7 +46,7 @@ class TrainingIndex:
     def resume(self, record: dict) -> None:
         """The version a checkpoint was training against (an initial index lies outside the
         workdir: its path is recorded; older records lack the path)."""
-        path = record.get("index_path") or os.path.join(self.workdir, "index", version_name(record["index_version"]))
+        path = record.get("index_path") or os.path.join(self.workdir, INDEX, version_name(record["index_version"]))
         try:
             self.load(path, record["index_step"])
         except UserError as err:

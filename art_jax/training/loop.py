@@ -26,7 +26,7 @@ from art_jax.training.index import TrainingIndex
 from art_jax.training.metrics import MetricWriter
 from art_jax.training.state import init_state, learning_rate_schedule, make_optimizer
 from art_jax.training.update import jit_update
-from art_jax.workdir import CORPUS_STORE, copy_initial_models
+from art_jax.workdir import BEST, CORPUS_STORE, copy_initial_models
 
 
 def due(step: int, every: int) -> bool:
@@ -110,7 +110,7 @@ class Trainer:
         self.checkpoints = Checkpoints(workdir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
         # WORKDIR/best/: the state of the best evaluation so far by train.best_metric; its record holds
         # the value to beat, so a resumed run goes on comparing against it
-        self.best = Checkpoints(workdir, folder="best", keep=1) if cfg.train.best_metric else None
+        self.best = Checkpoints(workdir, folder=BEST, keep=1) if cfg.train.best_metric else None
         kept = self.best.latest_step() if self.best else None
         self.best_value = self.best.record(kept)["value"] if kept is not None else None
         self.metric_writer: MetricWriter | None = None  # run() opens it, knowing the step it resumes from
