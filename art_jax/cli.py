@@ -51,8 +51,21 @@ def _prepare_corpus(args) -> None:
     store = prepare_corpus(args.corpus, args.out, load_retriever_tokenizer(args.retriever),
                            TokenizerSpec(args.retriever, args.retriever_max_length),
                            load_tokenizer(args.scorer) if args.scorer else None, scorer,
-                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows)
+                           batch_size=args.batch_size, skip_bad_rows=args.skip_bad_rows, ids=args.ids)
     print(f"wrote {args.out}: {len(store)} passages, {store.meta['skipped_rows']} bad row(s) skipped")
+
+
+def _prepare_pairs(args) -> None:
+    from art_jax.data.pairs import prepare_pairs
+    from art_jax.retrieval.encoder import load_retriever_tokenizer
+
+    store = prepare_pairs(args.pairs, args.out, load_retriever_tokenizer(args.retriever), args.retriever,
+                          corpus=args.corpus, question_max_length=args.question_max_length,
+                          passage_max_length=args.passage_max_length, question_truncation=args.question_truncation,
+                          batch_size=args.batch_size)
+    meta = store.meta
+    print(f"wrote {args.out}: {len(store)} pairs, {meta['inline_passages']} inline passage(s), "
+          f"{meta['corpus_references']} corpus reference(s), {meta['hard_negatives']} hard negative(s)")
 
 
 def _embed(args) -> None:
@@ -87,20 +100,76 @@ def _search(args) -> None:
     if args.max_length:
         encoder.question_max_length = args.max_length
     accuracy = search_file(encoder, version, index, store, questions, args.out, args.topk,
-                           batch_size=args.batch_size, match=args.match)
+                           batch_size=args.batch_size, match=args.match, fmt=args.format)
     print(f"wrote {args.out}: {len(questions)} questions x top-{args.topk} from {version.path}")
-    print(format_table(accuracy))
-    print(json.dumps({"top_k": {str(k): a for k, a in accuracy.items()}}))
+    if accuracy is not None:  # a TREC run of questions without answers has none
+        print(format_table(accuracy))
+        print(json.dumps({"top_k": {str(k): a for k, a in accuracy.items()}}))
+
+
+def _mine(args) -> None:
+    from art_jax.data.questions import read_questions
+    from art_jax.jobs.mine import check_options, dense_store, mine_bm25, mine_dense
+
+    check_options(method=args.method, retriever=args.retriever, index=args.index, bm25_index=args.bm25_index,
+                  depth=args.depth, hard_negatives=args.hard_negatives)
+    options = {"depth": args.depth, "hard_negatives": args.hard_negatives, "match": args.match}
+    if args.method == "bm25":
+        stats = mine_bm25(args.corpus, read_questions(args.questions), args.out, bm25_index=args.bm25_index,
+                          **options)
+    else:
+        from art_jax.core.sharding import make_mesh
+        from art_jax.retrieval.encoder import load_retriever
+        from art_jax.retrieval.index import IndexVersion
+        from art_jax.retrieval.search import ShardedIndex
+
+        version = IndexVersion.open(args.index)
+        store = dense_store(args.corpus, version)
+        questions = read_questions(args.questions)
+        index = ShardedIndex.from_version(version, make_mesh(), rows_per_device=args.rows_per_device)
+        encoder = load_retriever(args.retriever, step=args.step, best=args.best)
+        if args.max_length:
+            encoder.question_max_length = args.max_length
+        stats = mine_dense(encoder, version, index, store, questions, args.out, batch_size=args.batch_size,
+                           **options)
+    if stats is not None:
+        print(stats.summary(args.out))
 
 
 def _evaluate(args) -> None:
     import json
 
+    if args.qrels:
+        _evaluate_qrels(args)
+        return
+    for flag, value in (("--metrics", args.metrics), ("--json-out", args.json_out)):
+        if value is not None:
+            raise UserError(f"{flag} goes with --qrels (metrics against relevance judgements)")
     from art_jax.evaluation.answers import evaluate_file, format_table
 
-    report = evaluate_file(args.results, args.match, args.topk, args.annotated_out)
+    report = evaluate_file(args.results, args.match or "string", args.topk, args.annotated_out)
     print(format_table({int(k): a for k, a in report["top_k"].items()}))
     print(json.dumps(report))
+
+
+def _evaluate_qrels(args) -> None:
+    import json
+
+    from art_jax.core.storage import check_file_target
+    from art_jax.evaluation import qrels
+
+    for flag, value in (("--topk", args.topk), ("--annotated-out", args.annotated_out), ("--match", args.match)):
+        if value is not None:
+            raise UserError(f"{flag} is for answer accuracy; with --qrels, name metrics with --metrics")
+    if args.json_out:
+        check_file_target(args.json_out, "--json-out")
+    report = qrels.evaluate_qrels_file(args.results, args.qrels, args.metrics or qrels.DEFAULT_METRICS, args.json_out)
+    print(f"{report['queries']} judged queries in {args.qrels}, {report['unretrieved']} of them without results "
+          "(counted 0)")
+    print(qrels.format_values(report["metrics"]))
+    print(json.dumps(report["metrics"]))
+    if args.json_out:
+        print(f"wrote {args.json_out}")
 
 
 def _train(args) -> None:
@@ -115,8 +184,9 @@ def _train(args) -> None:
         prepare_demo(cfg, args.workdir)
     result = make_trainer(cfg, args.workdir).run()
     if result["before"] and result["after"] and is_lead():
-        gains = ", ".join(f"{name.replace('top', 'top-')} {100 * result['before'][name]:.1f}% -> "
-                          f"{100 * value:.1f}%" for name, value in result["after"].items())
+        gains = ", ".join(f"{name.replace('top', 'top-')} {100 * result['before'][name]:.1f}% -> {100 * value:.1f}%"
+                          if name.startswith("top") else f"{name.upper()} {result['before'][name]:.3f} -> {value:.3f}"
+                          for name, value in result["after"].items())
         print(f"dev accuracy: {gains}")
 
 
@@ -210,7 +280,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer-max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--skip-bad-rows", action="store_true", help="count and report bad rows instead of failing")
+    p.add_argument("--ids", default="auto", choices=("auto", "int", "str"),
+                   help="passage ids: integers (DPR) or strings kept as written (BEIR, MS MARCO, TREC docids); "
+                        "auto: the first row's id decides")
     p.set_defaults(run=_prepare_corpus)
+
+    p = add_command("prepare-pairs", help="pre-tokenize question-passage pairs into a pair store (DPR-PAQ "
+                    "pre-training: --config.method=pairs)")
+    p.add_argument("--pairs", required=True, nargs="+", metavar="FILE", help='JSONL, one {"question", "positive", '
+                   '"hard_negatives"} per line; a passage is {"title", "text"} or a passage id of --corpus')
+    p.add_argument("--retriever", required=True, help="retriever checkpoint whose tokenizer to use")
+    p.add_argument("--corpus", help="corpus store (from prepare-corpus) that passage ids point into")
+    p.add_argument("--out", required=True, help="pair store folder (an existing pair store is replaced whole, any "
+                   "other non-empty folder refused)")
+    p.add_argument("--question-max-length", type=int, default=256, help="question tokens kept (training re-cuts)")
+    p.add_argument("--passage-max-length", type=int, default=256, help="inline passage tokens kept")
+    p.add_argument("--question-truncation", default="right", choices=("right", "left"),
+                   help="which end of a longer question is cut: right keeps its start, left its end (dialogues)")
+    p.add_argument("--batch-size", type=int, default=4096, help="pairs per batch (the unit each process tokenizes)")
+    p.set_defaults(run=_prepare_pairs)
 
     p = add_command("embed", help="embed a prepared corpus into a new index version")
     p.add_argument("--retriever", required=True, help=_RETRIEVER_HELP + "; its passage tower is used")
@@ -238,15 +326,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="question tokens (default: the retriever's recorded length, "
                    "else 256)")
     p.add_argument("--rows-per-device", type=int, help="index rows each device scores per block")
+    p.add_argument("--format", default="dpr", choices=("dpr", "trec"),
+                   help="dpr: DPR-format results JSON; trec: a TREC run (qid Q0 docid rank score art_jax), ranks in "
+                        "trec_eval's order (score, then docid, descending)")
     p.set_defaults(run=_search)
 
-    p = add_command("evaluate", help="top-K accuracy of DPR-format results (DPR's answer matching)")
-    p.add_argument("--results", required=True)
+    p = add_command("mine", help="DPR training data by distant supervision: positives and hard negatives from BM25 "
+                    "or a dense index")
+    p.add_argument("--corpus", required=True, help="corpus store (from prepare-corpus) or evidence TSV/JSONL; "
+                   "--method dense needs the store its index was embedded from")
+    p.add_argument("--questions", required=True, help="TSV question<TAB>[answers], DPR JSON or JSONL")
+    p.add_argument("--out", required=True, help="DPR training JSON (positive_ctxs, hard_negative_ctxs)")
+    p.add_argument("--method", default="bm25", choices=("bm25", "dense"))
+    p.add_argument("--retriever", help=_RETRIEVER_HELP + "; --method dense (its question tower is used)")
+    _add_checkpoint_choice(p)
+    p.add_argument("--index", help="--method dense: index folder (newest version) or one version folder")
+    p.add_argument("--bm25-index", help="--method bm25: keep the BM25 index in this folder, or reuse it if it "
+                   "was built there for this corpus (default: built in a scratch folder and dropped)")
+    p.add_argument("--depth", type=int, default=100, help="passages retrieved per question")
+    p.add_argument("--hard-negatives", type=int, default=1, help="hard negatives kept per question (at most)")
     p.add_argument("--match", default="string", choices=("string", "regex"))
+    p.add_argument("--batch-size", type=int, default=64, help="--method dense: questions per search batch")
+    p.add_argument("--max-length", type=int, help="--method dense: question tokens (default: the retriever's "
+                   "recorded length, else 256)")
+    p.add_argument("--rows-per-device", type=int, help="--method dense: index rows each device scores per block")
+    p.set_defaults(run=_mine)
+
+    p = add_command("evaluate", help="top-K accuracy of DPR-format results (DPR's answer matching), or with --qrels "
+                    "metrics against relevance judgements (ir-measures)")
+    p.add_argument("--results", required=True, help="DPR-format results JSON; with --qrels also a TREC run")
+    p.add_argument("--match", choices=("string", "regex"), help="answer matching (default: string)")
     p.add_argument("--topk", type=int, nargs="+",
                    help="k values to report (default: 1, 5, 20, 50, 100 below the results' depth, then the "
                         "depth); a k past the depth is refused")
     p.add_argument("--annotated-out", help="write the results with has_answer recomputed")
+    p.add_argument("--qrels", help="relevance judgements: TREC qrels (qid 0 docid rel) or BEIR's qrels TSV; every "
+                   "judged query counts, one without results as 0")
+    p.add_argument("--metrics", nargs="+", metavar="METRIC",
+                   help="ir-measures names with --qrels (default: nDCG@10 RR@10 R@100), e.g. P@5 AP R@1000")
+    p.add_argument("--json-out", help="with --qrels: write {metric: value} (fractions) to this file")
     p.set_defaults(run=_evaluate)
 
     p = add_command("train", help="train the dual encoder with ART (configs/*.py)")
@@ -269,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # options naming an output file, by command
-_FILE_OUTPUTS = {"score": "out", "search": "out", "evaluate": "annotated_out"}
+_FILE_OUTPUTS = {"score": "out", "search": "out", "evaluate": "annotated_out", "mine": "out"}
 
 
 def _check_args(args) -> None:

@@ -88,14 +88,21 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with the paper's NQ values; experiment files change a few."""
     cfg = ml_collections.ConfigDict()
-    cfg.method = "art"  # the training system (art_jax/methods/): "art"
+    cfg.method = "art"  # the training system (art_jax/methods/): "art", "dpr" (supervised, contrastive)
     cfg.seed = 1234
     cfg.retriever = ml_collections.ConfigDict(dict(
-        checkpoint="bert-base-uncased",  # a Hugging Face BERT folder/hub id; both towers start from it
+        # a Hugging Face BERT or RoBERTa folder/hub id (both towers start from it), an export or a run
+        checkpoint="bert-base-uncased",
         shared_towers=False,
         question_max_length=64,
         passage_max_length=256,  # when indexing
-        train_passage_max_length=512,  # when re-embedding the retrieved passages in a step
+        train_passage_max_length=512,  # when embedding a step's passages
+        # which end of a question longer than question_max_length is cut: "right" keeps its start (BERT's
+        # default), "left" its end (a dialogue's latest turns, as DPR-PAQ truncates dialogue contexts)
+        question_truncation="right",
+        # a Dense + LayerNorm head on [CLS] (DPR-PAQ's RoBERTa towers): True adds a fresh one to a checkpoint
+        # without it; a checkpoint that has one keeps it either way
+        projection=False,
     ))
     cfg.scorer = ml_collections.ConfigDict(dict(
         kind="t5",  # "t5" (T0 and friends) or "query_likelihood" (no weights needed)
@@ -115,6 +122,16 @@ def default_config() -> ml_collections.ConfigDict:
         # on another number of hosts, or to rehearse a multi-host run in one process
         shards=0,
         dev_questions="",
+        # dpr: training examples, DPR's training JSON (question, answers, positive_ctxs, hard_negative_ctxs;
+        # `art-jax mine` writes it) or Tevatron JSONL (query, positive_passages, negative_passages)
+        train_examples="",
+        # pairs: a pair store (`art-jax prepare-pairs`): pre-tokenized questions with positive and hard
+        # negative passages, inline or rows of the corpus store (DPR-PAQ pre-training)
+        pairs="",
+        # contrastive methods: dev examples in the same formats; every evaluation reports "mrr", their
+        # questions' MRR over a proxy corpus of their positives and up to 50 hard negatives each,
+        # embedded in device memory (DPR-PAQ's model selection, no index of the evidence needed)
+        dev_examples="",
         # a published index version (or an index folder: its newest) of the corpus store to train
         # against from step 0, instead of the trainer embedding the corpus before the first step
         initial_index="",
@@ -125,7 +142,13 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train = ml_collections.ConfigDict(dict(
         batch_size=64, topk=32, epochs=10, steps=0,  # steps > 0 overrides epochs
         learning_rate=2e-5, warmup_fraction=0.01, weight_decay=0.1, clip_norm=1.0,
-        temperature_multiplier=1.0, accumulation=1,
+        # scores q.z / tau: tau = temperature_multiplier x sqrt(hidden) with score_scaling (Sachan et al.
+        # 2021), else temperature_multiplier alone (DPR's tau = 1)
+        temperature_multiplier=1.0, score_scaling=True,
+        # micro-batches per step: ART accumulates gradients over them; contrastive methods keep the whole
+        # global batch as negatives with cached gradients (one more forward pass of the towers)
+        accumulation=1,
+        hard_negatives=1,  # contrastive methods: hard negatives per question beside its positive
         train_question_tower=True, train_passage_tower=True,
         refresh_every=500, eval_every=500, log_every=10, eval_topk=(1, 5, 20, 50, 100),
         # "sync": the trainer stops and re-embeds the corpus every refresh_every steps; "async": it
@@ -139,6 +162,33 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
                                               layers=2, heads=4, initializer_range=0.15, dropout=0.1))
+    return cfg
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """The offline demos' shared settings (configs/demo.py, configs/dpr_demo.py): the generated
+    world, a tiny random BERT, short inputs, a small batch at a high learning rate."""
+    cfg = default_config()
+    cfg.demo.enabled = True
+    cfg.data.dataset = "demo"
+    # a tiny random BERT: dropout noise on it stalls the bootstrap from random to matching names
+    cfg.demo.dropout = 0.0
+    # A random tiny BERT knows no words: with one shared tower a question and its passage map
+    # the entity's name the same way from the start (what a pretrained init gives both towers in
+    # the paper). Two separate random towers drift apart and never find the gold passages.
+    cfg.retriever.shared_towers = True
+    cfg.retriever.question_max_length = 16
+    cfg.retriever.passage_max_length = 64
+    cfg.retriever.train_passage_max_length = 64
+    cfg.index.chunk_rows = 512
+    cfg.index.embed_batch_size = 64
+    cfg.index.progress = False
+    cfg.train.batch_size = 32
+    # post-LN towers need a long warmup at this rate
+    cfg.train.learning_rate = 3e-3
+    cfg.train.warmup_fraction = 0.1
+    cfg.train.log_every = 25
+    cfg.train.eval_topk = (1, 5, 20)
     return cfg
 
 

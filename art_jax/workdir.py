@@ -162,8 +162,9 @@ def restore_groups(checkpoints: Checkpoints, step: int, groups: list[str], shard
 
 
 def tower_from_params(model_dir: str, params: dict) -> Bert:
-    """A BERT of the config in ``model_dir`` holding ``params`` (as ``restore_groups`` gives them)."""
-    cfg = bert_config_from_hf(read_config(model_dir), {"pooler.dense.weight": None} if "pooler" in params else {})
+    """A BERT or RoBERTa tower of the config in ``model_dir`` holding ``params`` (as
+    ``restore_groups`` gives them), with a pooler and a projection head where they have one."""
+    cfg = bert_config_from_hf(read_config(model_dir), {}, with_pooler="pooler" in params, projection="head" in params)
     graphdef, abstract = nnx.split(abstract_module(Bert, cfg))
     flat = nnx.to_flat_state(abstract)
 

@@ -88,9 +88,10 @@ def schedule_fraction(step: int, optim) -> float:
 
 
 class JaxStep:
-    """art_jax: the towers, the optimizer and the jitted ``update`` as the trainer builds them."""
+    """art_jax: the towers, the optimizer and the jitted ``update`` as the trainer builds them,
+    for ``method`` (a module of art_jax/methods/ with ``objective`` and ``batch_shardings``)."""
 
-    def __init__(self, folder: str, optim, temperature_multiplier: float):
+    def __init__(self, folder: str, optim, temperature_multiplier: float, method=None, **objective_options):
         import jax
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -101,13 +102,16 @@ class JaxStep:
         from art_jax.training.state import ParamGroups, init_state, learning_rate_schedule, make_optimizer
         from art_jax.training.update import jit_update
 
+        method = method or art
         self.mesh = make_mesh()
         self.towers, params = ParamGroups.split({"question": load_bert(folder), "passage": load_bert(folder)})
         self.m = temperature_multiplier
         optimizer = make_optimizer(optim, self.towers, params)
         self.state = jax.device_put(init_state(params, optimizer, seed=0), NamedSharding(self.mesh, P()))
-        self._update = jit_update(art.objective(self.towers, temperature_multiplier=temperature_multiplier),
-                                  optimizer, learning_rate_schedule(optim), self.mesh, art.batch_shardings(self.mesh))
+        self.objective = method.objective(self.towers, temperature_multiplier=temperature_multiplier,
+                                          **objective_options)
+        self._update = jit_update(self.objective, optimizer, learning_rate_schedule(optim), self.mesh,
+                                  method.batch_shardings(self.mesh))
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         self.state, metrics = self._update(self.state, batch)
@@ -206,21 +210,28 @@ def compare_update(args) -> None:
           f"(corpus {args.corpus:,}, zipf {args.zipf:g}); jax {jax.__version__} on {jax.device_count()} "
           f"{jax.default_backend()} device(s), torch {torch.__version__} on {peer.device} "
           f"({torch.get_num_threads()} CPU threads)")
-    ours_loss, peer_loss = ours.loss_without_dropout(batch), peer.loss_without_dropout(batch)
+    race(ours, peer, batch, batch, args, peer_label="transformers BertModel")
+
+
+def race(ours, peer, ours_batch, peer_batch, args, *, peer_label: str) -> None:
+    """Both sides' loss with dropout off, art_jax's compile, then steps alternating between
+    the two; prints ms/step (best and median) and the ratio transformers / art_jax."""
+    ours_loss, peer_loss = ours.loss_without_dropout(peer_batch), peer.loss_without_dropout(peer_batch)
     start = time.perf_counter()
-    ours.step(batch)  # compile
+    ours.step(ours_batch)  # compile
     print(f"  art_jax first step (compile) {time.perf_counter() - start:.1f} s")
     times = {"art_jax": [], "transformers": []}
     for repeat in range(args.warmup + args.repeats):
-        for name, side in (("art_jax", ours), ("transformers", peer)):
+        for name, side, batch in (("art_jax", ours, ours_batch), ("transformers", peer, peer_batch)):
             start = time.perf_counter()
             side.step(batch)
             if repeat >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     best, median = ({name: f(t) for name, t in times.items()} for f in (min, statistics.median))
-    print(f"  {'':<28}{'best ms/step':>14}{'median ms/step':>16}")
-    for name, label in (("art_jax", "art_jax update (jit)"), ("transformers", "transformers BertModel")):
-        print(f"  {label:<28}{best[name] * 1e3:14.1f}{median[name] * 1e3:16.1f}")
+    width = max(28, len(peer_label) + 2)
+    print(f"  {'':<{width}}{'best ms/step':>14}{'median ms/step':>16}")
+    for name, label in (("art_jax", "art_jax update (jit)"), ("transformers", peer_label)):
+        print(f"  {label:<{width}}{best[name] * 1e3:14.1f}{median[name] * 1e3:16.1f}")
     print(f"  loss at the checkpoint, dropout off: art_jax {ours_loss:.6f}, transformers {peer_loss:.6f} "
           f"(|difference| {abs(ours_loss - peer_loss):.1e})")
     print(f"ratio transformers / art_jax: {best['transformers'] / best['art_jax']:.2f}x (best of {args.repeats}; "

@@ -60,3 +60,38 @@ def make_t5_checkpoint(folder: str, *, version: str, seed: int = 0, tokenizer_vo
         with open(path, "w") as f:
             json.dump(config, f, indent=2)
     return folder
+
+
+def train_byte_level_bpe(texts, vocab_size: int = 400):
+    """A RoBERTa byte-level BPE tokenizer (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4) as a
+    ``RobertaTokenizerFast``, trained on ``texts`` (the BPE trainer breaks ties by pair, so the
+    same texts give the same merges every time)."""
+    import tokenizers as tk
+    from transformers import RobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), tk.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.post_processor = tk.processors.RobertaProcessing(("</s>", 2), ("<s>", 0))  # <s> A </s></s> B </s>
+    return RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
+def make_roberta_checkpoint(folder: str, *, seed: int = 0, tokenizer_vocab: int = 400, **overrides) -> str:
+    """A tiny random ``RobertaModel`` with real RoBERTa's config values (one token type,
+    layer_norm_eps 1e-5, pad_token_id 1, positions from 2: max_position_embeddings = 2 + 64)."""
+    from transformers import RobertaConfig, RobertaModel
+
+    tokenizer = train_byte_level_bpe(CORPUS, tokenizer_vocab)
+    cfg = {"vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 48, "max_position_embeddings": 66, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+           "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    RobertaModel(RobertaConfig(**cfg)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

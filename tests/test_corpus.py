@@ -14,6 +14,7 @@ import pytest
 
 from art_jax import cli
 from art_jax.core.errors import UserError
+from art_jax.data import corpus
 from art_jax.data.corpus import CorpusStore, TokenizerSpec, iter_passages, prepare_corpus
 from art_jax.data.prompts import PromptBuilder, PromptConfig
 from art_jax.data.tokenization import tokenize_passages
@@ -301,3 +302,108 @@ def test_cli_bad_row_is_one_stderr_line(tmp_path, capsys, bert_dir, t5_v11_dir):
     bad, (line,) = _with_bad(tmp_path, "tsv", [BAD_TSV["id abc"]])
     err = _cli_fails(_cli_argv(tmp_path, bad, bert_dir, t5_v11_dir), capsys)
     assert len(err) == 1 and f"{bad}:{line}: " in err[0], err
+
+
+# ---------------------------------------------------------------- string ids
+
+
+# BEIR / TREC style: the first id is not an integer; some look like integers, "007" is not "7"
+STRING_IDS = ["MED-10", "007", "7", "FBIS3-10082", "doc b", "Ünïcödé:東京", "x" * 300, "-3", "MED-9"]
+
+
+def _string_corpus(tmp_path, fmt, ids=STRING_IDS, key="_id", name="s") -> str:
+    rows = [(i, TITLES[n % len(TITLES)], CORPUS[n]) for n, i in enumerate(ids)]
+    if fmt == "jsonl":
+        lines = [json.dumps({key: i, "title": t, "text": x}, ensure_ascii=False) for i, t, x in rows]
+    else:
+        lines = ["id\ttext\ttitle"] + [_line(r, "tsv") for r in rows]
+    return _write(tmp_path / f"{name}.{fmt}", lines)
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+def test_string_ids_store_and_row_of(tmp_path, toks, fmt):
+    store = _build(toks, _string_corpus(tmp_path, fmt), tmp_path / "store", batch_size=4)
+    assert store.id_kind == "str" and store.meta["ids"] == "str" and len(store) == len(STRING_IDS)
+    assert store.passage_ids(range(len(store))) == STRING_IDS
+    assert [(store.title(r), store.text(r)) for r in range(len(store))] == [
+        (TITLES[n % len(TITLES)], CORPUS[n]) for n in range(len(STRING_IDS))]
+    assert [store.row_of(i) for i in STRING_IDS] == list(range(len(STRING_IDS)))
+    rows = np.random.default_rng(0).integers(0, len(STRING_IDS), 30)
+    np.testing.assert_array_equal(store.rows_of([STRING_IDS[r] for r in rows]), rows)
+    np.testing.assert_array_equal(store.ids, [corpus.fingerprint(i) for i in STRING_IDS])
+    assert store.row_of(7) == STRING_IDS.index("7") and store.row_of(-3) == STRING_IDS.index("-3")
+    for unknown in ("MED-11", "07", "doc", 8):
+        with pytest.raises(UserError, match=re.escape(f"no passage with id {unknown!r}")):
+            store.row_of(unknown)
+    reopened = CorpusStore(str(tmp_path / "store"))
+    assert reopened.row_of("Ünïcödé:東京") == 5 and reopened.passage_id(4) == "doc b"
+
+
+def test_id_kind_choice(tmp_path, toks):
+    numeric = _string_corpus(tmp_path, "tsv", ["7", "007", "10"], name="numeric")
+    # auto: the first id is an integer, so every id is one: "007" is 7 again
+    with pytest.raises(UserError, match=f"^{re.escape(numeric)}:3: duplicate id 7"):
+        _parsed(numeric)
+    store = _build(toks, numeric, tmp_path / "store", ids="str")
+    assert store.passage_ids(range(3)) == ["7", "007", "10"] and store.row_of("007") == 1
+    with pytest.raises(UserError, match="no passage with id '07'"):
+        store.row_of("07")
+    mixed = _string_corpus(tmp_path, "jsonl", [5, "abc"], key="id", name="mixed")
+    with pytest.raises(UserError, match=f"^{re.escape(mixed)}:2: id 'abc' is not an integer .*--ids str"):
+        _parsed(mixed)
+    assert [p.id for p in iter_passages(mixed, ids="str")] == ["5", "abc"]
+    with pytest.raises(UserError, match=f"^{re.escape(mixed)}:2: id 'abc' is not an integer"):
+        _parsed(mixed, ids="int")
+    with pytest.raises(UserError, match="unknown id kind 'text'"):
+        _parsed(mixed, ids="text")
+
+
+BAD_STRING_JSONL = {
+    "duplicate": '{"_id": "MED-10", "text": "x"}', "empty id": '{"_id": " ", "text": "x"}',
+    "float id": '{"_id": 1.5, "text": "x"}', "null id": '{"_id": null, "text": "x"}', "no id": '{"text": "x"}',
+}
+
+
+@pytest.mark.parametrize("case", BAD_STRING_JSONL)
+def test_bad_string_id_rows(tmp_path, toks, case):
+    good = _string_corpus(tmp_path, "jsonl")
+    with open(good, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    path = _write(tmp_path / "bad.jsonl", lines[:3] + [BAD_STRING_JSONL[case]] + lines[3:])
+    with pytest.raises(UserError, match=f"^{re.escape(path)}:4: "):
+        _parsed(path)
+    store = _build(toks, path, tmp_path / "store", skip_bad_rows=True)
+    assert store.passage_ids(range(len(store))) == STRING_IDS and store.meta["skipped_examples"][0][0] == 4
+
+
+def test_shared_fingerprints_resolved_by_the_string(tmp_path, toks, monkeypatch):
+    monkeypatch.setattr(corpus, "fingerprint", lambda s: len(s) % 3)  # collisions everywhere
+    store = _build(toks, _string_corpus(tmp_path, "jsonl"), tmp_path / "store")
+    assert [store.row_of(i) for i in STRING_IDS] == list(range(len(STRING_IDS)))
+    with pytest.raises(UserError, match="no passage with id 'MED-11'"):
+        store.row_of("MED-11")  # its key is shared by MED-10 and MED-9
+
+
+def test_integer_ids_row_of(tmp_path, toks):
+    store = _build(toks, _corpus(tmp_path), tmp_path / "store")  # ids not in row order
+    assert store.id_kind == "int" and store.meta["ids"] == "int"
+    ids = [p[0] for p in PASSAGES]
+    assert store.passage_ids(range(len(store))) == ids
+    assert [store.row_of(i) for i in ids] == list(range(len(ids)))
+    assert [store.row_of(str(i)) for i in ids] == list(range(len(ids)))  # as qrels and runs write them
+    assert store.row_of(np.int64(ids[5])) == 5
+    np.testing.assert_array_equal(store.rows_of(ids[::-1]), np.arange(len(ids))[::-1])
+    for unknown in (4, "abc", "1.5", 2**70):
+        with pytest.raises(UserError, match="no passage with id"):
+            store.row_of(unknown)
+    ordered = sorted(PASSAGES)
+    store = _build(toks, _corpus(tmp_path, "jsonl", ordered, "sorted"), tmp_path / "sorted")
+    assert [store.row_of(p[0]) for p in ordered] == list(range(len(ordered)))
+    assert store._id_lookup()[1] is None, "ascending ids are searched in place"
+    # a store written before string ids (no "ids" in meta.json) reads as integer ids
+    meta_path = tmp_path / "sorted" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["ids"]
+    meta_path.write_text(json.dumps(meta))
+    old = CorpusStore(str(tmp_path / "sorted"))
+    assert old.id_kind == "int" and old.row_of(ordered[3][0]) == 3 and old.passage_id(3) == ordered[3][0]

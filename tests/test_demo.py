@@ -49,3 +49,31 @@ def test_the_demo_losses_are_those_of_the_loop_before_the_refactor(demo_run):
         np.testing.assert_allclose(losses[:20], want_losses[:20], rtol=1e-3)
         for name, value in want["dev"]["100"].items():
             assert abs(dev["100"][name] - value) <= 0.02, (name, dev["100"][name], value)
+
+
+def test_the_dpr_demo_mines_its_examples_with_bm25_and_learns(tmp_path):
+    """`art-jax train --config=configs/dpr_demo.py`, shortened, as its own process on one CPU
+    device: BM25 mining of the generated world, then DPR's loss; the README's line."""
+    import subprocess
+    import sys
+
+    from art_jax.data.examples import read_training_examples
+    from art_jax.evaluation.answers import has_answer
+    from tests.multiprocess import ROOT
+
+    workdir = tmp_path / "dpr"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([sys.executable, "-m", "art_jax", "train", "--config=configs/dpr_demo.py",
+                          f"--workdir={workdir}", "--config.train.steps=60", "--config.train.eval_every=60"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("dev accuracy:")]
+    accuracy = {int(k): (float(a), float(b)) for k, a, b in re.findall(r"top-(\d+) ([\d.]+)% -> ([\d.]+)%", line)}
+    before, after = accuracy[5]
+    assert after - before >= 30.0, line
+    # the mined examples follow DPR's distant supervision: the positive holds an answer, the hard negative none
+    training = read_training_examples(str(workdir / "demo" / "train-bm25.json"))
+    assert len(training.examples) > 900
+    for example in training.examples:
+        assert has_answer(example.answers, example.positives[0].text, "string")
+        assert not any(has_answer(example.answers, p.text, "string") for p in example.hard_negatives)

@@ -96,6 +96,18 @@ def test_with_a_t5_teacher_two_processes_train_as_one(t5_sharp_dir, tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "two"), losses, rtol=1e-4, atol=1e-7)
 
 
+def test_dpr_as_two_processes_trains_as_one(tmp_path):
+    """The contrastive loss over the global batch when each process brings its own rows of
+    every micro-batch (cached gradients over 2 micro-batches): the same losses as one process."""
+    common = ["train", "--config=configs/dpr_demo.py:smoke", "--config.train.steps=3", "--config.train.eval_every=0",
+              "--config.train.accumulation=2", "--config.demo.dropout=0.1"]
+    _art_jax(*common, f"--workdir={tmp_path / 'one'}", devices=4)
+    _art_jax(*common, f"--workdir={tmp_path / 'two'}", devices=2, processes=2)
+    losses = _losses(tmp_path / "one")
+    assert len(losses) == 3 and min(losses) > 0.1
+    np.testing.assert_allclose(_losses(tmp_path / "two"), losses, rtol=1e-5)
+
+
 def test_embed_and_search_as_two_processes_equal_one_process(demo_runs, tmp_path):
     root = demo_runs[0] / "one"
     bert, store, dev = root / "demo" / "bert", root / "corpus_store", root / "demo" / "dev.jsonl"

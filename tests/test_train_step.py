@@ -97,7 +97,7 @@ def test_no_gradient_reaches_the_teacher_scores():
     towers, params = _towers()
     batch = jax.tree.map(lambda x: x[0] if x.ndim == 3 else x, _batch())  # one micro-batch: [U, Lp]
     keys = jax.random.split(jax.random.key(0))
-    grad = jax.grad(lambda t: art.loss(towers, 1.0, params, {**batch, "teacher_scores": t}, tuple(keys))[0])(
+    grad = jax.grad(lambda t: art.loss(towers, 1.0, True, params, {**batch, "teacher_scores": t}, tuple(keys))[0])(
         batch["teacher_scores"])
     assert np.all(np.asarray(grad) == 0)
 

@@ -5,43 +5,49 @@ prepare-corpus``: passage ids, the raw title/text bytes (for results files), the
 retriever's ``[CLS] title [SEP] text [SEP]`` ids and the scorer's ``title + text`` ids.
 Ragged rows are one flat array plus int64 offsets, so the tokens of any retrieved
 rows are one vectorised gather, not a Python loop.
+
+Passage ids are integers (DPR) or strings (BEIR, MS MARCO, TREC docids). ``ids.npy`` holds
+one int64 per row either way: the id itself, or for string ids a 64-bit fingerprint of it
+(what an index records and checks its store by); a string-id store also keeps the strings
+(``id.bin``) and its fingerprints sorted (``id_sorted.npy``, ``id_order.npy``) for id -> row.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import re
-import shutil
-import socket
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
-import jax
 import numpy as np
 
 from art_jax.core import storage
 from art_jax.core.batching import round_up
-from art_jax.core.distributed import barrier, is_lead
+from art_jax.core.distributed import is_lead
 from art_jax.core.errors import UserError
 from art_jax.core.fileio import local_file
 from art_jax.core.progress import progress_bar
-from art_jax.core.remote import keep_as_copy, local_copy, staging_parent
+from art_jax.core.remote import local_copy
+from art_jax.data.build import HOST as _HOST  # noqa: F401 - the staging folders' host (tests name them)
+from art_jax.data.build import Build, Ragged, RaggedWriter
 from art_jax.data.tokenization import Tokens, passage_rows
 
 STORE_FORMAT = 1
 TSV_COLUMNS = ("id", "text", "title")
+# how a corpus's ids are read: "auto" lets the first row decide (an integer: every id must be
+# one, as DPR's; anything else: every id is kept as its string), "int" and "str" force a kind
+ID_KINDS = ("auto", "int", "str")
 
 
 @dataclasses.dataclass(frozen=True)
 class Passage:
     line: int
     end: int  # byte offset just past this row, for progress
-    id: int
+    id: int | str  # int in an integer-id corpus, str in a string-id one
     title: str
     text: str
 
@@ -79,13 +85,35 @@ _INTEGER = re.compile(r"-?[0-9]+")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
-def _parse_id(value) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, str) and _INTEGER.fullmatch(value)):
-        raise _BadRow(f"id {value!r} is not an integer")
+def _is_integer(value) -> bool:
+    return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, str)
+                                             and _INTEGER.fullmatch(value) is not None)
+
+
+def _parse_id(value, hint: str = "") -> int:
+    if not _is_integer(value):
+        raise _BadRow(f"id {value!r} is not an integer{hint}")
     value = int(value)
     if not _INT64[0] <= value <= _INT64[1]:
         raise _BadRow(f"id {value} does not fit in 64 bits")
     return value
+
+
+def _parse_str_id(value) -> str:
+    """A string id as written; a JSON integer counts as its decimal string."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _BadRow(f"id {value!r} is neither a string nor an integer")
+    value = str(value)
+    if not value.strip():
+        raise _BadRow("empty id")
+    return value
+
+
+def fingerprint(passage_id: str) -> int:
+    """The int64 a string id is recorded by in ``ids.npy`` (and an index's ids): the first 8
+    bytes of its UTF-8 BLAKE2b digest, the same on every machine and in every process."""
+    digest = hashlib.blake2b(passage_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +138,21 @@ def _csv_fields(line: str) -> list[str]:
         raise _BadRow(f"unreadable TSV row ({err})") from None
 
 
-def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | None = None) -> Iterator[Passage]:
+def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | None = None,
+                  ids: str = "auto") -> Iterator[Passage]:
     """Stream an evidence file: DPR TSV (header ``id text title``, csv quoting) or JSONL
-    (``{"id","title","text"}``). A bad row (column count, non-integer or duplicate id,
-    invalid UTF-8, empty text) is an error naming file and line, or with
-    ``skip_bad_rows`` is skipped and appended to ``bad_rows`` as ``(line, reason)``."""
+    (``{"id","title","text"}``; BEIR's ``{"_id","title","text"}`` too). ``ids`` (``ID_KINDS``):
+    with "auto" the first row's id decides: an integer makes every id an int (a later
+    non-integer id is a bad row), anything else makes every id a str, kept as written. A bad
+    row (column count, non-integer, empty or duplicate id, invalid UTF-8, empty text) is an
+    error naming file and line, or with ``skip_bad_rows`` is skipped and appended to
+    ``bad_rows`` as ``(line, reason)``."""
+    if ids not in ID_KINDS:
+        raise UserError(f"unknown id kind {ids!r}; expected one of {', '.join(ID_KINDS)}")
     path = local_file(path)
     jsonl = path.endswith((".jsonl", ".json"))
-    seen = _IdSet()
+    kind, hint = (None if ids == "auto" else ids), ""
+    seen: _IdSet | set[str] = _IdSet() if ids == "int" else set()
     with open(path, "rb") as f:
         header, end = None, 0
         for number, raw in enumerate(f, 1):
@@ -129,11 +164,23 @@ def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | No
                 if not jsonl and header is None:
                     header = _tsv_header(path, number, line)
                     continue
-                passage = _parse_json(line, number, end) if jsonl else _parse_tsv(line, number, end, header)
+                raw_id, title, text = _parse_json(line) if jsonl else _parse_tsv(line, header)
+                if kind is None and _is_integer(raw_id):
+                    kind, seen = "int", _IdSet()
+                    hint = (f" (the first id, {raw_id!r}, made this an integer-id corpus; "
+                            "prepare-corpus --ids str keeps every id as a string)")
+                elif kind is None and isinstance(raw_id, str) and raw_id.strip():
+                    kind = "str"
+                passage = Passage(number, end, _parse_id(raw_id, hint) if kind == "int" else _parse_str_id(raw_id),
+                                  title, text)
                 if not passage.text.strip():
                     raise _BadRow("empty text")
-                if not seen.add(passage.id):
+                if kind == "int" and not seen.add(passage.id):
                     raise _BadRow(f"duplicate id {passage.id}")
+                if kind == "str":
+                    if passage.id in seen:
+                        raise _BadRow(f"duplicate id {passage.id!r}")
+                    seen.add(passage.id)
             except (_BadRow, UnicodeDecodeError) as err:
                 reason = "invalid UTF-8" if isinstance(err, UnicodeDecodeError) else str(err)
                 if not skip_bad_rows:
@@ -146,86 +193,33 @@ def iter_passages(path: str, *, skip_bad_rows: bool = False, bad_rows: list | No
         raise UserError(f"{path}: empty file (expected a header id<TAB>text<TAB>title)")
 
 
-def _parse_tsv(line: str, number: int, end: int, header: _Header) -> Passage:
+def _parse_tsv(line: str, header: _Header) -> tuple[str, str, str]:
+    """(raw id, title, text)."""
     fields = _csv_fields(line)
     if len(fields) != header.width:
         raise _BadRow(f"{len(fields)} columns, expected {header.width} as in the header")
     pid, text, title = (fields[i] for i in header.columns)
-    return Passage(number, end, _parse_id(pid), title, text)
+    return pid, title, text
 
 
-def _parse_json(line: str, number: int, end: int) -> Passage:
+def _parse_json(line: str) -> tuple[object, str, str]:
+    """(raw id, title, text); the id is "id", else BEIR's "_id"."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise _BadRow(f"invalid JSON ({err.msg})") from None
-    if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("text"), str):
-        raise _BadRow('expected an object with "id" and "text"')
+    if not isinstance(row, dict) or not ("id" in row or "_id" in row) or not isinstance(row.get("text"), str):
+        raise _BadRow('expected an object with "id" (or "_id") and "text"')
     title = "" if row.get("title") is None else row["title"]
     if not isinstance(title, str):
         raise _BadRow('"title" is not a string')
-    return Passage(number, end, _parse_id(row["id"]), title, row["text"])
+    return row["id"] if "id" in row else row["_id"], title, row["text"]
 
 
-# ---------------------------------------------------------------- ragged arrays
-
-class _RaggedWriter:
-    def __init__(self, folder: str, name: str, dtype):
-        self.folder, self.name, self.dtype = folder, name, np.dtype(dtype)
-        self.file = open(os.path.join(folder, f"{name}.bin"), "wb")
-        self.offsets = [np.zeros(1, np.int64)]
-        self.end = 0
-
-    def append(self, rows: Sequence[Sequence[int]] | Sequence[bytes]) -> None:
-        lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
-        if self.dtype == np.uint8:
-            self.file.write(b"".join(rows))
-        elif len(rows):
-            self.file.write(np.concatenate([np.asarray(r, self.dtype) for r in rows]).tobytes())
-        self._advance(lengths)
-
-    def append_flat(self, values: np.ndarray, lengths: np.ndarray) -> None:
-        """Rows given as their concatenation and lengths (copied from another ragged array)."""
-        self.file.write(np.asarray(values, self.dtype).tobytes())
-        self._advance(np.asarray(lengths, np.int64))
-
-    def _advance(self, lengths: np.ndarray) -> None:
-        self.offsets.append(self.end + np.cumsum(lengths))
-        self.end += int(lengths.sum())
-
-    def close(self) -> None:
-        self.file.close()
-        np.save(os.path.join(self.folder, f"{self.name}.offsets.npy"), np.concatenate(self.offsets))
+_RaggedWriter = RaggedWriter  # the columns' writer and reader live in data/build.py
 
 
-class Ragged:
-    """Read side: ``data[offsets[i]:offsets[i + 1]]`` is row i; both memory-mapped."""
-
-    def __init__(self, folder: str, name: str, dtype):
-        self.offsets = np.load(os.path.join(folder, f"{name}.offsets.npy"), mmap_mode="r")
-        path = os.path.join(folder, f"{name}.bin")
-        # an empty file cannot be mapped; one dummy element keeps gather's indexing valid
-        self.data = np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(1, dtype)
-
-    def lengths(self, rows=None) -> np.ndarray:
-        rows = np.arange(len(self.offsets) - 1) if rows is None else np.asarray(rows, np.int64)
-        return np.asarray(self.offsets[rows + 1] - self.offsets[rows])
-
-    def row(self, i: int) -> np.ndarray:
-        return np.asarray(self.data[self.offsets[i]:self.offsets[i + 1]])
-
-    def gather(self, rows, length: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Rows cut/padded to ``length``: values [R, length] and true lengths [R]."""
-        rows = np.asarray(rows, np.int64)
-        starts = np.asarray(self.offsets[rows])
-        lengths = np.minimum(np.asarray(self.offsets[rows + 1]) - starts, length)
-        positions = np.arange(length)
-        valid = positions[None, :] < lengths[:, None]
-        values = np.where(valid, self.data[np.where(valid, starts[:, None] + positions, 0)], pad)
-        return values, lengths
-
-
-def _token_dtype(vocab_size: int):
+def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
@@ -250,7 +244,9 @@ def is_corpus_store(path: str) -> bool:
 
 
 class CorpusStore:
-    """A prepared corpus: ``len(store)`` passages, row r has passage id ``store.ids[r]``."""
+    """A prepared corpus: ``len(store)`` passages; row r has passage id ``store.passage_id(r)``,
+    and ``store.row_of(id)`` is its row. ``store.ids[r]`` is row r's int64 key: the passage id
+    itself in an integer-id store (``id_kind == "int"``), its ``fingerprint`` in a string-id one."""
 
     def __init__(self, path: str):
         # an index records its store by this path: absolute, or a URL (for other machines)
@@ -263,7 +259,16 @@ class CorpusStore:
             self.meta = json.load(f)
         if self.meta.get("format") != STORE_FORMAT:
             raise UserError(f"{path}: corpus store format {self.meta.get('format')}, expected {STORE_FORMAT}")
+        self.id_kind = self.meta.get("ids", "int")  # stores from before string ids have integer ids
+        if self.id_kind not in ("int", "str"):
+            raise UserError(f"{path}: unknown id kind {self.id_kind!r} in meta.json; expected int or str")
         self.ids = np.load(os.path.join(local, "ids.npy"), mmap_mode="r")
+        self._id_strings = Ragged(local, "id", np.uint8) if self.id_kind == "str" else None
+        # id -> row: keys sorted, and the rows in that order (None: row order); memory-mapped for
+        # a string-id store, worked out on first use for an integer-id one
+        self._lookup = ((np.load(os.path.join(local, "id_sorted.npy"), mmap_mode="r"),
+                         np.load(os.path.join(local, "id_order.npy"), mmap_mode="r"))
+                        if self.id_kind == "str" else None)
         self.titles = Ragged(local, "title", np.uint8)
         self.texts = Ragged(local, "text", np.uint8)
         retriever = self.meta["retriever"]
@@ -273,6 +278,74 @@ class CorpusStore:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def passage_id(self, row: int) -> int | str:
+        """Row ``row``'s passage id: an int, or the string as the corpus file wrote it."""
+        if self._id_strings is None:
+            return int(self.ids[row])
+        return self._id_strings.row(row).tobytes().decode("utf-8")
+
+    def passage_ids(self, rows) -> list[int | str]:
+        return [self.passage_id(int(r)) for r in rows]
+
+    def row_of(self, passage_id: int | str) -> int:
+        """The row of the passage ``passage_id``; an id the store lacks is a UserError. An
+        integer-id store takes ints or their decimal strings (as qrels and runs write them)."""
+        return int(self.rows_of([passage_id])[0])
+
+    def rows_of(self, passage_ids) -> np.ndarray:
+        """Rows [n] of the passages ``passage_ids``, by binary search over the sorted keys."""
+        given = list(passage_ids)
+        passage_ids = [self._as_str(p) for p in given] if self.id_kind == "str" else given
+        keys = np.fromiter((self._key(p) for p in passage_ids), np.int64, len(passage_ids))
+        sorted_keys, order = self._id_lookup()
+        n = len(sorted_keys)
+        at = np.searchsorted(sorted_keys, keys)
+        found = at < n
+        found[found] = np.asarray(sorted_keys[at[found]]) == keys[found]
+        rows = np.full(len(keys), -1, np.int64)
+        rows[found] = at[found] if order is None else np.asarray(order[at[found]])
+        if self._id_strings is not None:  # a fingerprint may be shared: the string decides
+            for i in np.flatnonzero(found):
+                rows[i] = self._matching_row(passage_ids[i], int(at[i]), int(keys[i]))
+        missing = np.flatnonzero(rows < 0)
+        if missing.size:
+            raise UserError(f"{self.path}: no passage with id {given[missing[0]]!r}")
+        return rows
+
+    def _as_str(self, passage_id) -> str:
+        if isinstance(passage_id, (int, np.integer)) and not isinstance(passage_id, bool):
+            return str(int(passage_id))  # as a corpus file's JSON integer id is kept
+        if not isinstance(passage_id, str):
+            raise UserError(f"{self.path}: passage id {passage_id!r} is not a string")
+        return passage_id
+
+    def _key(self, passage_id) -> int:
+        if self.id_kind == "str":
+            return fingerprint(passage_id)
+        try:
+            return _parse_id(passage_id.item() if isinstance(passage_id, np.integer) else passage_id)
+        except _BadRow:
+            raise UserError(f"{self.path}: no passage with id {passage_id!r} (its ids are integers)") from None
+
+    def _matching_row(self, passage_id: str, at: int, key: int) -> int:
+        sorted_keys, order = self._lookup
+        while at < len(sorted_keys) and int(sorted_keys[at]) == key:
+            if self.passage_id(int(order[at])) == passage_id:
+                return int(order[at])
+            at += 1
+        return -1
+
+    def _id_lookup(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._lookup is None:
+            ids = self.ids
+            # DPR's ids ascend with the rows: search them as they are, no copy
+            if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+                self._lookup = (ids, None)
+            else:
+                order = np.argsort(ids, kind="stable")
+                self._lookup = (np.asarray(ids)[order], order)
+        return self._lookup
 
     def title(self, row: int) -> str:
         return self.titles.row(row).tobytes().decode("utf-8")
@@ -288,14 +361,11 @@ class CorpusStore:
         if max_length > meta["max_length"]:
             raise UserError(f"{self.path}: tokens were stored at max length {meta['max_length']}, "
                             f"{max_length} requested; rebuild with a larger --retriever-max-length")
-        full = self.retriever.lengths(rows)
-        lengths = np.minimum(full, max_length)
-        width = min(max_length, round_up(int(lengths.max(initial=1)), multiple)) if multiple else max_length
-        ids, _ = self.retriever.gather(rows, width, meta["pad_id"])
-        ids = ids.astype(np.int32)
-        cut = np.flatnonzero(full > max_length)
-        if cut.size:  # then width == max_length
-            ids[cut, max_length - 1] = meta["sep_id"]
+        width = max_length
+        if multiple:
+            width = min(max_length, round_up(int(np.minimum(self.retriever.lengths(rows), max_length).max(initial=1)),
+                                             multiple))
+        ids, lengths = self.retriever.cut(rows, max_length, pad=meta["pad_id"], last=meta["sep_id"], width=width)
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
         return Tokens(ids, mask)
 
@@ -308,178 +378,110 @@ class CorpusStore:
 
 def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: TokenizerSpec,
                    scorer_tokenizer=None, scorer: TokenizerSpec | None = None, *, batch_size: int = 2048,
-                   skip_bad_rows: bool = False, progress: bool = True) -> CorpusStore:
+                   skip_bad_rows: bool = False, progress: bool = True, ids: str = "auto") -> CorpusStore:
     """Stream ``corpus_path`` into a store at ``out`` (written beside it, then renamed into
-    place; a URL's is built in the local cache, then uploaded with meta.json last).
-    Tokenization of one batch overlaps parsing the next (fast tokenizers release the GIL and
-    use their own threads)."""
+    place; a URL's is built in the local cache, then uploaded with meta.json last). ``ids``:
+    integer or string passage ids, as ``iter_passages`` reads them.
+    A staged build (``data/build.py``): each process tokenizes its share of the batches
+    (tokenization of one batch overlapping parsing the next: fast tokenizers release the GIL
+    and use their own threads), and a killed build is taken up by the rerun."""
     from art_jax.data.prompts import PromptBuilder
 
     out = out.rstrip("/")
+    if ids not in ID_KINDS:
+        raise UserError(f"unknown id kind {ids!r}; expected one of {', '.join(ID_KINDS)}")
     storage.check_replaceable(out, "a corpus store (no meta.json of a store)", is_corpus_store)
     source = corpus_path if storage.is_remote(corpus_path) else os.path.abspath(corpus_path)
     corpus_path = local_file(corpus_path)
-    parent = staging_parent(out)
-    processes, me = jax.process_count(), jax.process_index()
-    # each process tokenizes every processes-th batch into its own part, process 0 merges the
-    # parts in batch order: in one staging folder of the job's, or, when the store goes to a
-    # URL (no folder shared), each in its own, the others' parts passed on through parts_url
-    shared = processes > 1 and not storage.is_remote(out)
-    parts_url = f"{os.path.dirname(out)}/.{os.path.basename(out)}.parts"
-    if shared:
-        staging = os.path.join(parent, f".{os.path.basename(out)}.building-job")
-    else:
-        if processes == 1:
-            _remove_stale_staging(parent, os.path.basename(out))
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-{_HOST}-{os.getpid()}-", dir=parent)
-    if processes > 1:
-        if is_lead():  # a failed run's leftovers must not mix in
-            if shared:
-                shutil.rmtree(staging, ignore_errors=True)
-                os.makedirs(staging)
-            else:
-                storage.rmtree(parts_url)
-        barrier("art_jax.prepare_corpus.staging")
-    folder = staging if processes == 1 else os.path.join(staging, f"part-{me}")
-    os.makedirs(folder, exist_ok=True)
     builder = PromptBuilder(scorer_tokenizer) if scorer_tokenizer is not None else None
-    columns = {"title": np.dtype(np.uint8), "text": np.dtype(np.uint8),
-               "retriever": np.dtype(_token_dtype(len(retriever_tokenizer)))}
-    if builder is not None:
-        columns["scorer"] = np.dtype(_token_dtype(len(scorer_tokenizer)))
-    writers = {name: _RaggedWriter(folder, name, dtype) for name, dtype in columns.items()}
-    # every batch's ids: every process parses every row, so all meet the same bad rows and duplicates
-    ids: list[np.ndarray] = []
-    bad_rows: list[tuple[int, str]] = []
-
-    def tokenize(batch: list[Passage]):
-        titles, texts = [p.title for p in batch], [p.text for p in batch]
-        out = {"retriever": passage_rows(retriever_tokenizer, titles, texts, retriever.max_length)}
+    key = {"store": "corpus", "format": STORE_FORMAT, "input": input_key(corpus_path), "source": source,
+           "retriever": [retriever.name, retriever.max_length, len(retriever_tokenizer)],
+           "scorer": [scorer.name, scorer.max_length, len(scorer_tokenizer)] if builder is not None else None,
+           "batch_size": batch_size, "skip_bad_rows": skip_bad_rows, "ids": ids}
+    with Build(out, "prepare_corpus", kind="a corpus store (no meta.json of a store)", is_kind=is_corpus_store,
+               key=key) as build:
+        for name, dtype in (("title", np.uint8), ("text", np.uint8),
+                            ("retriever", token_dtype(len(retriever_tokenizer)))):
+            build.writer(name, dtype)
         if builder is not None:
-            out["scorer"] = [row[:scorer.max_length] for row in builder.passage_ids(titles, texts)]
-        return batch, out
+            build.writer("scorer", token_dtype(len(scorer_tokenizer)))
+        # every batch's ids (int64 keys): every process parses every row, so all meet the same bad
+        # rows and duplicates; string ids are also written as they are, by process 0 alone
+        keys: list[np.ndarray] = []
+        kind, id_writer = None, None
+        bad_rows: list[tuple[int, str]] = []
 
-    def write(job) -> None:
-        batch, tokens = job.result()
-        writers["title"].append([p.title.encode("utf-8") for p in batch])
-        writers["text"].append([p.text.encode("utf-8") for p in batch])
-        for name, rows in tokens.items():
-            writers[name].append(rows)
+        def tokenize(batch: list[Passage]):
+            titles, texts = [p.title for p in batch], [p.text for p in batch]
+            out = {"retriever": passage_rows(retriever_tokenizer, titles, texts, retriever.max_length)}
+            if builder is not None:
+                out["scorer"] = [row[:scorer.max_length] for row in builder.passage_ids(titles, texts)]
+            return batch, out
 
-    try:
-        passages = iter_passages(corpus_path, skip_bad_rows=skip_bad_rows, bad_rows=bad_rows)
-        with (concurrent.futures.ThreadPoolExecutor(1) as pool,
-              progress_bar(total=os.path.getsize(corpus_path), unit="B", unit_scale=True, desc="prepare-corpus",
-                   disable=not progress) as bar):
-            pending, parsed = None, 0
-            for number, batch in enumerate(_batches(passages, batch_size)):
-                ids.append(np.fromiter((p.id for p in batch), np.int64, len(batch)))
-                parsed += len(batch)
-                if number % processes == me:
-                    job = pool.submit(tokenize, batch)
-                    if pending is not None:
-                        write(pending)
-                    pending = job
-                bar.update(batch[-1].end - bar.n)
-                bar.set_postfix(passages=parsed, refresh=False)
-            if pending is not None:
-                write(pending)
-        for writer in writers.values():
-            writer.close()
-        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        def write(job) -> None:
+            batch, tokens = job
+            build.writers["title"].append([p.title.encode("utf-8") for p in batch])
+            build.writers["text"].append([p.text.encode("utf-8") for p in batch])
+            for name, rows in tokens.items():
+                build.writers[name].append(rows)
+
+        def every(batch: list[Passage], done: bool) -> None:
+            nonlocal kind, id_writer
+            if kind is None:  # every passage's id has the kind of the first
+                kind = "str" if isinstance(batch[0].id, str) else "int"
+                if kind == "str" and build.lead:
+                    id_writer = build.writer("id", np.uint8, merged=False)
+            if kind == "str":
+                if id_writer is not None and not done:
+                    id_writer.append([p.id.encode("utf-8") for p in batch])
+                keys.append(np.fromiter((fingerprint(p.id) for p in batch), np.int64, len(batch)))
+            else:
+                keys.append(np.fromiter((p.id for p in batch), np.int64, len(batch)))
+
+        passages = iter_passages(corpus_path, skip_bad_rows=skip_bad_rows, bad_rows=bad_rows, ids=ids)
+        with progress_bar(total=os.path.getsize(corpus_path), unit="B", unit_scale=True, desc="prepare-corpus",
+                          disable=not progress) as bar:
+
+            def batches():
+                parsed = 0
+                for batch in batches_of(passages, batch_size):
+                    yield batch
+                    parsed += len(batch)
+                    bar.update(batch[-1].end - bar.n)
+                    bar.set_postfix(passages=parsed, refresh=False)
+
+            build.run(batches(), tokenize, write, every)
+        all_ids = np.concatenate(keys) if keys else np.zeros(0, np.int64)
         if not len(all_ids):
             raise UserError(f"{corpus_path}: no passages")
-        if processes > 1:
-            if not shared and not is_lead():
-                storage.upload_tree(folder, f"{parts_url}/part-{me}")
-            barrier("art_jax.prepare_corpus.parts")
-            if is_lead():
-                if not shared:
-                    for part in range(1, processes):
-                        storage.download_tree(f"{parts_url}/part-{part}", os.path.join(staging, f"part-{part}"))
-                    storage.rmtree(parts_url)
-                _merge_parts(staging, columns, processes, [len(a) for a in ids])
-    except BaseException:
-        shutil.rmtree(staging if is_lead() or not shared else folder, ignore_errors=True)
-        if processes > 1 and not shared and is_lead():
-            storage.rmtree(parts_url)
-        raise
-    if not is_lead():
-        if not shared:
-            shutil.rmtree(staging, ignore_errors=True)
-        barrier("art_jax.prepare_corpus.published")
-        return CorpusStore(out)
-    try:
-        np.save(os.path.join(staging, "ids.npy"), all_ids)
-        meta = {
-            "format": STORE_FORMAT, "count": len(all_ids), "source": source,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "skipped_rows": len(bad_rows), "skipped_examples": [list(b) for b in bad_rows[:20]],
-            "retriever": _token_meta(retriever_tokenizer, retriever, sep_id=retriever_tokenizer.sep_token_id),
-            "scorer": _token_meta(scorer_tokenizer, scorer) if builder is not None else None,
-        }
-        storage.write_text(os.path.join(staging, "meta.json"), json.dumps(meta, indent=1))
-        storage.publish_folder(staging, out, marker="meta.json")
-        if storage.is_remote(out):
-            keep_as_copy(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    barrier("art_jax.prepare_corpus.published")
-    if bad_rows and progress:
+        if build.finish():
+            staging = build.staging
+            np.save(os.path.join(staging, "ids.npy"), all_ids)
+            if kind == "str":  # id -> row: binary search over the sorted fingerprints
+                order = np.argsort(all_ids, kind="stable")
+                np.save(os.path.join(staging, "id_order.npy"), order)
+                np.save(os.path.join(staging, "id_sorted.npy"), all_ids[order])
+            meta = {
+                "format": STORE_FORMAT, "count": len(all_ids), "ids": kind, "source": source,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "skipped_rows": len(bad_rows), "skipped_examples": [list(b) for b in bad_rows[:20]],
+                "retriever": token_meta(retriever_tokenizer, retriever, sep_id=retriever_tokenizer.sep_token_id),
+                "scorer": token_meta(scorer_tokenizer, scorer) if builder is not None else None,
+            }
+            storage.write_text(os.path.join(staging, "meta.json"), json.dumps(meta, indent=1))
+            build.publish("meta.json")
+    if bad_rows and progress and is_lead():
         print(f"prepare-corpus: skipped {len(bad_rows)} bad row(s), e.g. line {bad_rows[0][0]}: {bad_rows[0][1]}")
     return CorpusStore(out)
 
 
-# staging folders carry the host and pid of their builder: only a build of this machine whose
-# process is gone is known to be dead (a shared disk may hold other machines' live builds)
-_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+def input_key(path: str) -> list:
+    """What a build's key records of an input file: its path, size and modification time."""
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
 
 
-def _remove_stale_staging(parent: str, name: str) -> None:
-    """Remove what killed builds of the store ``name`` on this machine left in ``parent``: the
-    ``.{name}.building-HOST-PID-*`` folders of this host whose process is gone. (A multi-process
-    job clears its own ``.building-job`` folder when it starts.)"""
-    building = re.compile(rf"\.{re.escape(name)}\.building-{_HOST}-(\d+)-.*")
-    for entry in os.listdir(parent):
-        match = building.fullmatch(entry)
-        if match and not _alive(int(match.group(1))):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
-def _merge_parts(staging: str, columns: dict[str, np.dtype], processes: int, batch_sizes: list[int]) -> None:
-    """The parts' columns into one store in batch order (batch b is part b % processes's);
-    the parts are removed."""
-    parts = [os.path.join(staging, f"part-{p}") for p in range(processes)]
-    for name, dtype in columns.items():
-        _merge_column(parts, name, dtype, staging, batch_sizes)
-    # the parts' memory maps closed with _merge_column's frame: NFS would keep mapped files
-    for part in parts:
-        shutil.rmtree(part)
-
-
-def _merge_column(parts: list[str], name: str, dtype, staging: str, batch_sizes: list[int]) -> None:
-    sources = [Ragged(part, name, dtype) for part in parts]
-    merged = _RaggedWriter(staging, name, dtype)
-    next_row = [0] * len(parts)
-    for number, size in enumerate(batch_sizes):
-        part = number % len(parts)
-        offsets = np.asarray(sources[part].offsets[next_row[part]:next_row[part] + size + 1])
-        merged.append_flat(sources[part].data[offsets[0]:offsets[-1]], np.diff(offsets))
-        next_row[part] += size
-    merged.close()
-
-
-def _batches(items: Iterator, size: int) -> Iterator[list]:
+def batches_of(items: Iterator, size: int) -> Iterator[list]:
     batch = []
     for item in items:
         batch.append(item)
@@ -490,6 +492,6 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _token_meta(tokenizer, spec: TokenizerSpec, **extra) -> dict:
+def token_meta(tokenizer, spec: TokenizerSpec, **extra) -> dict:
     return {"tokenizer": spec.name, "max_length": spec.max_length, "vocab_size": len(tokenizer),
-            "dtype": np.dtype(_token_dtype(len(tokenizer))).name, "pad_id": tokenizer.pad_token_id, **extra}
+            "dtype": np.dtype(token_dtype(len(tokenizer))).name, "pad_id": tokenizer.pad_token_id, **extra}

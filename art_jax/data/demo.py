@@ -1,5 +1,6 @@
 """Materialise the offline demo: a generated world, a tokenizer trained on it and a tiny
-random BERT, written once into WORKDIR/demo; the config is pointed at them."""
+random BERT (and for the DPR demo, its training examples mined with BM25), written once into
+WORKDIR/demo; the config is pointed at them."""
 
 from __future__ import annotations
 
@@ -31,7 +32,18 @@ def prepare_demo(cfg, workdir: str) -> None:
                           initializer_range=cfg.demo.initializer_range,
                           hidden_dropout=cfg.demo.dropout, attention_dropout=cfg.demo.dropout)
         export(init_module(Bert, bert, seed=cfg.seed), tokenizer, bert_dir)
+    examples = os.path.join(folder, "train-bm25.json")
+    if cfg.method == "dpr" and is_lead() and not storage.isfile(examples):
+        from art_jax.data.questions import read_questions
+        from art_jax.jobs.mine import mine_bm25
+
+        # what `art-jax mine --method bm25` writes: positives and hard negatives by distant supervision
+        stats = mine_bm25(paths["corpus"], read_questions(paths["train"]), examples, depth=20,
+                          hard_negatives=cfg.train.hard_negatives, progress=False)
+        print(stats.summary(examples))
     barrier("art_jax.demo")
+    if cfg.method == "dpr":
+        cfg.data.train_examples = examples
     cfg.retriever.checkpoint = bert_dir
     cfg.data.corpus = paths["corpus"]
     cfg.data.train_questions = paths["train"]

@@ -26,11 +26,17 @@ def _pad(rows: list[list[int]], pad_id: int, length: int | None) -> Tokens:
 
 
 def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int, *,
-                       pad_to: int | None = None) -> Tokens:
+                       pad_to: int | None = None, truncation_side: str = "right") -> Tokens:
+    """``[CLS] q [SEP]``; a question too long loses its end (``right``) or its start (``left``),
+    its special tokens kept."""
     for i, q in enumerate(questions):
         if not q or not q.strip():
             raise UserError(f"question {i} is empty")
-    rows = tokenizer(list(questions), truncation=True, max_length=max_length)["input_ids"]
+    before, tokenizer.truncation_side = tokenizer.truncation_side, truncation_side
+    try:
+        rows = tokenizer(list(questions), truncation=True, max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = before
     return _pad(rows, tokenizer.pad_token_id, pad_to)
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from art_jax.core.errors import UserError
 from art_jax.methods.art import Art
+from art_jax.methods.dpr import Dpr
+from art_jax.methods.ict import Ict
+from art_jax.methods.pairs import Pairs
 from art_jax.training.loop import Trainer
 
-METHODS = {"art": Art}
+METHODS = {"art": Art, "dpr": Dpr, "ict": Ict, "pairs": Pairs}
 
 
 def make_trainer(cfg, workdir: str) -> Trainer:

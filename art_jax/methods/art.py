@@ -11,35 +11,35 @@ and takes KL(teacher || student) over the K passages.
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from art_jax.core import storage
 from art_jax.core.batching import round_up
-from art_jax.core.distributed import lead_value
 from art_jax.core.errors import UserError
-from art_jax.core.sharding import from_identical, from_process_rows, local_replica, process_rows
-from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
+from art_jax.core.sharding import from_identical, from_process_rows, process_rows
+from art_jax.data.corpus import CorpusStore
 from art_jax.data.prompts import PromptBuilder
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
 from art_jax.data.tokenization import passage_rows, tokenize_questions
-from art_jax.evaluation.answers import metric_name
+from art_jax.methods.common import (
+    TrainsTowers,
+    answer_metrics,
+    check_batch,
+    check_input_files,
+    dev_accuracy,
+    open_store,
+)
 from art_jax.models.hf import load_tokenizer
 from art_jax.objectives import art_loss
-from art_jax.retrieval.encoder import DualEncoder, load_retriever, load_retriever_tokenizer
-from art_jax.retrieval.results import dpr_results, retrieve
+from art_jax.retrieval.encoder import load_retriever_tokenizer
 from art_jax.training.loop import check_total_steps
-from art_jax.training.state import OptimConfig, ParamGroups, TrainState
+from art_jax.training.state import ParamGroups, TrainState
 from art_jax.training.update import Objective, split_evenly, step_key
-from art_jax.workdir import CORPUS_STORE
 
 # per-question arrays of a step's batch; the others are per micro-batch ([A, U, Lp])
 PER_QUESTION = ("question_ids", "question_mask", "passage_index", "teacher_scores")
@@ -71,7 +71,7 @@ def tower_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     return question_key, passage_key
 
 
-def loss(groups: ParamGroups, temperature_multiplier: float, params, batch, keys):
+def loss(groups: ParamGroups, temperature_multiplier: float, score_scaling: bool, params, batch, keys):
     """``batch``: question_ids/mask [B, Lq], passage_ids/mask [U, Lp], passage_index [B, K]
     (which of the U passages each question retrieved), teacher_scores [B, K]."""
     question_key, passage_key = keys
@@ -79,11 +79,12 @@ def loss(groups: ParamGroups, temperature_multiplier: float, params, batch, keys
                                                     dropout_key=question_key)
     p = groups.module(params, "passage").embed_cls(batch["passage_ids"], batch["passage_mask"],
                                                    dropout_key=passage_key)
-    return art_loss(q, p[batch["passage_index"]], batch["teacher_scores"], temperature_multiplier)
+    return art_loss(q, p[batch["passage_index"]], batch["teacher_scores"], temperature_multiplier, score_scaling)
 
 
-def objective(groups: ParamGroups, *, temperature_multiplier: float = 1.0, accumulation: int = 1) -> Objective:
-    return Objective(functools.partial(loss, groups, temperature_multiplier), keys=tower_keys,
+def objective(groups: ParamGroups, *, temperature_multiplier: float = 1.0, score_scaling: bool = True,
+              accumulation: int = 1) -> Objective:
+    return Objective(functools.partial(loss, groups, temperature_multiplier, score_scaling), keys=tower_keys,
                      accumulation=accumulation, split=split_micro_batches)
 
 
@@ -99,23 +100,6 @@ def embed_questions(groups: ParamGroups, state: TrainState, ids: jax.Array, mask
     loss sees (bit for bit without gradient accumulation)."""
     question_key, _ = tower_keys(step_key(state))
     return groups.module(state.params, "question").embed_cls(ids, mask, dropout_key=question_key)
-
-
-def open_store(cfg, workdir: str) -> CorpusStore:
-    """The configured corpus store, or one prepared from ``data.corpus`` into the workdir."""
-    if cfg.data.corpus_store:
-        return CorpusStore(cfg.data.corpus_store)
-    path = os.path.join(workdir, CORPUS_STORE)
-    prepared = bool(lead_value(storage.isfile(os.path.join(path, "meta.json"))))  # one view for all
-    if not (prepared or cfg.data.corpus):
-        raise UserError("config: set data.corpus (an evidence TSV/JSONL) or data.corpus_store")
-    if not prepared:  # every process tokenizes its share of the batches
-        scorer = cfg.scorer.checkpoint if cfg.scorer.kind == "t5" else None
-        return prepare_corpus(cfg.data.corpus, path, load_retriever_tokenizer(cfg.retriever.checkpoint),
-                              TokenizerSpec(cfg.retriever.checkpoint, cfg.retriever.train_passage_max_length),
-                              load_tokenizer(scorer) if scorer else None,
-                              TokenizerSpec(scorer, 512) if scorer else None)
-    return CorpusStore(path)
 
 
 def check_store_tokens(store: CorpusStore, key: str, retriever_tokenizer, scorer_tokenizer=None) -> None:
@@ -140,28 +124,6 @@ def check_store_tokens(store: CorpusStore, key: str, retriever_tokenizer, scorer
                         "which differ from scorer.checkpoint's tokenizer; prepare the store with the run's scorer")
 
 
-def initial_towers(spec: str, *, shared: bool):
-    """(question, passage) towers a run starts from: any retriever argument (a Hugging Face
-    checkpoint gives both; an export or a run its two), one module when ``shared``."""
-    encoder = load_retriever(spec)
-    question, passage = encoder.question, encoder.passage
-    if shared:
-        if passage is not question and any(
-                not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(question, nnx.Param)),
-                                                         jax.tree.leaves(nnx.state(passage, nnx.Param)))):
-            raise UserError(f"retriever.shared_towers=True, but retriever.checkpoint {spec} has two different "
-                            "towers; set retriever.shared_towers=False")
-        return question, question
-    # two towers from one set of weights (a Hugging Face checkpoint, a run with shared towers) get
-    # copies that share no buffer: the update donates the state, and a buffer in it twice cannot be
-    return question, _copy(passage)
-
-
-def _copy(module: nnx.Module) -> nnx.Module:
-    graph, state = nnx.split(module)
-    return nnx.merge(graph, jax.tree.map(jnp.copy, state))
-
-
 def make_teacher(cfg, tokenizer, store, mesh):
     if cfg.scorer.kind == "query_likelihood":
         from art_jax.teachers.query_likelihood import QueryLikelihoodScorer
@@ -174,38 +136,27 @@ def make_teacher(cfg, tokenizer, store, mesh):
     return T5Scorer.from_pretrained(cfg.scorer.checkpoint, dtype=cfg.scorer.dtype, prompt=PromptConfig(), mesh=mesh)
 
 
-class Art:
+class Art(TrainsTowers):
     """The ART method for ``training.loop.Trainer``."""
 
     name = "art"
-    needs_index = True
+    index_use = "train"
     log_labels = {"teacher_entropy": "H(teacher)", "student_entropy": "H(student)", "argmax_agreement": "agree",
                   "grad_norm": "|g|", "learning_rate": "lr", "index_staleness": "staleness"}
 
     @staticmethod
     def eval_metrics(cfg) -> tuple[str, ...]:
-        ks = tuple(cfg.train.eval_topk)
-        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-            raise UserError(f"train.eval_topk={ks}: give at least one k, every k at least 1")
-        return tuple(metric_name(k) for k in ks)
+        return answer_metrics(cfg)
 
     @staticmethod
     def check_config(cfg) -> None:
-        devices = jax.device_count()
         if cfg.scorer.kind not in ("t5", "query_likelihood"):
             raise UserError(f"scorer.kind: {cfg.scorer.kind!r} is not 't5' or 'query_likelihood'")
-        for key in ("batch_size", "topk", "accumulation"):
-            if cfg.train[key] < 1:
-                raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
-        if cfg.train.batch_size % (devices * cfg.train.accumulation):
-            raise UserError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {devices} devices "
-                            f"x train.accumulation={cfg.train.accumulation}")
+        if cfg.train.topk < 1:
+            raise UserError(f"train.topk={cfg.train.topk} must be at least 1")
+        check_batch(cfg, accumulation=cfg.train.accumulation)
         # (data.corpus is read only when the store is prepared: a resumed run may have dropped it)
-        for key in ("train_questions", "dev_questions"):
-            path = cfg.data[key]
-            if path and not storage.is_remote(path) and not os.path.isfile(path):
-                what = "is a folder, expected a file" if os.path.isdir(path) else "file not found"
-                raise UserError(f"data.{key}: {what}: {path}")
+        check_input_files(cfg, ("train_questions", "dev_questions"))
 
     def __init__(self, cfg, workdir: str, mesh):
         self.cfg, self.mesh = cfg, mesh
@@ -222,19 +173,17 @@ class Art:
                             f"every one of the {jax.process_count()} processes needs as many devices")
         self.total_steps = train.steps or train.epochs * self.stream.steps_per_epoch
         check_total_steps(cfg, self.total_steps)  # before the heavy work
-        self.store = open_store(cfg, workdir)  # a given store is only opened: checked before any heavy work
+        # a given store is only opened: checked before any heavy work
+        self.store = open_store(cfg, workdir, scorer=cfg.scorer.checkpoint if cfg.scorer.kind == "t5" else None)
         check_store_tokens(self.store, "data.corpus_store" if cfg.data.corpus_store else "data.corpus", self.tokenizer,
                            load_tokenizer(cfg.scorer.checkpoint) if cfg.scorer.kind == "t5" else None)
         if train.topk > len(self.store):
             raise UserError(f"train.topk={train.topk} is larger than the corpus ({len(self.store)} passages)")
         self.teacher = make_teacher(cfg, self.tokenizer, self.store, mesh)
 
-        question, passage = initial_towers(cfg.retriever.checkpoint, shared=cfg.retriever.shared_towers)
-        self.groups, self.params = ParamGroups.split({"question": question, "passage": passage})
-        self.source = cfg.retriever.checkpoint
-        self.max_lengths = {"question": cfg.retriever.question_max_length,
-                            "passage": cfg.retriever.passage_max_length}
+        self.init_towers(cfg)
         self.objective = objective(self.groups, temperature_multiplier=train.temperature_multiplier,
+                                   score_scaling=train.score_scaling,
                                    accumulation=train.accumulation)
         self.batch_shardings = batch_shardings(mesh)
         replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -246,13 +195,6 @@ class Art:
 
     def describe(self) -> str:
         return f"global batch {self.cfg.train.batch_size}, K={self.cfg.train.topk}"
-
-    def optim_config(self) -> OptimConfig:
-        train = self.cfg.train
-        frozen = tuple(role for role in ("question", "passage") if not train[f"train_{role}_tower"])
-        return OptimConfig(learning_rate=train.learning_rate, total_steps=self.total_steps,
-                           warmup_fraction=train.warmup_fraction, weight_decay=train.weight_decay,
-                           clip_norm=train.clip_norm, frozen_roles=frozen)
 
     def batch(self, state: TrainState, step: int, index) -> tuple[dict[str, jax.Array], dict[str, float]]:
         cfg, mesh = self.cfg, self.mesh
@@ -282,12 +224,4 @@ class Art:
     def evaluate(self, state: TrainState, index) -> dict[str, float]:
         if not self.dev_questions:
             return {}
-        # every process searches all dev questions (process 0 reports); towers on its own devices
-        encoder = DualEncoder(local_replica(self.groups.module(state.params, "question")),
-                              local_replica(self.groups.module(state.params, "passage")), self.tokenizer,
-                              question_max_length=self.cfg.retriever.question_max_length)
-        ks = tuple(self.cfg.train.eval_topk)
-        k = min(max(ks), len(self.store))
-        scores, rows = retrieve(encoder, index, self.dev_questions, k, progress=False)
-        accuracy, _ = dpr_results(self.dev_questions, scores, rows, self.store, self.store.ids, ks=ks)
-        return {metric_name(k): accuracy[k] for k in ks}
+        return dev_accuracy(self.cfg, self.groups, state, self.tokenizer, self.dev_questions, index, self.store)

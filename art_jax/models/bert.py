@@ -1,7 +1,13 @@
-"""BERT encoder in Flax NNX with the Hugging Face ``BertModel`` architecture.
+"""BERT encoder in Flax NNX with the Hugging Face ``BertModel`` architecture, and RoBERTa's.
 
 Post-LayerNorm blocks, learned absolute positions, token types, exact GELU. Attribute
 names follow the HF module tree so that ``art_jax.models.hf`` maps weights by name.
+
+RoBERTa (``model_type="roberta"``) is the same network with two switches: its position ids
+start at ``pad_token_id + 1`` and skip padding (transformers' ``create_position_ids_from_input_ids``),
+and its config has one token type and ``layer_norm_eps`` 1e-5 (read from its config.json).
+Either tower may carry DPR-PAQ's projection head (Oguz et al. 2022): a Dense of the same size,
+then LayerNorm, on the [CLS] vector.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from art_jax.models.layers import (
     split_heads,
 )
 
+MODEL_TYPES = ("bert", "roberta")
+# sentence-transformers' LayerNorm module is torch's nn.LayerNorm(dim): eps 1e-5, whatever the body's
+HEAD_LAYER_NORM_EPS = 1e-5
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -39,18 +49,35 @@ class BertConfig:
     initializer_range: float = 0.02  # std of the random init (Hugging Face's name)
     with_pooler: bool = True  # kept only so exported checkpoints are complete
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    model_type: str = "bert"  # "bert" or "roberta": the Hugging Face architecture, and its position ids
+    pad_token_id: int = 0  # RoBERTa's padding_idx: its positions count from pad_token_id + 1
+    projection: bool = False  # the [CLS] head: Dense (hidden -> hidden, bias) then LayerNorm
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"BertConfig.model_type={self.model_type!r}; expected one of {MODEL_TYPES}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def position_offset(self) -> int:
+        """Rows of the position table before the first token's: RoBERTa's pad_token_id + 1."""
+        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+
+    @property
+    def max_length(self) -> int:
+        """The longest input the position table serves (RoBERTa-base: 514 rows, 512 tokens)."""
+        return self.max_position_embeddings - self.position_offset
+
 
 _ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs, epsilon: float | None = None) -> nnx.LayerNorm:
     return nnx.LayerNorm(
-        cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+        cfg.hidden_size, epsilon=cfg.layer_norm_eps if epsilon is None else epsilon, dtype=cfg.dtype,
         scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)), rngs=rngs)
 
@@ -63,9 +90,15 @@ class BertEmbeddings(nnx.Module):
         self.token_type_embeddings = embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), **kw)
         self.LayerNorm = _layer_norm(cfg, rngs)
         self.dropout_rate = cfg.hidden_dropout
+        self.roberta_positions = cfg.model_type == "roberta"
+        self.padding_idx = cfg.pad_token_id
 
-    def __call__(self, input_ids, token_type_ids, keys: KeyStream):
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+    def __call__(self, input_ids, attention_mask, token_type_ids, keys: KeyStream):
+        if self.roberta_positions:  # real tokens at padding_idx + 1, + 2, ...; padding at padding_idx
+            real = (attention_mask > 0).astype(jnp.int32)
+            positions = jnp.cumsum(real, axis=1) * real + self.padding_idx
+        else:
+            positions = jnp.arange(input_ids.shape[1])[None, :]
         x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
              + self.token_type_embeddings(token_type_ids))
         return dropout(self.LayerNorm(x), self.dropout_rate, keys())
@@ -105,6 +138,19 @@ class BertPooler(nnx.Module):
                            dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
+class ProjectionHead(nnx.Module):
+    """DPR-PAQ's head on the [CLS] vector: ``LayerNorm(Dense(x))``, both of the hidden size;
+    sentence-transformers' Dense (identity activation) and LayerNorm modules compute the same."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.dense = dense(cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), use_bias=True, dtype=cfg.dtype,
+                           param_dtype=jnp.float32, rngs=rngs, stddev=cfg.initializer_range)
+        self.norm = _layer_norm(cfg, rngs, HEAD_LAYER_NORM_EPS)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.norm(self.dense(x))
+
+
 class Bert(nnx.Module):
     """``Bert(cfg)(input_ids, attention_mask) -> last hidden states [B, L, H]``."""
 
@@ -113,18 +159,23 @@ class Bert(nnx.Module):
         self.embeddings = BertEmbeddings(cfg, rngs)
         self.layers = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         self.pooler = BertPooler(cfg, rngs) if cfg.with_pooler else None
+        self.head = ProjectionHead(cfg, rngs=rngs) if cfg.projection else None
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                  dropout_key: jax.Array | None = None) -> jax.Array:
         """Dropout is on exactly when ``dropout_key`` is given. Token type ids are all 0,
         as DPR and ART feed them."""
         keys = KeyStream(dropout_key)
-        x = self.embeddings(input_ids, jnp.zeros_like(input_ids), keys)
+        x = self.embeddings(input_ids, attention_mask, jnp.zeros_like(input_ids), keys)
         bias = attention_bias_from_mask(attention_mask)
         for layer in self.layers:
             x = layer(x, bias, keys)
         return x
 
     def embed_cls(self, input_ids, attention_mask, *, dropout_key=None) -> jax.Array:
-        """The retriever embedding: last-layer hidden state at [CLS], in float32."""
-        return self(input_ids, attention_mask, dropout_key=dropout_key)[:, 0].astype(jnp.float32)
+        """The retriever embedding: last-layer hidden state at [CLS] (RoBERTa's <s>), through the
+        projection head when the tower has one, in float32."""
+        cls = self(input_ids, attention_mask, dropout_key=dropout_key)[:, 0]
+        if self.head is not None:
+            cls = self.head(cls)
+        return cls.astype(jnp.float32)

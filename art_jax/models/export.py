@@ -1,9 +1,10 @@
-"""The retriever export folder: a dual encoder as two Hugging Face BERT folders that
+"""The retriever export folder: a dual encoder as two Hugging Face BERT or RoBERTa folders that
 transformers and sentence-transformers load as they are, and a record of where it came from.
 
     OUT/art_jax_export.json   provenance + format, shared_towers, both max lengths (written last)
     OUT/question_encoder/     config.json, model.safetensors, the tokenizer, art_jax_tower.json and
     OUT/passage_encoder/      sentence-transformers' modules.json, sentence_bert_config.json, 1_Pooling/
+                              (and a projection head's 2_Dense/, 3_LayerNorm/)
 
 Both tower folders are always there (identical when the towers are shared), so a user never
 needs to know how the retriever was trained to pick the right one.
@@ -23,7 +24,7 @@ from art_jax.core import storage
 from art_jax.core.errors import CheckpointError, UserError
 from art_jax.core.remote import staging_parent
 from art_jax.models.bert import Bert
-from art_jax.models.hf import hf_config_of, state_dict, write_folder
+from art_jax.models.hf import state_dict, write_json, write_tower
 
 EXPORT_FILE = "art_jax_export.json"
 TOWER_FILE = "art_jax_tower.json"
@@ -52,10 +53,11 @@ def check_max_lengths(question: Bert, passage: Bert, question_max_length: int, p
     of a job before process 0 writes: a refusal must not leave the others at a barrier)."""
     for side, tower, length in (("question", question, question_max_length),
                                 ("passage", passage, passage_max_length)):
-        positions = tower.config.max_position_embeddings
+        positions, offset = tower.config.max_length, tower.config.position_offset
         if not 0 < length <= positions:
             raise UserError(f"export: {side} max length {length} is not within the {side} tower's "
-                            f"1..{positions} positions (max_position_embeddings)")
+                            f"1..{positions} positions (max_position_embeddings"
+                            f"{f' - {offset}' if offset else ''})")
 
 
 def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, question_max_length: int,
@@ -74,40 +76,15 @@ def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, ques
     try:
         for side, tower in towers.items():
             folder = tower_path(staging, side)
-            write_folder(folder, hf_config_of(tower), weights[side], tokenizer)
-            _write_sentence_transformers(folder, tower.config.hidden_size, lengths[side])
-            _write_json(os.path.join(folder, TOWER_FILE), {"side": side, "max_length": lengths[side]})
-        _write_json(os.path.join(staging, EXPORT_FILE), {
+            write_tower(folder, tower, weights[side], tokenizer, lengths[side])
+            write_json(os.path.join(folder, TOWER_FILE), {"side": side, "max_length": lengths[side]})
+        write_json(os.path.join(staging, EXPORT_FILE), {
             **provenance, "format": FORMAT, "shared_towers": shared,
             "question_max_length": question_max_length, "passage_max_length": passage_max_length})
         storage.publish_folder(staging, out, marker=EXPORT_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def _write_sentence_transformers(folder: str, dim: int, max_length: int) -> None:
-    """What SentenceTransformer(folder) needs to give the tower's embedding: the [CLS] token's
-    last hidden state, not normalised, inputs cut at ``max_length``. The legacy module names and
-    pooling keys are the ones every sentence-transformers from 2.2 on reads."""
-    _write_json(os.path.join(folder, "modules.json"), [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
-    _write_json(os.path.join(folder, "sentence_bert_config.json"), {"max_seq_length": max_length,
-                                                                     "do_lower_case": False})
-    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
-    _write_json(os.path.join(folder, "1_Pooling", "config.json"), {
-        "word_embedding_dimension": dim, **{f"pooling_mode_{m}": m == "cls_token" for m in modes}})
-    # DPR scores by inner product; without this, model.similarity would use cosine
-    _write_json(os.path.join(folder, "config_sentence_transformers.json"),
-                {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "dot"})
-
-
-def _write_json(path: str, value) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
 
 
 def read_export(folder: str) -> dict[str, Any]:

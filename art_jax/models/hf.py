@@ -3,7 +3,12 @@
 A checkpoint is a folder (config.json + model.safetensors, sharded safetensors, or
 pytorch_model.bin), a hub id, or a gs:// folder. Loading is strict: a missing,
 unexpected or mis-shaped weight is an error that names it; nothing is ever left at
-its random initialisation.
+its random initialisation (but a projection head asked for where the folder has none).
+
+Retriever towers are BERT or RoBERTa folders (``model_type`` "bert" or "roberta"). A tower's
+projection head, which transformers' models do not have, lives beside the model as
+sentence-transformers modules (modules.json: Transformer, Pooling (CLS), Dense, LayerNorm),
+so that ``SentenceTransformer(folder)`` computes the same embedding.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from art_jax.core.errors import CheckpointError
 from art_jax.core.remote import local_copy, staging_parent
 from art_jax.core.sharding import DEFAULT_RULES, state_shardings
 from art_jax.core.storage import is_remote, publish_folder
-from art_jax.models.bert import Bert, BertConfig
+from art_jax.models.bert import MODEL_TYPES, Bert, BertConfig, ProjectionHead
 from art_jax.models.t5 import T5, T5Config
 
 # ---------------------------------------------------------------------------------------
@@ -60,8 +65,8 @@ def _download_hub(repo_id: str) -> str:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return snapshot_download(repo_id, allow_patterns=[
-            "*.json", "*.safetensors", "pytorch_model.bin", "*.model", "*.txt"])
+        return snapshot_download(repo_id, allow_patterns=[  # (a projection head's modules: 2_Dense/*, 3_LayerNorm/*)
+            "*.json", "*.safetensors", "pytorch_model.bin", "*/pytorch_model.bin", "*.model", "*.txt"])
     except Exception as err:  # offline, unknown repo, auth: one line (the hub's own texts run to several)
         offline = " (HF_HUB_OFFLINE is set: only the local hub cache was looked in)" if constants.HF_HUB_OFFLINE else ""
         raise CheckpointError(
@@ -170,6 +175,9 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
 # Name tables: one entry per HF tensor, shared by loading and export.
 
 
+HEAD_PREFIX = "head."  # the projection head's tensors: head.dense.weight, head.norm.bias, ...
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightName:
     hf: str  # Hugging Face tensor name
@@ -209,6 +217,9 @@ def bert_names(cfg: BertConfig) -> list[WeightName]:
         names += _layer_norm(f"{hf}.output.LayerNorm", ours + ("output_norm",))
     if cfg.with_pooler:
         names += _linear("pooler.dense", ("pooler", "dense"), bias=True)
+    if cfg.projection:  # not in the Hugging Face file: sentence-transformers' Dense and LayerNorm modules
+        names += _linear(f"{HEAD_PREFIX}dense", ("head", "dense"), bias=True)
+        names += _layer_norm(f"{HEAD_PREFIX}norm", ("head", "norm"))
     return names
 
 
@@ -243,6 +254,8 @@ def t5_names(cfg: T5Config) -> list[WeightName]:
 
 
 def bert_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **overrides) -> BertConfig:
+    """The BertConfig of a "bert" or "roberta" config.json (absent keys take transformers'
+    defaults); ``weights`` (their names) say whether there is a pooler and a projection head."""
     act = hf.get("hidden_act", "gelu")
     if act != "gelu":
         raise CheckpointError(f"config.json: hidden_act={act!r} is not supported (BERT uses exact 'gelu')")
@@ -254,7 +267,10 @@ def bert_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **ov
         max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        initializer_range=hf.get("initializer_range", 0.02), with_pooler="pooler.dense.weight" in weights)
+        initializer_range=hf.get("initializer_range", 0.02), with_pooler="pooler.dense.weight" in weights,
+        projection=f"{HEAD_PREFIX}dense.weight" in weights)
+    if hf.get("model_type", "bert") == "roberta":  # RobertaConfig's pad_token_id is 1
+        cfg = dataclasses.replace(cfg, model_type="roberta", pad_token_id=hf.get("pad_token_id", 1))
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -266,7 +282,9 @@ def bert_config_to_hf(cfg: BertConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
         "layer_norm_eps": cfg.layer_norm_eps, "hidden_dropout_prob": cfg.hidden_dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout, "hidden_act": "gelu",
-        "position_embedding_type": "absolute", "pad_token_id": 0, "initializer_range": cfg.initializer_range,
+        "position_embedding_type": "absolute", "pad_token_id": cfg.pad_token_id,
+        "initializer_range": cfg.initializer_range,
+        **({"architectures": ["RobertaModel"], "model_type": "roberta"} if cfg.model_type == "roberta" else {}),
     }
 
 
@@ -313,17 +331,18 @@ def t5_config_to_hf(cfg: T5Config) -> dict[str, Any]:
 # Loading
 
 
-# Tensors a checkpoint may carry that the encoder has no use for.
-_BERT_IGNORED = re.compile(r"^(cls\.|embeddings\.position_ids$)")
+# Tensors a checkpoint may carry that the encoder has no use for (MLM heads, buffers).
+_BERT_IGNORED = {"bert": re.compile(r"^(cls\.|embeddings\.position_ids$)"),
+                 "roberta": re.compile(r"^(lm_head\.|embeddings\.(position_ids|token_type_ids)$)")}
 _T5_IGNORED = re.compile(
     r"^((encoder|decoder)\.embed_tokens\.weight|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$")
 
 
-def _normalise_bert_names(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """bert-base-style files: a 'bert.' prefix and LayerNorm gamma/beta."""
+def _normalise_bert_names(weights: dict[str, np.ndarray], model_type: str = "bert") -> dict[str, np.ndarray]:
+    """bert-base-style files: a 'bert.' prefix ('roberta.' for RoBERTa) and LayerNorm gamma/beta."""
     out = {}
     for key, value in weights.items():
-        key = key.removeprefix("bert.")
+        key = key.removeprefix(f"{model_type}.")
         key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
         key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
         out[key] = value
@@ -387,29 +406,57 @@ def _load(folder: str, module_cls, cfg, names, weights, ignored, mesh, rules):
     return nnx.merge(graphdef, state)
 
 
-def _check_model_type(hf_config: dict, folder: str, wanted: str) -> None:
+def _check_model_type(hf_config: dict, folder: str, wanted: tuple[str, ...]) -> str:
     kind = hf_config.get("model_type")
-    if kind != wanted:
+    if kind not in wanted:
+        expected = " or ".join(map(repr, wanted))
         raise CheckpointError(f"{folder}/config.json: model_type={kind!r} is not a supported "
-                              f"architecture here (expected {wanted!r})")
+                              f"architecture here (expected {expected})")
+    return kind
 
 
-def load_bert(name: str, *, mesh=None, rules=DEFAULT_RULES, **overrides) -> Bert:
-    """A BERT encoder from a Hugging Face checkpoint; ``overrides`` set BertConfig fields
-    (dtype, dropout)."""
+def load_bert(name: str, *, mesh=None, rules=DEFAULT_RULES, projection: bool | None = None, seed: int = 0,
+              **overrides) -> Bert:
+    """A BERT or RoBERTa encoder (a retriever tower) from a Hugging Face checkpoint;
+    ``overrides`` set BertConfig fields (dtype, dropout).
+
+    ``projection``: None, the tower has the projection head exactly when the folder carries one
+    (sentence-transformers' Dense + LayerNorm modules after CLS pooling, as an export writes
+    them); True, the folder's head, or a freshly initialised one (``seed``) where it has none;
+    False, no head (a folder with one is refused rather than its trained head dropped)."""
     folder = resolve_checkpoint(name)
     hf_config = read_config(folder)
-    _check_model_type(hf_config, folder, "bert")
-    weights = _normalise_bert_names(read_weights(folder))
+    kind = _check_model_type(hf_config, folder, MODEL_TYPES)
+    weights = {**_normalise_bert_names(read_weights(folder), kind), **read_head(folder)}
     cfg = bert_config_from_hf(hf_config, weights, **overrides)
-    return _load(folder, Bert, cfg, bert_names(cfg), weights, _BERT_IGNORED, mesh, rules)
+    model = _load(folder, Bert, cfg, bert_names(cfg), weights, _BERT_IGNORED[kind], mesh, rules)
+    return with_projection(model, projection, seed=seed, mesh=mesh, rules=rules, source=folder)
+
+
+def with_projection(tower: Bert, projection: bool | None, *, seed: int = 0, mesh=None, rules=DEFAULT_RULES,
+                    source: str = "the tower") -> Bert:
+    """``tower`` as ``projection`` asks (see ``load_bert``): itself, or with a freshly initialised
+    projection head (a Dense of std ``initializer_range`` and zero bias, a LayerNorm of ones and
+    zeros) on the same parameters."""
+    if projection is None or projection == tower.config.projection:
+        return tower
+    if not projection:
+        raise CheckpointError(f"{source} has a projection head (Dense + LayerNorm on [CLS]), and projection=False "
+                              "was asked: refusing to drop its trained weights")
+    cfg = dataclasses.replace(tower.config, projection=True)
+    head = init_module(ProjectionHead, cfg, seed=seed, mesh=mesh, rules=rules)
+    values = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(tower))}
+    values.update({("head", *path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(head))})
+    graphdef, abstract = nnx.split(abstract_module(Bert, cfg))
+    return nnx.merge(graphdef, nnx.from_flat_state({path: var.replace(values[path])
+                                                    for path, var in nnx.to_flat_state(abstract)}))
 
 
 def load_t5(name: str, *, mesh=None, rules=DEFAULT_RULES, **overrides) -> T5:
     """A T5 / T0 encoder-decoder from a Hugging Face checkpoint."""
     folder = resolve_checkpoint(name)
     hf_config = read_config(folder)
-    _check_model_type(hf_config, folder, "t5")
+    _check_model_type(hf_config, folder, ("t5",))
     weights = read_weights(folder)
     cfg = t5_config_from_hf(hf_config, weights, **overrides)
     return _load(folder, T5, cfg, t5_names(cfg), weights, _T5_IGNORED, mesh, rules)
@@ -431,7 +478,8 @@ def load_tokenizer(name: str):
 
 
 def state_dict(model: Bert | T5) -> dict[str, np.ndarray]:
-    """Float32 tensors by Hugging Face name (the inverse of loading)."""
+    """Float32 tensors by Hugging Face name (the inverse of loading); a projection head's as
+    head.dense.* and head.norm.*."""
     names = bert_names(model.config) if isinstance(model, Bert) else t5_names(model.config)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out = {}
@@ -446,25 +494,136 @@ def hf_config_of(model: Bert | T5) -> dict[str, Any]:
 
 
 def write_folder(folder: str, hf_config: dict[str, Any], weights: dict[str, np.ndarray], tokenizer) -> None:
-    """config.json, model.safetensors and the tokenizer's files into the local ``folder``."""
+    """config.json, model.safetensors and the tokenizer's files into the local ``folder`` (the
+    Hugging Face model only: a projection head's tensors are ``write_sentence_transformers``')."""
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v for k, v in weights.items() if not k.startswith(HEAD_PREFIX)},
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def write_tower(folder: str, tower: Bert, weights: dict[str, np.ndarray], tokenizer, max_length: int) -> None:
+    """A retriever tower's folder: the Hugging Face model (``weights``: its ``state_dict``) and the
+    sentence-transformers modules that give its embedding, inputs cut at ``max_length``."""
+    write_folder(folder, hf_config_of(tower), weights, tokenizer)
+    write_sentence_transformers(folder, tower.config, weights, max_length)
 
 
 def export(model: Bert | T5, tokenizer, out_dir: str) -> str:
     """Write a Hugging Face folder (config, safetensors, tokenizer) that transformers'
     ``AutoModel`` / ``T5ForConditionalGeneration`` load, locally (renamed into place) or to a
-    URL (uploaded with config.json last)."""
+    URL (uploaded with config.json last). A tower with a projection head gets its
+    sentence-transformers modules too (the head lives there), inputs cut at its positions."""
     staging = tempfile.mkdtemp(prefix=".export-", dir=staging_parent(out_dir))
     try:
-        write_folder(staging, hf_config_of(model), state_dict(model), tokenizer)
+        weights = state_dict(model)
+        if isinstance(model, Bert) and model.config.projection:
+            write_tower(staging, model, weights, tokenizer, model.config.max_length)
+        else:
+            write_folder(staging, hf_config_of(model), weights, tokenizer)
         publish_folder(staging, out_dir, marker="config.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------
+# sentence-transformers modules: [CLS] pooling, and the projection head
+
+
+# The legacy module names, which every sentence-transformers from 2.2 on reads
+_ST_TYPE = "sentence_transformers.models.{}"
+_POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+# (our name, module folder, sentence-transformers' tensor prefix) of the head's two modules
+_HEAD_MODULES = (("dense", "2_Dense", "linear"), ("norm", "3_LayerNorm", "norm"))
+_IDENTITY = "torch.nn.modules.linear.Identity"
+
+
+def write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
+
+
+def write_sentence_transformers(folder: str, cfg: BertConfig, weights: dict[str, np.ndarray], max_length: int) -> None:
+    """What SentenceTransformer(folder) needs to give the tower's embedding: the [CLS] token's
+    last hidden state, through the projection head if ``cfg`` has one (``weights``' head.*
+    tensors, as a Dense with identity activation and a LayerNorm module, their weights as
+    model.safetensors: checked with sentence-transformers 6.2; releases older than its
+    safetensors support read only pytorch_model.bin there), not normalised, inputs cut at
+    ``max_length``."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_TYPE.format("Transformer")},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_TYPE.format("Pooling")}]
+    if cfg.projection:
+        modules += [{"idx": i, "name": str(i), "path": path, "type": _ST_TYPE.format(path.split("_")[1])}
+                    for i, (_, path, _) in enumerate(_HEAD_MODULES, start=2)]
+    write_json(os.path.join(folder, "modules.json"), modules)
+    write_json(os.path.join(folder, "sentence_bert_config.json"), {"max_seq_length": max_length,
+                                                                   "do_lower_case": False})
+    write_json(os.path.join(folder, "1_Pooling", "config.json"), {
+        "word_embedding_dimension": cfg.hidden_size, **{f"pooling_mode_{m}": m == "cls_token" for m in _POOLING_MODES}})
+    # DPR scores by inner product; without this, model.similarity would use cosine
+    write_json(os.path.join(folder, "config_sentence_transformers.json"),
+               {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "dot"})
+    if cfg.projection:
+        from safetensors.numpy import save_file
+
+        h = cfg.hidden_size
+        configs = {"dense": {"in_features": h, "out_features": h, "bias": True, "activation_function": _IDENTITY},
+                   "norm": {"dimension": h}}
+        for ours, path, theirs in _HEAD_MODULES:
+            write_json(os.path.join(folder, path, "config.json"), configs[ours])
+            tensors = {f"{theirs}.{kind}": weights[f"{HEAD_PREFIX}{ours}.{kind}"] for kind in ("weight", "bias")}
+            save_file(tensors, os.path.join(folder, path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def read_head(folder: str) -> dict[str, np.ndarray]:
+    """The projection head's tensors of a tower ``folder`` by state_dict name (head.dense.weight,
+    ...), from its sentence-transformers modules; none when it has no Dense or LayerNorm module.
+    A head that is not exactly Transformer, Pooling (CLS), Dense (identity activation, bias),
+    LayerNorm is refused: the tower would not compute what sentence-transformers does."""
+    path = os.path.join(folder, "modules.json")
+    if not os.path.isfile(path):
+        return {}
+    modules = _read_json(path)
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules if isinstance(m, dict)]
+    if not {"Dense", "LayerNorm"} & set(kinds):
+        return {}  # e.g. mean pooling + Normalize: the tower is the model's [CLS], as for any folder
+    if kinds != ["Transformer", "Pooling", "Dense", "LayerNorm"]:
+        raise CheckpointError(f"{path}: modules {kinds}; a tower's projection head must be the modules "
+                              "Transformer, Pooling (CLS), Dense, LayerNorm (without modules.json the folder "
+                              "loads as its Hugging Face model alone)")
+    pooling, dense, norm = (os.path.join(folder, m["path"]) for m in modules[1:])
+    pooling_cfg = _read_json(os.path.join(pooling, "config.json"))
+    mode = pooling_cfg.get("pooling_mode")  # sentence-transformers 6 writes "cls"; older ones one flag per mode
+    cls = (mode in ("cls", ["cls"]) if mode is not None else
+           [m for m in _POOLING_MODES if pooling_cfg.get(f"pooling_mode_{m}")] == ["cls_token"])
+    if not cls:
+        raise CheckpointError(f"{pooling}/config.json: the projection head needs CLS pooling")
+    dense_cfg = _read_json(os.path.join(dense, "config.json"))
+    activation = str(dense_cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))  # Dense's default
+    if (activation.rsplit(".", 1)[-1] != "Identity" or not dense_cfg.get("bias", True)
+            or dense_cfg.get("use_residual", False)
+            or dense_cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding"
+            or dense_cfg.get("module_output_name", "sentence_embedding") != "sentence_embedding"):
+        raise CheckpointError(f"{dense}/config.json: the projection head's Dense must be linear with a bias "
+                              f"(activation Identity, no residual); it is {dense_cfg}")
+    weights = {}
+    for (ours, _, theirs), module in zip(_HEAD_MODULES, (dense, norm)):
+        for key, value in read_weights(module).items():  # a stray tensor stays unexpected, and is named
+            weights[f"{HEAD_PREFIX}{ours}.{key.removeprefix(theirs + '.')}"] = value
+    return weights

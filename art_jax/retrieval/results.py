@@ -1,6 +1,6 @@
 """Questions -> question tower -> exact top-K over the sharded index -> DPR-format results
-``[{"question","answers","ctxs":[{"id","title","text","score","has_answer"}]}]`` and top-k
-accuracy (`art-jax search` and the trainer's evaluation alike)."""
+``[{"qid","question","answers","ctxs":[{"id","title","text","score","has_answer"}]}]`` and top-k
+accuracy (`art-jax search` and the trainer's evaluation alike), or a TREC run."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from art_jax.core.progress import progress_bar
 from art_jax.data.corpus import CorpusStore
 from art_jax.data.questions import Question
 from art_jax.evaluation.answers import evaluate_results
+from art_jax.evaluation.qrels import Run, format_trec_run
 from art_jax.retrieval.encoder import DualEncoder
 from art_jax.retrieval.index import IndexVersion
 from art_jax.retrieval.search import ShardedIndex
@@ -45,6 +46,19 @@ def retrieve(encoder: DualEncoder, index: ShardedIndex, questions: list[Question
     return np.concatenate(scores), np.concatenate(rows)
 
 
+def qid_of(question: Question, position: int) -> str:
+    """A question's qid: the one read with it, else its 1-based position."""
+    return question.qid if question.qid is not None else str(position + 1)
+
+
+def passage_id_of(store: CorpusStore, ids, row) -> str:
+    """Row ``row``'s passage id as results and runs write it: ``ids[row]`` (the index's ids) in an
+    integer-id store; a string-id store's own string (its ``ids`` are fingerprints)."""
+    if getattr(store, "id_kind", "int") == "str":
+        return store.passage_id(int(row))
+    return str(int(ids[row]))
+
+
 def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray, store: CorpusStore, ids,
                 match: str = "string", ks: Iterable[int] | None = None) -> tuple[dict[int, float], list[dict]]:
     """DPR-format results with has_answer computed from each passage's text, and top-k
@@ -52,8 +66,31 @@ def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray,
     depth K, e.g. 1, 5, 10 for K=10). A k past K is refused, unless K is the whole store:
     then it is exactly top-K (a small dev corpus under ``train.eval_topk``)."""
     results = [{
-        "question": q.question, "answers": list(q.answers),
-        "ctxs": [{"id": str(int(ids[r])), "title": store.title(r), "text": store.text(r), "score": float(s)}
-                 for s, r in zip(q_scores, q_rows)],
-    } for q, q_scores, q_rows in zip(questions, scores, rows)]
+        "qid": qid_of(q, i), "question": q.question, "answers": list(q.answers),
+        "ctxs": [{"id": passage_id_of(store, ids, r), "title": store.title(r), "text": store.text(r),
+                  "score": float(s)} for s, r in zip(q_scores, q_rows)],
+    } for i, (q, q_scores, q_rows) in enumerate(zip(questions, scores, rows))]
     return evaluate_results(results, match, ks, source="search results", exhaustive=rows.shape[1] >= len(store))
+
+
+def check_qids(questions: list[Question]) -> list[str]:
+    """The questions' qids, checked to name each question once and fit a TREC run."""
+    qids, seen = [qid_of(q, i) for i, q in enumerate(questions)], set()
+    for qid in qids:
+        if qid in seen:
+            raise UserError(f"two questions have the qid {qid!r}; a run names each question by its qid")
+        if any(c.isspace() for c in qid):
+            raise UserError(f"qid {qid!r} cannot be written in a TREC run (fields are whitespace-separated)")
+        seen.add(qid)
+    return qids
+
+
+def trec_run(questions: list[Question], scores: np.ndarray, rows: np.ndarray, store: CorpusStore, ids) -> Run:
+    """qid -> passage id -> score of each question's retrieved passages."""
+    return {qid: {passage_id_of(store, ids, r): float(s) for s, r in zip(q_scores, q_rows)}
+            for qid, q_scores, q_rows in zip(check_qids(questions), scores, rows)}
+
+
+def trec_run_text(questions: list[Question], scores: np.ndarray, rows: np.ndarray, store: CorpusStore, ids) -> str:
+    """The TREC run ``qid Q0 docid rank score art_jax``, ranks in trec_eval's order."""
+    return format_trec_run(trec_run(questions, scores, rows, store, ids))

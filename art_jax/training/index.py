@@ -16,10 +16,10 @@ from art_jax.workdir import INDEX
 
 
 class TrainingIndex:
-    def __init__(self, cfg, workdir: str, store: CorpusStore, mesh):
+    def __init__(self, cfg, workdir: str, store: CorpusStore, mesh, *, watch: bool = True):
         self.cfg, self.workdir, self.store, self.mesh = cfg, workdir, store, mesh
         # async refresh: `art-jax refresh` builds the indexes, this only watches for them
-        self.watcher = (IndexWatcher(workdir, cfg.train.refresh_every) if cfg.train.refresh_mode == "async"
+        self.watcher = (IndexWatcher(workdir, cfg.train.refresh_every) if watch and cfg.train.refresh_mode == "async"
                         else None)
         self.index: ShardedIndex | None = None
         self.version, self.step, self.path = None, 0, None

@@ -105,8 +105,11 @@ class Trainer:
                                   init_state(method.params, optimizer, cfg.seed))
         self._update = jit_update(method.objective, optimizer, learning_rate_schedule(optim), self.mesh,
                                   method.batch_shardings)
-        self.index = TrainingIndex(cfg, workdir, method.store, self.mesh) if method.needs_index else None
-        self.async_refresh = self.index is not None and self.index.watcher is not None
+        self.index = (TrainingIndex(cfg, workdir, method.store, self.mesh, watch=method.index_use == "train")
+                      if method.index_use else None)
+        # index_use "train": searched in every step, refreshed on the cadence; "eval": rebuilt for evaluations
+        self.refreshes = method.index_use == "train"
+        self.async_refresh = self.refreshes and self.index.watcher is not None
         self.checkpoints = Checkpoints(workdir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
         # WORKDIR/best/: the state of the best evaluation so far by train.best_metric; its record holds
         # the value to beat, so a resumed run goes on comparing against it
@@ -163,7 +166,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
+        if self.method.index_use == "eval" and self.index.step != step:
+            self.index.rebuild(self.passage_tower(), step)  # the towers as they are now
         return self.method.evaluate(self.state, self.index.index if self.index else None)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -175,7 +180,7 @@ class Trainer:
         finished = time.perf_counter()
         times = {"time_batch": prepared - start - sum(v for k, v in host_metrics.items() if k.startswith("time_")),
                  "time_update": finished - prepared}
-        staleness = {"index_staleness": step - self.index.step} if self.index else {}
+        staleness = {"index_staleness": step - self.index.step} if self.refreshes else {}
         return {**metrics, **host_metrics, **times, **staleness}
 
     def _one_step(self, step: int) -> dict[str, float]:
@@ -184,14 +189,14 @@ class Trainer:
         cfg = self.cfg
         if self.async_refresh:
             self.index.poll(step)
-        elif self.index and step and due(step, cfg.train.refresh_every) and self.index.step != step:
+        elif self.refreshes and step and due(step, cfg.train.refresh_every) and self.index.step != step:
             self.index.rebuild(self.passage_tower(), step)
         metrics = self.train_step(step)
         done = step + 1
         last = done == self.total_steps
-        if last and self.index and not self.async_refresh and cfg.train.refresh_every:
+        if last and self.refreshes and not self.async_refresh and cfg.train.refresh_every:
             self.index.rebuild(self.passage_tower(), done)  # the final index, from the final passage tower
-        evaluation = self.evaluate() if last or due(done, cfg.train.eval_every) else {}
+        evaluation = self.evaluate(done) if last or due(done, cfg.train.eval_every) else {}
         self.metric_writer.step(done, metrics, evaluation)
         self.save(done, force=last)
         self.keep_if_best(done, evaluation)
@@ -207,7 +212,7 @@ class Trainer:
         if is_lead():
             print(f"training on {jax.device_count()} devices ({jax.process_count()} process(es)), "
                   f"{self.method.describe()}, {self.total_steps} steps", flush=True)
-        first = self.evaluate() if start == 0 else {}
+        first = self.evaluate(0) if start == 0 else {}
         self.metric_writer = MetricWriter(self.workdir, self.total_steps, start=start, log_every=cfg.train.log_every,
                                           labels=self.method.log_labels)
         self.metric_writer.evaluation(0, first, "before training")

@@ -25,8 +25,11 @@ class Method(Protocol):
     objective: Objective  # the loss and how its gradients are taken
     batch_shardings: dict[str, NamedSharding]  # how each array of a step's batch is placed
     total_steps: int
-    needs_index: bool  # searches the evidence index while training (the loop keeps it fresh)
-    store: object  # the corpus store (when it needs the index)
+    # the evidence index of the corpus store: "train" searches it in every step (the loop refreshes it
+    # on train.refresh_every), "eval" only evaluates with it (the loop rebuilds it before each
+    # evaluation), None needs none
+    index_use: str | None
+    store: object  # the corpus store (when it uses the index)
     log_labels: dict[str, str]  # short names for the progress line, e.g. {"teacher_entropy": "H(teacher)"}
     source: str  # the retriever argument its towers started from (copied into WORKDIR/models/)
     max_lengths: dict[str, int]  # each role's max length, recorded for export and search

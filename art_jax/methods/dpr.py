@@ -1,0 +1,61 @@
+"""Supervised DPR (Karpukhin et al. 2020; Sachan et al. 2021 section 2.3): questions with a
+positive passage and mined hard negatives, the contrastive loss over the global batch.
+
+As DPR: the positive is the first listed; each epoch draws ``train.hard_negatives`` of an
+example's hard negatives at random (seeded by seed, epoch and example); an example with
+fewer is filled with random passages (of the corpus store when the run has one, else of the
+training file's own passages), so every step has the same shapes. Passages repeated in a
+batch are not deduplicated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from art_jax.core.distributed import is_lead
+from art_jax.core.errors import UserError
+from art_jax.data.examples import read_training_examples
+from art_jax.methods.common import check_input_files
+from art_jax.methods.contrastive import Contrastive, Passage
+
+
+class Dpr(Contrastive):
+    name = "dpr"
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        Contrastive.check_config(cfg)
+        if not cfg.data.train_examples:
+            raise UserError("method=dpr needs data.train_examples: DPR's training JSON (art-jax mine writes it) "
+                            "or Tevatron JSONL")
+        if cfg.train.hard_negatives < 0:
+            raise UserError(f"train.hard_negatives={cfg.train.hard_negatives} must be 0 or more")
+        check_input_files(cfg, ("train_examples",))
+
+    def load_examples(self, cfg) -> None:
+        training = read_training_examples(cfg.data.train_examples)
+        self.training = training.examples
+        self.num_examples = len(self.training)
+        self.hard_negatives = cfg.train.hard_negatives
+        if training.without_positive and is_lead():
+            print(f"{cfg.data.train_examples}: {training.without_positive} example(s) without a positive passage "
+                  "left out")
+        if self.store is None:  # the fill comes from the training file's own passages
+            self.pool = [p for e in self.training for p in (*e.positives, *e.hard_negatives)]
+
+    def random_passages(self, rng: np.random.Generator, count: int) -> list[Passage]:
+        if self.store is not None:
+            return [(self.store.title(int(row)), self.store.text(int(row)))
+                    for row in rng.integers(len(self.store), size=count)]
+        return [(p.title, p.text) for p in (self.pool[int(i)] for i in rng.integers(len(self.pool), size=count))]
+
+    def examples(self, indices: list[int], epoch: int) -> list[tuple[str, list[Passage]]]:
+        return [self._example(index, epoch) for index in indices]
+
+    def _example(self, index: int, epoch: int) -> tuple[str, list[Passage]]:
+        example = self.training[index]
+        rng = np.random.default_rng([self.cfg.seed, epoch, index])
+        hard = example.hard_negatives
+        chosen = [hard[int(i)] for i in rng.permutation(len(hard))[:self.hard_negatives]]
+        passages = [(p.title, p.text) for p in (example.positives[0], *chosen)]
+        return example.question, passages + self.random_passages(rng, self.hard_negatives - len(chosen))

@@ -1,0 +1,25 @@
+"""Inverse Cloze Task pre-training of both towers from the evidence alone, with the values
+of the EMDR2 paper's Table 6 (Sachan et al. 2021b): global batch 4096, 100,000 steps, lr 1e-4,
+warmup 1% of the steps, weight decay 0.01; BERT-base towers, score scaling, in-batch negatives.
+
+    art-jax train --config=configs/ict.py --workdir=DIR --config.data.corpus_store=STORE
+
+The store: `art-jax prepare-corpus --corpus psgs_w100.tsv --retriever bert-base-uncased`.
+A pseudo-query is one sentence (spaCy's sentencizer), cut at 64 tokens; its context is the
+passage without it (kept in 10% of the examples), at 256 tokens.
+"""
+
+from art_jax.config import default_config
+
+
+def get_config(arg=None):
+    cfg = default_config()
+    cfg.method = "ict"
+    cfg.retriever.checkpoint = "bert-base-uncased"
+    cfg.retriever.passage_max_length = cfg.retriever.train_passage_max_length = 256
+    cfg.data.corpus_store = "data/wikipedia_store"
+    cfg.train.batch_size, cfg.train.steps, cfg.train.hard_negatives = 4096, 100_000, 0
+    cfg.train.learning_rate, cfg.train.warmup_fraction, cfg.train.weight_decay = 1e-4, 0.01, 0.01
+    cfg.train.best_metric = ""  # no labels: nothing to select by (set data.dev_questions to evaluate)
+    cfg.train.eval_every, cfg.train.checkpoint_every = 0, 5000
+    return cfg
