@@ -179,7 +179,7 @@ def _train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.demo.enabled:
-        from art_jax.data.demo import prepare_demo
+        from art_jax.jobs.demo import prepare_demo
 
         prepare_demo(cfg, args.workdir)
     result = make_trainer(cfg, args.workdir).run()

@@ -103,6 +103,7 @@ class RunTowers:
     question_max_length: int
     passage_max_length: int
     provenance: dict
+    question_truncation: str = "right"  # the run's retriever.question_truncation
 
 
 def locate(spec: str, *, step: int | None = None, best: bool = False) -> tuple[str, str, int]:
@@ -219,8 +220,10 @@ def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=Non
                   "index_version": record.get("index_version"), "source": meta["source"],
                   **({"metric": record["metric"], "value": record["value"]} if "metric" in record else {}),
                   "config": read_run_config(workdir).to_dict()}
+    truncation = provenance["config"]["retriever"].get("question_truncation", "right")
     return RunTowers(towers["question"], towers["passage"], load_tokenizer(local_copy(os.path.join(models, "question"))),
-                     meta["roles"]["question"]["max_length"], meta["roles"]["passage"]["max_length"], provenance)
+                     meta["roles"]["question"]["max_length"], meta["roles"]["passage"]["max_length"], provenance,
+                     truncation)
 
 
 def export_run(spec: str, out: str, *, step: int | None = None, best: bool = False) -> str:
@@ -230,6 +233,7 @@ def export_run(spec: str, out: str, *, step: int | None = None, best: bool = Fal
     check_max_lengths(run.question, run.passage, run.question_max_length, run.passage_max_length)
     if is_lead():
         export_retriever(run.question, run.passage, run.tokenizer, out, question_max_length=run.question_max_length,
-                         passage_max_length=run.passage_max_length, provenance=run.provenance)
+                         passage_max_length=run.passage_max_length, question_truncation=run.question_truncation,
+                         provenance=run.provenance)
     return out
 

@@ -242,7 +242,7 @@ def loop_split(args) -> None:
     import jax
 
     from art_jax.config import load_config
-    from art_jax.data.demo import prepare_demo
+    from art_jax.jobs.demo import prepare_demo
     from art_jax.methods import make_trainer
 
     cfg = load_config(os.path.join(ROOT, "configs", "demo.py"))

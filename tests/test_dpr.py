@@ -14,10 +14,11 @@ from art_jax.core.errors import UserError
 from art_jax.core.sharding import make_mesh
 from art_jax.data.examples import read_training_examples
 from art_jax.data.shuffle import permute
-from art_jax.data.tokenization import tokenize_questions
+from art_jax.data.tokenization import tokenize_passages, tokenize_questions
 from art_jax.methods.dpr import Dpr
 from art_jax.methods.ict import Ict, ict_example
 from art_jax.models.hf import load_tokenizer
+from art_jax.retrieval.encoder import load_retriever
 from tests.hf_fixtures import CORPUS
 
 
@@ -126,7 +127,8 @@ def test_a_step_takes_the_positive_and_drawn_hard_negatives(bert_dir, dpr_file, 
     assert sorted(seen) == list(range(24))  # every example once in the epoch
     # the same step draws the same; the next epoch draws other hard negatives for example 3
     again, _ = method.batch(None, 1, None)
-    np.testing.assert_array_equal(np.asarray(again["passage_ids"]), np.asarray(method.batch(None, 1, None)[0]["passage_ids"]))
+    np.testing.assert_array_equal(np.asarray(again["passage_ids"]),
+                                  np.asarray(method.batch(None, 1, None)[0]["passage_ids"]))
     draws = {tuple(p for _, p in [method._example(3, epoch)][0][1][1:]) for epoch in range(8)}
     assert len(draws) > 1
 
@@ -165,17 +167,27 @@ def ict_corpus(tmp_path_factory):
 
 
 def test_ict_step_is_fixed_by_seed_and_step(bert_dir, ict_corpus, tmp_path):
-    cfg = _cfg(bert_dir, **{"method": "ict", "data.corpus": ict_corpus, "train.hard_negatives": 0})
+    cfg = _cfg(bert_dir, **{"method": "ict", "data.corpus": ict_corpus, "train.hard_negatives": 0,
+                            "retriever.train_passage_max_length": 96})  # whole contexts
     Ict.check_config(cfg)
     method = Ict(cfg, str(tmp_path), make_mesh())
     tokenizer = load_tokenizer(bert_dir)
     batch, _ = method.batch(None, 2, None)
-    np.testing.assert_array_equal(np.asarray(batch["question_ids"]), np.asarray(method.batch(None, 2, None)[0]["question_ids"]))
+    np.testing.assert_array_equal(np.asarray(batch["question_ids"]),
+                                  np.asarray(method.batch(None, 2, None)[0]["question_ids"]))
     _, rows = method.step_examples(2)
     questions = _texts(method, batch["question_ids"], tokenizer)
-    for row, question in zip(rows, questions):
-        assert question in [tokenizer.decode(tokenizer(s)["input_ids"], skip_special_tokens=True)
-                            for s in CORPUS[3 * row:3 * row + 3]]
+    contexts = _texts(method, batch["passage_ids"], tokenizer)
+    normalise = lambda s: tokenizer.decode(tokenizer(s)["input_ids"], skip_special_tokens=True)  # noqa: E731
+    kept = 0
+    for row, question, context in zip(rows, questions, contexts):
+        sentences = CORPUS[3 * row:3 * row + 3]
+        [chosen] = [i for i, s in enumerate(sentences) if normalise(s) == question]
+        without = " ".join(sentences[:chosen] + sentences[chosen + 1:])
+        # the row's own title and text, without its pseudo-query (or, now and then, with it)
+        assert context in (normalise(f"P{row} {without}"), normalise(f"P{row} {' '.join(sentences)}"))
+        kept += context == normalise(f"P{row} {' '.join(sentences)}")
+    assert kept < len(rows) / 2
     with pytest.raises(UserError, match="in-batch negatives only"):
         Ict.check_config(_cfg(bert_dir, **{"method": "ict", "data.corpus": ict_corpus}))
 
@@ -187,9 +199,20 @@ def test_dpr_and_ict_train_through_the_cli(bert_dir, dpr_file, files, ict_corpus
               "--config.train.eval_topk=(1,5)", "--config.train.best_metric=top5", "--config.train.log_every=1"]
     main(["train", "--config=configs/dpr_nq.py", f"--workdir={tmp_path / 'dpr'}", *common,
           f"--config.data.train_examples={dpr_file}", f"--config.data.corpus={files[0]}", "--config.data.corpus_store=",
-          f"--config.data.dev_questions={files[1]}", "--config.train.accumulation=2", "--config.train.batch_size=16", "--config.train.eval_every=3"])
+          f"--config.data.dev_questions={files[1]}", f"--config.data.dev_examples={dpr_file}",
+          "--config.train.best_metric=mrr", "--config.train.accumulation=2", "--config.train.batch_size=16",
+          "--config.train.eval_every=3", "--config.retriever.question_truncation=left"])
     out = capsys.readouterr().out
-    assert "dev accuracy: top-1" in out and "global batch 16 x (1 positive + 1 hard negative(s))" in out
+    assert "dev accuracy: top-1" in out and "MRR " in out
+    assert "global batch 16 x (1 positive + 1 hard negative(s))" in out
+    with open(tmp_path / "dpr" / "metrics.jsonl") as f:
+        assert 0 < [json.loads(line) for line in f][-1]["mrr"] <= 1
+    # the side questions are cut from travels with the run and its export to search time
+    main(["export", "--run", str(tmp_path / "dpr"), "--out", str(tmp_path / "export")])
+    for spec in ("dpr", "export"):
+        assert load_retriever(str(tmp_path / spec)).question_truncation == "left"
+    # an index kept for evaluations only: the newest version alone stays
+    assert os.listdir(tmp_path / "dpr" / "index") == ["v000001"]
     assert os.path.isdir(tmp_path / "dpr" / "best")
     main(["train", "--config=configs/ict.py", f"--workdir={tmp_path / 'ict'}", *common[:-2],
           f"--config.data.corpus={ict_corpus}", "--config.data.corpus_store=", "--config.train.log_every=1"])
@@ -213,17 +236,19 @@ def test_proxy_corpus_mrr_equals_numpy_brute_force(bert_dir):
     proxy = ProxyCorpus.build(examples, tokenizer, question_max_length=16, passage_max_length=32, negatives=3)
     ids = sorted({p.passage_id for e in examples for p in (*e.positives, *e.hard_negatives[:3])})
     assert proxy.count == len(ids)
-    tower_q = _informative_tower(0)
-    tower_p = _informative_tower(1)
+    tower_q, tower_p = _informative_tower(0), _informative_tower(1)
     ranks = proxy.ranks(tower_q, tower_p, make_mesh(), batch_size=8)
-    q = np.asarray(tower_q.embed_cls(proxy.questions.ids, proxy.questions.mask), np.float64)
-    p = np.asarray(tower_p.embed_cls(proxy.passages.ids, proxy.passages.mask), np.float64)[:proxy.count]
+    # the reference: every distinct passage id embedded on its own, ranks by id
+    by_id = {p.passage_id: p for e in examples for p in (*e.positives, *e.hard_negatives[:3])}
+    tokens = tokenize_passages(tokenizer, [by_id[i].title for i in ids], [by_id[i].text for i in ids], 32, pad_to=32)
+    p = np.asarray(tower_p.embed_cls(tokens.ids, tokens.mask), np.float64)
+    questions = tokenize_questions(tokenizer, [e.question for e in examples], 16, pad_to=16)
+    q = np.asarray(tower_q.embed_cls(questions.ids, questions.mask), np.float64)
     assert np.unique(np.round(q @ p.T, 4)).size > q.shape[0]  # informative: scores differ
     expected = []
     for i, example in enumerate(examples):
         scores = q[i] @ p.T
-        own = proxy.positives[i, :proxy.count]
-        assert own.sum() == len(example.positives)
+        own = np.isin(ids, [p.passage_id for p in example.positives])
         expected.append(1 + np.sum(scores[~own] >= scores[own].max()))
     np.testing.assert_array_equal(ranks, expected)
     assert len(set(expected)) > 1
@@ -237,3 +262,30 @@ def _informative_tower(seed):
     cfg = BertConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
                      max_position_embeddings=64, initializer_range=0.4)
     return init_module(Bert, cfg, seed=seed)
+
+
+def test_paper_configs_load_and_pass_their_checks():
+    """The DPR / ICT / DPR-PAQ paper configs: every variant loads, and the loop's and the
+    method's checks (before any file is read) accept it."""
+    from art_jax.config import load_config
+    from art_jax.methods import METHODS
+    from art_jax.training.loop import check_loop_config
+
+    for spec in ("configs/dpr_nq.py", "configs/dpr_nq.py:trivia", "configs/dpr_nq.py:nq-dpr", "configs/ict.py",
+                 "configs/paq.py", "configs/paq.py:roberta-base"):
+        cfg = load_config(spec)
+        method = METHODS[cfg.method]
+        check_loop_config(cfg, method.eval_metrics(cfg))
+        assert cfg.train.batch_size % 8 == 0
+    assert load_config("configs/paq.py:roberta-large").retriever.projection
+    with pytest.raises(UserError, match="unknown variant 'squad'"):
+        load_config("configs/dpr_nq.py:squad")
+
+
+def test_a_projection_head_is_added_to_towers_without_one(bert_dir):
+    from art_jax.methods.common import initial_towers
+
+    question, passage = initial_towers(bert_dir, shared=False, projection=True)
+    assert question.config.projection and passage.config.projection and question is not passage
+    plain, _ = initial_towers(bert_dir, shared=True)
+    assert not plain.config.projection

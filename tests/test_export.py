@@ -51,7 +51,7 @@ def test_export_folder_of_a_hugging_face_checkpoint(towers, exported):
 
     assert _read(f"{exported}/art_jax_export.json") == {
         "retriever": towers[0], "format": 1, "shared_towers": True, "question_max_length": 16,
-        "passage_max_length": 48}
+        "passage_max_length": 48, "question_truncation": "right"}
     assert not [name for name in os.listdir(os.path.dirname(exported)) if name != "out"], "staging left behind"
     original = BertModel.from_pretrained(towers[0]).state_dict()
     for side, length in (("question", 16), ("passage", 48)):

@@ -8,9 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from art_jax.methods import make_trainer
 from art_jax.training.metrics import MetricWriter, crc32c, tag
-from tests.test_train import _config
 
 
 def _events(workdir):
@@ -123,19 +121,20 @@ def test_other_processes_write_nothing(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == [] and capsys.readouterr().out == ""
 
 
-def test_a_training_run_logs_the_jsonl_metrics_to_tensorboard(files, bert_dir, tmp_path):
-    workdir = str(tmp_path / "run")
-    result = make_trainer(_config(files, bert_dir, **{"train.steps": 4, "train.eval_every": 2, "train.log_every": 1}),
-                     workdir).run()
+def test_a_training_run_logs_the_jsonl_metrics_to_tensorboard(demo_run):
+    """The shortened demo (100 steps, a line per step, dev accuracy at step 100): every
+    metrics.jsonl value is in the event file at its step, and the evaluation before training at 0."""
+    workdir, _ = demo_run
     rows = _rows(workdir)
-    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert [row["step"] for row in rows] == list(range(1, 101))
     assert {"loss", "teacher_entropy", "student_entropy", "argmax_agreement", "grad_norm", "learning_rate",
             "skipped", "time_search", "time_scorer", "time_update", "index_staleness"} <= rows[0].keys()
-    assert "top5" in rows[1] and "top5" in rows[3] and "top5" not in rows[2]
+    assert "top5" in rows[99] and not any("top5" in row for row in rows[:99])
 
     logged = {(tag(name), row["step"]): value for row in rows for name, value in row.items() if name != "step"}
-    logged.update({(f"dev/{name}", 0): value for name, value in result["before"].items()})  # before training
     scalars = _scalars(_events(workdir))
-    assert scalars.keys() == logged.keys()
+    before = {key for key in scalars if key[1] == 0}
+    assert before == {(f"dev/top{k}", 0) for k in (1, 5, 20)}  # the evaluation before training
+    assert scalars.keys() - before == logged.keys()
     for key, value in logged.items():
         assert scalars[key] == np.float32(value), key

@@ -96,11 +96,20 @@ def test_with_a_t5_teacher_two_processes_train_as_one(t5_sharp_dir, tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "two"), losses, rtol=1e-4, atol=1e-7)
 
 
-def test_dpr_as_two_processes_trains_as_one(tmp_path):
+def test_dpr_as_two_processes_trains_as_one(bert_dir, tmp_path):
     """The contrastive loss over the global batch when each process brings its own rows of
-    every micro-batch (cached gradients over 2 micro-batches): the same losses as one process."""
-    common = ["train", "--config=configs/dpr_demo.py:smoke", "--config.train.steps=3", "--config.train.eval_every=0",
-              "--config.train.accumulation=2", "--config.demo.dropout=0.1"]
+    every micro-batch (cached gradients over 2 micro-batches, dropout on): the same losses as
+    one process."""
+    from tests.test_dpr import _dpr_examples
+
+    examples = tmp_path / "train.json"
+    examples.write_text(json.dumps(_dpr_examples()))
+    common = ["train", "--config=configs/dpr_nq.py", "--config.train.steps=3",
+              f"--config.retriever.checkpoint={bert_dir}",
+              f"--config.data.train_examples={examples}", "--config.data.corpus_store=", "--config.data.dev_questions=",
+              "--config.train.best_metric=", "--config.train.batch_size=8", "--config.train.accumulation=2",
+              "--config.retriever.passage_max_length=32", "--config.retriever.train_passage_max_length=32",
+              "--config.retriever.question_max_length=16", "--config.train.learning_rate=1e-3"]
     _art_jax(*common, f"--workdir={tmp_path / 'one'}", devices=4)
     _art_jax(*common, f"--workdir={tmp_path / 'two'}", devices=2, processes=2)
     losses = _losses(tmp_path / "one")

@@ -41,7 +41,7 @@ from art_jax.core.progress import progress_bar
 from art_jax.core.remote import local_copy
 from art_jax.data.build import Build, Ragged
 from art_jax.data.corpus import CorpusStore, input_key, token_dtype
-from art_jax.data.tokenization import Tokens, passage_rows
+from art_jax.data.tokenization import Tokens, passage_rows, question_rows
 
 PAIR_FORMAT = 1
 TRUNCATION_SIDES = ("right", "left")
@@ -196,14 +196,6 @@ def _inline_count(batch: _Batch) -> int:
     return sum(isinstance(p, tuple) for pair in batch.pairs for p in pair.passages)
 
 
-def question_rows(tokenizer, questions: Sequence[str], max_length: int, truncation: str) -> list[list[int]]:
-    """``[CLS] q [SEP]`` ids, cut to ``max_length`` as the tokenizer's truncation from the side
-    ``truncation`` does (``tokenization.tokenize_questions``), without padding."""
-    before, tokenizer.truncation_side = tokenizer.truncation_side, truncation
-    try:
-        return tokenizer(list(questions), truncation=True, max_length=max_length)["input_ids"]
-    finally:
-        tokenizer.truncation_side = before
 
 
 # ---------------------------------------------------------------- the build

@@ -25,19 +25,22 @@ def _pad(rows: list[list[int]], pad_id: int, length: int | None) -> Tokens:
     return Tokens(*pad_rows(rows, length or round_up(max(map(len, rows), default=1), 8), pad_id))
 
 
+def question_rows(tokenizer, questions: Sequence[str], max_length: int, truncation: str = "right") -> list[list[int]]:
+    """``[CLS] q [SEP]`` ids, unpadded; a question too long loses its end (``right``) or its
+    start (``left``), its special tokens kept."""
+    before, tokenizer.truncation_side = tokenizer.truncation_side, truncation
+    try:
+        return tokenizer(list(questions), truncation=True, max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = before
+
+
 def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int, *,
                        pad_to: int | None = None, truncation_side: str = "right") -> Tokens:
-    """``[CLS] q [SEP]``; a question too long loses its end (``right``) or its start (``left``),
-    its special tokens kept."""
     for i, q in enumerate(questions):
         if not q or not q.strip():
             raise UserError(f"question {i} is empty")
-    before, tokenizer.truncation_side = tokenizer.truncation_side, truncation_side
-    try:
-        rows = tokenizer(list(questions), truncation=True, max_length=max_length)["input_ids"]
-    finally:
-        tokenizer.truncation_side = before
-    return _pad(rows, tokenizer.pad_token_id, pad_to)
+    return _pad(question_rows(tokenizer, questions, max_length, truncation_side), tokenizer.pad_token_id, pad_to)
 
 
 def passage_rows(tokenizer, titles: Sequence[str], texts: Sequence[str], max_length: int) -> list[list[int]]:

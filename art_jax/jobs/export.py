@@ -45,4 +45,5 @@ def export_spec(spec: str, out: str, *, step: int | None = None, best: bool = Fa
         return out
     return export_retriever(encoder.question, encoder.passage, encoder.tokenizer, out,
                             question_max_length=lengths["question"], passage_max_length=lengths["passage"],
+                            question_truncation=encoder.question_truncation,
                             provenance={**provenance, "retriever": spec})

@@ -23,6 +23,7 @@ import numpy as np
 from art_jax.core import storage
 from art_jax.core.errors import UserError
 from art_jax.core.progress import progress_bar
+from art_jax.data.build import Ragged, RaggedWriter
 from art_jax.data.questions import Question
 from art_jax.evaluation.answers import has_answer
 
@@ -112,28 +113,6 @@ class StoreCorpus:
         return content_fingerprint(titles.data, titles.offsets, texts.data, texts.offsets)
 
 
-class _Ragged:
-    """UTF-8 strings appended to a flat file with int64 offsets; read back memory-mapped."""
-
-    def __init__(self, folder: str, name: str):
-        self.path = os.path.join(folder, f"{name}.bin")
-        self.file = open(self.path, "wb")  # noqa: SIM115 - closed by finish()
-        self.lengths: list[np.ndarray] = []
-
-    def append(self, values: list[bytes]) -> None:
-        self.file.write(b"".join(values))
-        self.lengths.append(np.fromiter(map(len, values), np.int64, len(values)))
-
-    def finish(self) -> None:
-        self.file.close()
-        self.offsets = np.concatenate([[0], np.cumsum(np.concatenate(self.lengths or [np.zeros(0, np.int64)]))])
-        self.data = (np.memmap(self.path, np.uint8, mode="r") if os.path.getsize(self.path)
-                     else np.zeros(1, np.uint8))
-
-    def get(self, row: int) -> str:
-        return self.data[self.offsets[row]:self.offsets[row + 1]].tobytes().decode("utf-8")
-
-
 class FileCorpus:
     """Passages of an evidence TSV/JSONL, parsed once into a scratch folder (ids, titles and
     texts as flat UTF-8 arrays) for the passes and lookups that follow."""
@@ -144,7 +123,7 @@ class FileCorpus:
 
         self.label = path
         local = local_file(path)
-        columns = {name: _Ragged(scratch, name) for name in ("id", "title", "text")}
+        columns = {name: RaggedWriter(scratch, name, np.uint8) for name in ("id", "title", "text")}
         with progress_bar(total=os.path.getsize(local), unit="B", unit_scale=True, desc="read corpus",
                           disable=not progress) as bar:
             batch = []
@@ -158,22 +137,22 @@ class FileCorpus:
                 self._append(columns, batch)
                 bar.update(batch[-1].end - bar.n)
         for column in columns.values():
-            column.finish()
-        self.ids, self.titles, self.texts = columns["id"], columns["title"], columns["text"]
-        self.count = len(self.ids.offsets) - 1
+            column.close()
+        self.ids, self.titles, self.texts = (Ragged(scratch, name, np.uint8) for name in ("id", "title", "text"))
+        self.count = len(self.ids)
 
     @staticmethod
-    def _append(columns: dict[str, _Ragged], batch) -> None:
+    def _append(columns: dict[str, RaggedWriter], batch) -> None:
         columns["id"].append([passage_id(p.id).encode("utf-8") for p in batch])
         columns["title"].append([p.title.encode("utf-8") for p in batch])
         columns["text"].append([p.text.encode("utf-8") for p in batch])
 
     def passage(self, row: int) -> tuple[str, str, str]:
-        return self.ids.get(row), self.titles.get(row), self.texts.get(row)
+        return tuple(column.row(row).tobytes().decode("utf-8") for column in (self.ids, self.titles, self.texts))
 
     def docs(self) -> Iterator[tuple[str, str]]:
         for row in range(self.count):
-            yield self.titles.get(row), self.texts.get(row)
+            yield self.passage(row)[1:]
 
     def fingerprint(self) -> str:
         from art_jax.retrieval.bm25 import content_fingerprint

@@ -18,11 +18,12 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from art_jax.core.errors import UserError
-from art_jax.core.sharding import process_rows
+from art_jax.core.sharding import local_replica, make_mesh, process_rows
 from art_jax.data.examples import read_training_examples
 from art_jax.data.questions import read_questions
 from art_jax.data.shuffle import permute
@@ -73,6 +74,24 @@ def objective(groups: ParamGroups, *, temperature_multiplier: float = 1.0, score
                      gradients=functools.partial(cached_gradients, encode_fn, loss_fn))
 
 
+def draw_hard_negatives(rng: np.random.Generator, available: int, wanted: int) -> np.ndarray:
+    """Which of an example's ``available`` hard negatives an epoch takes: ``wanted`` at most, at random."""
+    return rng.permutation(available)[:wanted]
+
+
+def random_fill(rng: np.random.Generator, population: int, count: int, is_own) -> np.ndarray:
+    """``count`` random draws from range(population) to fill missing hard negatives; a draw that
+    ``is_own`` (draws -> bool mask) says is the example's own positive is drawn again (a few times
+    at most: a tiny population may hold nothing else)."""
+    draws = rng.integers(population, size=count)
+    for _ in range(8):
+        own = np.asarray(is_own(draws), bool)
+        if not own.any():
+            break
+        draws[own] = rng.integers(population, size=int(own.sum()))
+    return draws
+
+
 def batch_shardings(mesh) -> dict[str, NamedSharding]:
     return {name: NamedSharding(mesh, P(None, "data")) for name in ARRAYS}
 
@@ -110,6 +129,8 @@ class Contrastive(TrainsTowers):
         if cfg.retriever.question_truncation not in ("right", "left"):
             raise UserError(f"retriever.question_truncation: {cfg.retriever.question_truncation!r} is not "
                             "'right' or 'left'")
+        if cfg.train.hard_negatives < 0:
+            raise UserError(f"train.hard_negatives={cfg.train.hard_negatives} must be 0 or more")
         check_input_files(cfg, ("dev_questions", "dev_examples"))
         if cfg.data.dev_questions and not (cfg.data.corpus or cfg.data.corpus_store):
             raise UserError("data.dev_questions needs the evidence to search: set data.corpus or data.corpus_store")
@@ -194,7 +215,8 @@ class Contrastive(TrainsTowers):
         if self.dev_questions:
             metrics.update(dev_accuracy(self.cfg, self.groups, state, self.tokenizer, self.dev_questions, index,
                                         self.store))
-        if self.proxy is not None:
-            metrics["mrr"] = self.proxy.mrr(self.groups.module(state.params, "question"),
-                                            self.groups.module(state.params, "passage"), self.mesh)
+        if self.proxy is not None:  # every process alone on its own devices (process 0 reports)
+            local = make_mesh(devices=jax.local_devices())
+            metrics["mrr"] = self.proxy.mrr(local_replica(self.groups.module(state.params, "question"), local),
+                                            local_replica(self.groups.module(state.params, "passage"), local), local)
         return metrics

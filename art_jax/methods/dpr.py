@@ -16,7 +16,7 @@ from art_jax.core.distributed import is_lead
 from art_jax.core.errors import UserError
 from art_jax.data.examples import read_training_examples
 from art_jax.methods.common import check_input_files
-from art_jax.methods.contrastive import Contrastive, Passage
+from art_jax.methods.contrastive import Contrastive, Passage, draw_hard_negatives, random_fill
 
 
 class Dpr(Contrastive):
@@ -28,8 +28,6 @@ class Dpr(Contrastive):
         if not cfg.data.train_examples:
             raise UserError("method=dpr needs data.train_examples: DPR's training JSON (art-jax mine writes it) "
                             "or Tevatron JSONL")
-        if cfg.train.hard_negatives < 0:
-            raise UserError(f"train.hard_negatives={cfg.train.hard_negatives} must be 0 or more")
         check_input_files(cfg, ("train_examples",))
 
     def load_examples(self, cfg) -> None:
@@ -42,12 +40,20 @@ class Dpr(Contrastive):
                   "left out")
         if self.store is None:  # the fill comes from the training file's own passages
             self.pool = [p for e in self.training for p in (*e.positives, *e.hard_negatives)]
+            self.pool_owner = np.repeat(np.arange(len(self.training)),
+                                        [len(e.positives) + len(e.hard_negatives) for e in self.training])
 
-    def random_passages(self, rng: np.random.Generator, count: int) -> list[Passage]:
+    def random_passages(self, rng: np.random.Generator, count: int, index: int) -> list[Passage]:
+        """``count`` random passages, none of them example ``index``'s own positive (nor, drawn
+        from the file's passages, any of its own)."""
+        positive = self.training[index].positives[0]
         if self.store is not None:
-            return [(self.store.title(int(row)), self.store.text(int(row)))
-                    for row in rng.integers(len(self.store), size=count)]
-        return [(p.title, p.text) for p in (self.pool[int(i)] for i in rng.integers(len(self.pool), size=count))]
+            store = self.store
+            rows = random_fill(rng, len(store), count, lambda rows: [
+                (store.title(int(r)), store.text(int(r))) == (positive.title, positive.text) for r in rows])
+            return [(store.title(int(r)), store.text(int(r))) for r in rows]
+        picks = random_fill(rng, len(self.pool), count, lambda picks: self.pool_owner[picks] == index)
+        return [(self.pool[int(i)].title, self.pool[int(i)].text) for i in picks]
 
     def examples(self, indices: list[int], epoch: int) -> list[tuple[str, list[Passage]]]:
         return [self._example(index, epoch) for index in indices]
@@ -55,7 +61,7 @@ class Dpr(Contrastive):
     def _example(self, index: int, epoch: int) -> tuple[str, list[Passage]]:
         example = self.training[index]
         rng = np.random.default_rng([self.cfg.seed, epoch, index])
-        hard = example.hard_negatives
-        chosen = [hard[int(i)] for i in rng.permutation(len(hard))[:self.hard_negatives]]
+        chosen = [example.hard_negatives[int(i)]
+                  for i in draw_hard_negatives(rng, len(example.hard_negatives), self.hard_negatives)]
         passages = [(p.title, p.text) for p in (example.positives[0], *chosen)]
-        return example.question, passages + self.random_passages(rng, self.hard_negatives - len(chosen))
+        return example.question, passages + self.random_passages(rng, self.hard_negatives - len(chosen), index)

@@ -21,7 +21,7 @@ import numpy as np
 from art_jax.core.errors import UserError
 from art_jax.data.pairs import PairStore, corpus_tokens_match, is_pair_store
 from art_jax.data.tokenization import Tokens
-from art_jax.methods.contrastive import Contrastive
+from art_jax.methods.contrastive import Contrastive, draw_hard_negatives, random_fill
 
 
 class Pairs(Contrastive):
@@ -35,8 +35,6 @@ class Pairs(Contrastive):
         if not is_pair_store(cfg.data.pairs):
             raise UserError(f"data.pairs: {cfg.data.pairs} is not a pair store (no meta.json of one); "
                             "build it with art-jax prepare-pairs")
-        if cfg.train.hard_negatives < 0:
-            raise UserError(f"train.hard_negatives={cfg.train.hard_negatives} must be 0 or more")
 
     def load_examples(self, cfg) -> None:
         self.pairs = PairStore(cfg.data.pairs)
@@ -80,12 +78,15 @@ class Pairs(Contrastive):
         for j, row in enumerate(rows.tolist()):
             rng = np.random.default_rng([self.cfg.seed, epoch, row])
             hard = self.pairs.hard_negatives(row)
-            chosen = hard[rng.permutation(len(hard))[:self.hard_negatives]]
+            chosen = hard[draw_hard_negatives(rng, len(hard), self.hard_negatives)]
             refs[j, 1:1 + len(chosen)] = chosen
             missing = self.hard_negatives - len(chosen)
-            if missing:
-                refs[j, 1 + len(chosen):] = (rng.integers(len(self.store), size=missing) if self.store is not None
-                                             else self.pairs.positive(rng.integers(len(self.pairs), size=missing)))
+            if missing and self.store is not None:  # random corpus rows, not the pair's positive
+                refs[j, 1 + len(chosen):] = random_fill(rng, len(self.store), missing,
+                                                        lambda r, own=refs[j, 0]: r == own)
+            elif missing:  # other pairs' positives
+                refs[j, 1 + len(chosen):] = self.pairs.positive(
+                    random_fill(rng, len(self.pairs), missing, lambda r, own=row: r == own))
         return refs
 
     def passage_tokens(self, refs: np.ndarray) -> Tokens:

@@ -61,10 +61,11 @@ def check_max_lengths(question: Bert, passage: Bert, question_max_length: int, p
 
 
 def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, question_max_length: int,
-                     passage_max_length: int, provenance: dict[str, Any]) -> str:
+                     passage_max_length: int, provenance: dict[str, Any], question_truncation: str = "right") -> str:
     """Write the export folder ``out`` (local: renamed into place; a URL: uploaded with
     art_jax_export.json last). ``provenance`` (config, step, index version, the metric that chose
-    the checkpoint, ...) goes into art_jax_export.json as it is."""
+    the checkpoint, ...) goes into art_jax_export.json as it is; so do the max lengths and the
+    side a long question is cut from (``left`` keeps its end)."""
     check_export_target(out)
     check_max_lengths(question, passage, question_max_length, passage_max_length)
     towers = {"question": question, "passage": passage}
@@ -80,7 +81,8 @@ def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, ques
             write_json(os.path.join(folder, TOWER_FILE), {"side": side, "max_length": lengths[side]})
         write_json(os.path.join(staging, EXPORT_FILE), {
             **provenance, "format": FORMAT, "shared_towers": shared,
-            "question_max_length": question_max_length, "passage_max_length": passage_max_length})
+            "question_max_length": question_max_length, "passage_max_length": passage_max_length,
+            "question_truncation": question_truncation})
         storage.publish_folder(staging, out, marker=EXPORT_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -104,7 +106,8 @@ def read_export(folder: str) -> dict[str, Any]:
 def provenance_of(info: dict[str, Any]) -> dict[str, Any]:
     """The caller's part of an export record (without the fields the writer adds)."""
     return {k: v for k, v in info.items()
-            if k not in ("format", "shared_towers", "question_max_length", "passage_max_length")}
+            if k not in ("format", "shared_towers", "question_max_length", "passage_max_length",
+                         "question_truncation")}
 
 
 def tower_max_length(folder: str) -> int | None:

@@ -97,7 +97,7 @@ def load_retriever(spec: str, *, mesh=None, step: int | None = None, best: bool 
         question, passage = (with_projection(tower, projection, mesh=mesh, source=f"{spec} ({side} tower)")
                              for side, tower in (("question", run.question), ("passage", run.passage)))
         return DualEncoder(question, passage, run.tokenizer, question_max_length=run.question_max_length,
-                           passage_max_length=run.passage_max_length)
+                           passage_max_length=run.passage_max_length, question_truncation=run.question_truncation)
     if kind == "export":
         folder = _local(spec)
         info = read_export(folder)
@@ -105,7 +105,8 @@ def load_retriever(spec: str, *, mesh=None, step: int | None = None, best: bool 
         return DualEncoder(load_bert(question, mesh=mesh, projection=projection),
                            load_bert(passage, mesh=mesh, projection=projection), load_tokenizer(question),
                            question_max_length=info["question_max_length"],
-                           passage_max_length=info["passage_max_length"])
+                           passage_max_length=info["passage_max_length"],
+                           question_truncation=info.get("question_truncation", "right"))
     folder = resolve_checkpoint(spec)
     encoder = DualEncoder.from_pretrained(folder, shared=True, mesh=mesh, projection=projection)
     recorded = tower_max_length(folder)

@@ -69,6 +69,17 @@ def published_versions(index_dir: str, *, after: int = -1) -> list[int]:
     return [v for v in numbers if v > after and storage.isfile(os.path.join(version_folder(index_dir, v), "meta.json"))]
 
 
+def remove_versions_before(index_dir: str, version: int) -> None:
+    """Deletes every version folder below ``version``, each unpublished first (its meta.json
+    goes), so a kill half-way leaves no version that looks whole."""
+    for name in storage.listdir(index_dir):
+        if (m := _VERSION.match(name)) and int(m.group(1)) < version:
+            folder = os.path.join(index_dir, name)
+            if storage.isfile(os.path.join(folder, "meta.json")):
+                storage.remove(os.path.join(folder, "meta.json"))
+            storage.rmtree(folder)
+
+
 def is_index_folder(path: str) -> bool:
     """Whether the folder ``path`` holds index versions (published or being built)."""
     return any(_VERSION.match(name) for name in storage.listdir(path))

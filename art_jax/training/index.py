@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 
+from art_jax.core.distributed import barrier, is_lead
 from art_jax.core.errors import UserError
 from art_jax.data.corpus import CorpusStore
-from art_jax.retrieval.index import IndexVersion, version_name
+from art_jax.retrieval.index import IndexVersion, remove_versions_before, version_name
 from art_jax.retrieval.refresh import IndexWatcher, build_index, initial_index
 from art_jax.retrieval.search import ShardedIndex
 from art_jax.workdir import INDEX
@@ -24,11 +25,16 @@ class TrainingIndex:
         self.index: ShardedIndex | None = None
         self.version, self.step, self.path = None, 0, None
 
-    def rebuild(self, tower, step: int) -> None:
+    def rebuild(self, tower, step: int, *, replace: bool = False) -> None:
         """Re-embed the corpus with ``tower``, publish it as a new version in WORKDIR/index and
-        search that from now on."""
+        search that from now on; with ``replace`` the older versions are deleted (an index kept
+        for evaluations only: no checkpoint needs them, and each holds the whole corpus)."""
         path = build_index(self.cfg, tower, self.store, self.workdir, checkpoint=self.workdir, step=step)
         self.load(path, step)
+        if replace:
+            barrier("art_jax.index.replaced")  # every process searches the new version now
+            if is_lead():
+                remove_versions_before(os.path.join(self.workdir, INDEX), self.version)
 
     def load(self, path: str, step: int) -> None:
         version = IndexVersion.open(path)

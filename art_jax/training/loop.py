@@ -133,10 +133,11 @@ class Trainer:
                 self.index.start(self.passage_tower())
             return 0
         self.state, record = self.checkpoints.restore(step, self.state)
-        if self.index:
+        if self.refreshes:  # an index for evaluations only is rebuilt at the next one
             self.index.resume(record)
         if is_lead():
-            where = (f" (index v{record['index_version']} from step {record['index_step']})" if self.index else "")
+            where = (f" (index v{record['index_version']} from step {record['index_step']})" if self.refreshes
+                     else "")
             print(f"resumed from step {step}{where}")
         return step
 
@@ -168,7 +169,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         if self.method.index_use == "eval" and self.index.step != step:
-            self.index.rebuild(self.passage_tower(), step)  # the towers as they are now
+            self.index.rebuild(self.passage_tower(), step, replace=True)  # the towers as they are now
         return self.method.evaluate(self.state, self.index.index if self.index else None)
 
     def train_step(self, step: int) -> dict[str, float]:
