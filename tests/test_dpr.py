@@ -289,3 +289,25 @@ def test_a_projection_head_is_added_to_towers_without_one(bert_dir):
     assert question.config.projection and passage.config.projection and question is not passage
     plain, _ = initial_towers(bert_dir, shared=True)
     assert not plain.config.projection
+
+
+def test_the_fill_redraws_the_example_s_own_passages():
+    from art_jax.methods.contrastive import random_fill
+
+    rng = np.random.default_rng(0)
+    draws = random_fill(rng, 3, 2000, lambda d: d == 0)
+    assert set(draws.tolist()) == {1, 2}
+    assert random_fill(rng, 1, 3, lambda d: d == 0).tolist() == [0, 0, 0]  # nothing else to draw: gives up
+
+
+def test_older_index_versions_are_removed_unpublished_first(tmp_path):
+    from art_jax.retrieval.index import published_versions, remove_versions_before
+
+    for version, published in ((0, True), (1, False), (2, True), (3, True)):
+        folder = tmp_path / f"v{version:06d}"
+        folder.mkdir()
+        (folder / "chunk").write_text("x")
+        if published:
+            (folder / "meta.json").write_text("{}")
+    remove_versions_before(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["v000002", "v000003"] and published_versions(str(tmp_path)) == [2, 3]

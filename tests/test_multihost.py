@@ -107,7 +107,8 @@ def test_dpr_as_two_processes_trains_as_one(bert_dir, tmp_path):
     common = ["train", "--config=configs/dpr_nq.py", "--config.train.steps=3",
               f"--config.retriever.checkpoint={bert_dir}",
               f"--config.data.train_examples={examples}", "--config.data.corpus_store=", "--config.data.dev_questions=",
-              "--config.train.best_metric=", "--config.train.batch_size=8", "--config.train.accumulation=2",
+              f"--config.data.dev_examples={examples}", "--config.train.best_metric=mrr",
+              "--config.train.batch_size=8", "--config.train.accumulation=2",
               "--config.retriever.passage_max_length=32", "--config.retriever.train_passage_max_length=32",
               "--config.retriever.question_max_length=16", "--config.train.learning_rate=1e-3"]
     _art_jax(*common, f"--workdir={tmp_path / 'one'}", devices=4)
@@ -115,6 +116,13 @@ def test_dpr_as_two_processes_trains_as_one(bert_dir, tmp_path):
     losses = _losses(tmp_path / "one")
     assert len(losses) == 3 and min(losses) > 0.1
     np.testing.assert_allclose(_losses(tmp_path / "two"), losses, rtol=1e-5)
+    # the in-memory MRR, each process on its own devices, process 0's value kept
+    mrr = []
+    for run in ("one", "two"):
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            mrr.append([row["mrr"] for row in map(json.loads, f) if "mrr" in row])
+    assert len(mrr[0]) == 1 and 0 < mrr[0][0] <= 1
+    np.testing.assert_allclose(mrr[1], mrr[0], rtol=1e-5)
 
 
 def test_embed_and_search_as_two_processes_equal_one_process(demo_runs, tmp_path):

@@ -110,6 +110,21 @@ def lead_value(value: int | None) -> int | None:
     return None if agreed < 0 else agreed
 
 
+def lead_floats(values: dict[str, float]) -> dict[str, float]:
+    """Process 0's metric values on every process (the same names on all): decisions taken
+    from them (the best checkpoint, a collective save) must not depend on one host's rounding."""
+    import jax
+
+    if jax.process_count() == 1 or not values:
+        return values
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    names = sorted(values)
+    agreed = multihost_utils.broadcast_one_to_all(np.asarray([values[n] for n in names], np.float64))
+    return {name: float(value) for name, value in zip(names, np.asarray(agreed))}
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when it is true on any (a signal that reached some processes)."""
     import jax

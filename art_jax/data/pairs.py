@@ -196,8 +196,6 @@ def _inline_count(batch: _Batch) -> int:
     return sum(isinstance(p, tuple) for pair in batch.pairs for p in pair.passages)
 
 
-
-
 # ---------------------------------------------------------------- the build
 
 def prepare_pairs(pair_paths: Sequence[str], out: str, tokenizer, tokenizer_name: str, *,

@@ -31,6 +31,7 @@ from art_jax.methods.common import (
     answer_metrics,
     check_batch,
     check_input_files,
+    check_retriever,
     dev_accuracy,
     open_store,
 )
@@ -155,6 +156,7 @@ class Art(TrainsTowers):
         if cfg.train.topk < 1:
             raise UserError(f"train.topk={cfg.train.topk} must be at least 1")
         check_batch(cfg, accumulation=cfg.train.accumulation)
+        check_retriever(cfg)
         # (data.corpus is read only when the store is prepared: a resumed run may have dropped it)
         check_input_files(cfg, ("train_questions", "dev_questions"))
 
@@ -201,6 +203,7 @@ class Art(TrainsTowers):
         start = time.perf_counter()
         _, texts = self.stream.batch(step)  # this process's questions: rows my_rows of the global batch
         q_tokens = tokenize_questions(self.tokenizer, texts, cfg.retriever.question_max_length,
+                                      truncation_side=cfg.retriever.question_truncation,
                                       pad_to=cfg.retriever.question_max_length)
         question_ids, question_mask = (from_process_rows(mesh, a) for a in (q_tokens.ids, q_tokens.mask))
         queries = self._embed_questions(state, question_ids, question_mask)

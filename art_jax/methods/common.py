@@ -45,6 +45,13 @@ def check_batch(cfg, *, accumulation: int) -> None:
                         f"x train.accumulation={accumulation}")
 
 
+def check_retriever(cfg) -> None:
+    """``retriever.*`` keys every method reads."""
+    if cfg.retriever.question_truncation not in ("right", "left"):
+        raise UserError(f"retriever.question_truncation: {cfg.retriever.question_truncation!r} is not "
+                        "'right' or 'left'")
+
+
 def check_input_files(cfg, keys: tuple[str, ...]) -> None:
     """``data.KEY`` files that are set exist (a URL is checked when read)."""
     for key in keys:

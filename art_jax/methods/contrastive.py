@@ -33,6 +33,7 @@ from art_jax.methods.common import (
     answer_metrics,
     check_batch,
     check_input_files,
+    check_retriever,
     dev_accuracy,
     open_store,
 )
@@ -126,9 +127,7 @@ class Contrastive(TrainsTowers):
     @staticmethod
     def check_config(cfg) -> None:
         check_batch(cfg, accumulation=cfg.train.accumulation)
-        if cfg.retriever.question_truncation not in ("right", "left"):
-            raise UserError(f"retriever.question_truncation: {cfg.retriever.question_truncation!r} is not "
-                            "'right' or 'left'")
+        check_retriever(cfg)
         if cfg.train.hard_negatives < 0:
             raise UserError(f"train.hard_negatives={cfg.train.hard_negatives} must be 0 or more")
         check_input_files(cfg, ("dev_questions", "dev_examples"))

@@ -44,16 +44,19 @@ class Dpr(Contrastive):
                                         [len(e.positives) + len(e.hard_negatives) for e in self.training])
 
     def random_passages(self, rng: np.random.Generator, count: int, index: int) -> list[Passage]:
-        """``count`` random passages, none of them example ``index``'s own positive (nor, drawn
-        from the file's passages, any of its own)."""
+        """``count`` random passages, none of them example ``index``'s positive (by title and
+        text: other examples may hold it too) nor, drawn from the file's passages, any of its own."""
         positive = self.training[index].positives[0]
+        positive = (positive.title, positive.text)
         if self.store is not None:
             store = self.store
             rows = random_fill(rng, len(store), count, lambda rows: [
-                (store.title(int(r)), store.text(int(r))) == (positive.title, positive.text) for r in rows])
+                (store.title(int(r)), store.text(int(r))) == positive for r in rows])
             return [(store.title(int(r)), store.text(int(r))) for r in rows]
-        picks = random_fill(rng, len(self.pool), count, lambda picks: self.pool_owner[picks] == index)
-        return [(self.pool[int(i)].title, self.pool[int(i)].text) for i in picks]
+        pool = self.pool
+        picks = random_fill(rng, len(pool), count, lambda picks: [
+            self.pool_owner[i] == index or (pool[i].title, pool[i].text) == positive for i in picks])
+        return [(pool[int(i)].title, pool[int(i)].text) for i in picks]
 
     def examples(self, indices: list[int], epoch: int) -> list[tuple[str, list[Passage]]]:
         return [self._example(index, epoch) for index in indices]

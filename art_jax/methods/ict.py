@@ -44,8 +44,9 @@ class Ict(Contrastive):
         self.hard_negatives = 0
 
     def examples(self, indices: list[int], epoch: int) -> list[tuple[str, list[Passage]]]:
-        out = []
+        out = []  # one spaCy pass over the step's passages, then each example's draws
         for row, sentences in zip(indices, split_sentences([self.store.text(row) for row in indices])):
-            question, passage = ict_example(sentences, self.store.title(row), np.random.default_rng([self.cfg.seed, epoch, row]))
+            rng = np.random.default_rng([self.cfg.seed, epoch, row])
+            question, passage = ict_example(sentences, self.store.title(row), rng)
             out.append((question, [passage]))
         return out

@@ -33,7 +33,8 @@ def whole_batch_loss(encode: EncodeFn, loss_of: LossOfEmbeddings, params, batch:
     """The loss of the whole batch (every array with a leading micro-batch axis), embedded in
     one pass: what ``cached_gradients`` reproduces, with the same dropout keys."""
     count = jax.tree.leaves(batch)[0].shape[0]
-    embeddings = [encode(params, jax.tree.map(lambda x, i=i: x[i], batch), micro_batch_key(key, i)) for i in range(count)]
+    embeddings = [encode(params, jax.tree.map(lambda x, i=i: x[i], batch), micro_batch_key(key, i))
+                  for i in range(count)]
     return loss_of(jax.tree.map(lambda *xs: jnp.stack(xs), *embeddings), batch)
 
 

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from art_jax.config import write_config
 from art_jax.core import storage
 from art_jax.core.checkpoints import Checkpoints
-from art_jax.core.distributed import any_process, is_lead
+from art_jax.core.distributed import any_process, is_lead, lead_floats
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import from_identical, make_mesh
 from art_jax.retrieval.refresh import mark_finished
@@ -142,6 +142,7 @@ class Trainer:
         return step
 
     def _record(self, step: int) -> dict:
+        # (an index kept for evaluations only names a version a later evaluation deletes)
         return {"step": step, "data_position": step, **(self.index.record() if self.index else {})}
 
     def save(self, step: int, *, force: bool = False) -> None:
@@ -170,7 +171,8 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         if self.method.index_use == "eval" and self.index.step != step:
             self.index.rebuild(self.passage_tower(), step, replace=True)  # the towers as they are now
-        return self.method.evaluate(self.state, self.index.index if self.index else None)
+        # each process evaluates on its own devices: process 0's values decide for all
+        return lead_floats(self.method.evaluate(self.state, self.index.index if self.index else None))
 
     def train_step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()
