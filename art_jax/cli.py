@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", help="with --qrels: write {metric: value} (fractions) to this file")
     p.set_defaults(run=_evaluate)
 
-    p = add_command("train", help="train the dual encoder with ART (configs/*.py)")
+    p = add_command("train", help="train the dual encoder (configs/*.py; cfg.method: art, dpr, ict, pairs)")
     p.add_argument("--config", required=True, help="config file defining get_config(), optionally FILE.py:ARG")
     p.add_argument("--workdir", required=True, help="checkpoints, indexes, metrics and the resolved config")
     p.set_defaults(run=_train)
