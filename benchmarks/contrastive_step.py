@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import JaxStep, TorchStep, race, random_tokens  # noqa: E402
+from benchmarks.train_step import JaxStep, TorchStep, both_sides, race, random_tokens  # noqa: E402
 
 
 def make_batch(args) -> dict[str, np.ndarray]:
@@ -96,20 +95,9 @@ def main() -> None:
 
     import jax
     import torch
-    import transformers
 
-    from art_jax.training.state import OptimConfig
-    from tests.hf_fixtures import make_bert_checkpoint
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(os.cpu_count() or 1)
-    optim = OptimConfig()
-    with tempfile.TemporaryDirectory() as folder:
-        make_bert_checkpoint(folder, vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                             num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
-                             max_position_embeddings=max(512, args.passage_length))
-        ours = ContrastiveJaxStep(folder, optim, args.accumulation)
-        peer = ContrastiveTorchStep(folder, optim)
+    ours, peer = both_sides(args, lambda folder, optim: ContrastiveJaxStep(folder, optim, args.accumulation),
+                            ContrastiveTorchStep)
     batch = make_batch(args)
     laid_out = ours.layout(batch)
     print(f"contrastive step: BERT towers hidden {args.hidden} x {args.layers} layers ({args.heads} heads), "

@@ -187,9 +187,29 @@ class TorchStep:
 def compare_update(args) -> None:
     import jax
     import torch
-    import transformers
 
     from art_jax.core.batching import round_up
+
+    ours, peer = both_sides(args, lambda folder, optim: JaxStep(folder, optim, args.temperature_multiplier),
+                            lambda folder, optim: TorchStep(folder, optim, args.temperature_multiplier))
+    # the trainer's padding of U: a multiple of an eighth of B x K, divisible over the devices
+    batch, unique = make_batch(args, round_up(max(8, args.batch * args.k // 8), ours.mesh.size))
+    print(f"update: BERT towers hidden {args.hidden} x {args.layers} layers ({args.heads} heads, vocab {args.vocab}), "
+          f"B={args.batch} K={args.k} Lq={args.question_length} Lp={args.passage_length}, "
+          f"{unique} unique of {args.batch * args.k} retrieved rows padded to U={batch['passage_ids'].shape[1]} "
+          f"(corpus {args.corpus:,}, zipf {args.zipf:g}); jax {jax.__version__} on {jax.device_count()} "
+          f"{jax.default_backend()} device(s), torch {torch.__version__} on {peer.device} "
+          f"({torch.get_num_threads()} CPU threads)")
+    race(ours, peer, batch, batch, args, peer_label="transformers BertModel")
+
+
+def both_sides(args, make_ours, make_peer):
+    """(art_jax side, PyTorch side), each ``make_*(folder, optim)`` on one random BERT folder
+    written by transformers (``args``' size), with the default optimizer settings; torch on
+    every CPU thread."""
+    import torch
+    import transformers
+
     from art_jax.training.state import OptimConfig
     from tests.hf_fixtures import make_bert_checkpoint
 
@@ -200,17 +220,7 @@ def compare_update(args) -> None:
         make_bert_checkpoint(folder, vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                              num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
                              max_position_embeddings=max(512, args.passage_length))
-        ours = JaxStep(folder, optim, args.temperature_multiplier)
-        peer = TorchStep(folder, optim, args.temperature_multiplier)
-    # the trainer's padding of U: a multiple of an eighth of B x K, divisible over the devices
-    batch, unique = make_batch(args, round_up(max(8, args.batch * args.k // 8), ours.mesh.size))
-    print(f"update: BERT towers hidden {args.hidden} x {args.layers} layers ({args.heads} heads, vocab {args.vocab}), "
-          f"B={args.batch} K={args.k} Lq={args.question_length} Lp={args.passage_length}, "
-          f"{unique} unique of {args.batch * args.k} retrieved rows padded to U={batch['passage_ids'].shape[1]} "
-          f"(corpus {args.corpus:,}, zipf {args.zipf:g}); jax {jax.__version__} on {jax.device_count()} "
-          f"{jax.default_backend()} device(s), torch {torch.__version__} on {peer.device} "
-          f"({torch.get_num_threads()} CPU threads)")
-    race(ours, peer, batch, batch, args, peer_label="transformers BertModel")
+        return make_ours(folder, optim), make_peer(folder, optim)
 
 
 def race(ours, peer, ours_batch, peer_batch, args, *, peer_label: str) -> None:

@@ -34,10 +34,9 @@ def text_lines(path: str) -> Iterator[tuple[int, str]]:
             yield number, line.removesuffix("\n").removesuffix("\r")
 
 
-def read_jsonl(path: str, required: tuple[str, ...] = (),
-               nonblank: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
-    """Objects of a JSONL file; a bad line is an error naming file and line. ``required``
-    fields must be strings; ``nonblank`` ones must also hold more than whitespace."""
+def numbered_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON
+    object is an error naming file and line."""
     path = local_file(path)
     for number, line in text_lines(path):
         if not line.strip():
@@ -48,6 +47,15 @@ def read_jsonl(path: str, required: tuple[str, ...] = (),
             raise UserError(f"{path}:{number}: invalid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: expected a JSON object")
+        yield number, row
+
+
+def read_jsonl(path: str, required: tuple[str, ...] = (),
+               nonblank: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Objects of a JSONL file; a bad line is an error naming file and line. ``required``
+    fields must be strings; ``nonblank`` ones must also hold more than whitespace."""
+    path = local_file(path)
+    for number, row in numbered_jsonl(path):
         missing = [k for k in required if not isinstance(row.get(k), str)]
         if missing:
             raise UserError(f"{path}:{number}: missing or non-string field(s) {', '.join(missing)}")

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from art_jax.core.errors import UserError
-from art_jax.core.fileio import local_file, read_json, read_jsonl, text_lines
+from art_jax.core.fileio import local_file, numbered_jsonl, read_json, text_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,7 @@ def read_training_examples(path: str) -> TrainingSet:
             raise UserError(f"{path}: expected a JSON list of training examples")
         parsed = [_example(item, f"{path}: item {i}") for i, item in enumerate(items)]
     else:
-        numbers = [number for number, line in text_lines(local) if line.strip()]
-        parsed = [_example(row, f"{path}:{number}") for number, row in zip(numbers, read_jsonl(local))]
+        parsed = [_example(row, f"{path}:{number}") for number, row in numbered_jsonl(local)]
     examples = [example for example in parsed if example.positives]
     if not examples:
         raise UserError(f"{path}: no training example with a positive passage ({len(parsed)} example(s) read)")

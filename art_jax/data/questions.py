@@ -5,13 +5,12 @@ its ``qid`` field (BEIR: ``_id``), else its 1-based line number (a JSON list: po
 from __future__ import annotations
 
 import ast
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from art_jax.core.errors import UserError
-from art_jax.core.fileio import local_file, read_json, text_lines
+from art_jax.core.fileio import local_file, numbered_jsonl, read_json, text_lines
 
 
 @dataclass(frozen=True)
@@ -79,16 +78,8 @@ def _read_json_list(path: str) -> list[Question]:
 
 def _read_jsonl(path: str) -> list[Question]:
     questions = []
-    for number, line in text_lines(path):
-        if not line.strip():
-            continue
+    for number, row in numbered_jsonl(path):
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: invalid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object")
         if "question" not in row and "_id" in row:  # BEIR's queries.jsonl: {"_id", "text"}, no answers
             text = row.get("text")
             if not isinstance(text, str) or not text.strip():
