@@ -470,7 +470,7 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(folder, use_fast=True)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"no usable tokenizer in checkpoint folder {folder} ({err})") from err
+        raise CheckpointError(f"no usable tokenizer in checkpoint folder {folder} ({_first_line(err)})") from err
 
 
 # ---------------------------------------------------------------------------------------
