@@ -254,7 +254,7 @@ def mine_dense(encoder, version, index, store, questions: Sequence[Question], ou
     writes ``out`` and returns the stats (the others None)."""
     from art_jax.retrieval.results import retrieve
 
-    dim = encoder.question.config.hidden_size
+    dim = encoder.question.config.embedding_dim
     if dim != version.dim:
         raise UserError(f"--index {version.path} holds {version.dim}-dimensional embeddings, but the retriever's "
                         f"question tower gives {dim}; mine with the retriever the index was embedded with")

@@ -28,7 +28,7 @@ def search_file(encoder: DualEncoder, version: IndexVersion, index: ShardedIndex
         raise UserError(f"unknown results format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "trec":
         check_qids(questions)  # before the search, not after it
-    dim = encoder.question.config.hidden_size
+    dim = encoder.question.config.embedding_dim
     if dim != version.dim:  # else the first batch fails deep inside the search's matmul
         raise UserError(f"--index {version.path} holds {version.dim}-dimensional embeddings, but the retriever's "
                         f"question tower gives {dim}; search with the retriever the index was embedded with")

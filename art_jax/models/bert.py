@@ -1,13 +1,20 @@
-"""BERT encoder in Flax NNX with the Hugging Face ``BertModel`` architecture, and RoBERTa's.
+"""BERT encoder in Flax NNX with the Hugging Face ``BertModel`` architecture, RoBERTa's and
+Megatron-LM's pre-LayerNorm BERT.
 
 Post-LayerNorm blocks, learned absolute positions, token types, exact GELU. Attribute
 names follow the HF module tree so that ``art_jax.models.hf`` maps weights by name.
 
+Megatron's BERT (``model_type="megatron-bert"``, transformers' ``MegatronBertModel``; the towers
+of ART's and EMDR2's released retrievers) normalises before each sub-layer instead of after it:
+no LayerNorm on the embeddings, ``x + attention(LN(x))``, ``x + mlp(LN(x))``, and one final
+LayerNorm on the last layer's output. It cannot be rewritten as a post-LN BERT, so it is a
+switch of the same modules.
+
 RoBERTa (``model_type="roberta"``) is the same network with two switches: its position ids
 start at ``pad_token_id + 1`` and skip padding (transformers' ``create_position_ids_from_input_ids``),
 and its config has one token type and ``layer_norm_eps`` 1e-5 (read from its config.json).
-Either tower may carry DPR-PAQ's projection head (Oguz et al. 2022): a Dense of the same size,
-then LayerNorm, on the [CLS] vector.
+Either tower may carry a projection head on the [CLS] vector: DPR-PAQ's (Oguz et al. 2022), a Dense
+of the same size then LayerNorm; or DPR's ``encode_proj``, a Dense to ``projection_dim`` alone.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from art_jax.models.layers import (
     split_heads,
 )
 
-MODEL_TYPES = ("bert", "roberta")
+MODEL_TYPES = ("bert", "roberta", "megatron-bert")
+ACTIVATIONS = ("gelu", "gelu_new")
 # sentence-transformers' LayerNorm module is torch's nn.LayerNorm(dim): eps 1e-5, whatever the body's
 HEAD_LAYER_NORM_EPS = 1e-5
 
@@ -49,13 +57,27 @@ class BertConfig:
     initializer_range: float = 0.02  # std of the random init (Hugging Face's name)
     with_pooler: bool = True  # kept only so exported checkpoints are complete
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    model_type: str = "bert"  # "bert" or "roberta": the Hugging Face architecture, and its position ids
+    model_type: str = "bert"  # one of MODEL_TYPES: the Hugging Face architecture
     pad_token_id: int = 0  # RoBERTa's padding_idx: its positions count from pad_token_id + 1
-    projection: bool = False  # the [CLS] head: Dense (hidden -> hidden, bias) then LayerNorm
+    hidden_act: str = "gelu"  # exact erf GELU; "gelu_new" is the tanh form (Megatron's fused bias-GELU)
+    projection: bool = False  # a head on [CLS]: Dense (with bias), then LayerNorm when projection_norm
+    projection_dim: int = 0  # the head's output size; 0: the hidden size
+    projection_norm: bool = True  # DPR-PAQ's LayerNorm after the Dense (DPR's encode_proj has none)
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"BertConfig.model_type={self.model_type!r}; expected one of {MODEL_TYPES}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"BertConfig.hidden_act={self.hidden_act!r}; expected one of {ACTIVATIONS}")
+
+    @property
+    def pre_layer_norm(self) -> bool:
+        return self.model_type == "megatron-bert"
+
+    @property
+    def embedding_dim(self) -> int:
+        """The size of the retriever embedding: the projection's output, else the hidden size."""
+        return (self.projection_dim or self.hidden_size) if self.projection else self.hidden_size
 
     @property
     def head_dim(self) -> int:
@@ -72,7 +94,8 @@ class BertConfig:
         return self.max_position_embeddings - self.position_offset
 
 
-_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
+                "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs, epsilon: float | None = None) -> nnx.LayerNorm:
@@ -88,7 +111,7 @@ class BertEmbeddings(nnx.Module):
         self.word_embeddings = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
         self.position_embeddings = embed(cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"), **kw)
         self.token_type_embeddings = embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), **kw)
-        self.LayerNorm = _layer_norm(cfg, rngs)
+        self.LayerNorm = None if cfg.pre_layer_norm else _layer_norm(cfg, rngs)
         self.dropout_rate = cfg.hidden_dropout
         self.roberta_positions = cfg.model_type == "roberta"
         self.padding_idx = cfg.pad_token_id
@@ -101,7 +124,9 @@ class BertEmbeddings(nnx.Module):
             positions = jnp.arange(input_ids.shape[1])[None, :]
         x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
              + self.token_type_embeddings(token_type_ids))
-        return dropout(self.LayerNorm(x), self.dropout_rate, keys())
+        if self.LayerNorm is not None:
+            x = self.LayerNorm(x)
+        return dropout(x, self.dropout_rate, keys())
 
 
 class BertLayer(nnx.Module):
@@ -115,21 +140,29 @@ class BertLayer(nnx.Module):
         self.attention_norm = _layer_norm(cfg, rngs)
         self.intermediate = dense(h, f, ("embed", "mlp"), **kw)
         self.output = dense(f, h, ("mlp", "embed"), **kw)
-        self.output_norm = _layer_norm(cfg, rngs)
+        self.output_norm = _layer_norm(cfg, rngs)  # pre-LN: the norm before the MLP
+        self.pre_layer_norm = cfg.pre_layer_norm
+        self.activation = _ACTIVATIONS[cfg.hidden_act]
         self.num_heads = cfg.num_heads
         self.scale = cfg.head_dim ** -0.5
         self.hidden_dropout = cfg.hidden_dropout
         self.attention_dropout = cfg.attention_dropout
 
     def __call__(self, x, bias, keys: KeyStream):
+        if self.pre_layer_norm:
+            x = x + self._attention(self.attention_norm(x), bias, keys)
+            return x + self._mlp(self.output_norm(x), keys)
+        x = self.attention_norm(x + self._attention(x, bias, keys))
+        return self.output_norm(x + self._mlp(x, keys))
+
+    def _attention(self, x, bias, keys: KeyStream):
         q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.query, self.key, self.value))
         context = merge_heads(attend(q, k, v, bias, scale=self.scale,
                                      dropout_rate=self.attention_dropout, key=keys()))
-        attended = dropout(self.attention_output(context), self.hidden_dropout, keys())
-        x = self.attention_norm(x + attended)
-        hidden = _ACTIVATIONS["gelu"](self.intermediate(x))
-        out = dropout(self.output(hidden), self.hidden_dropout, keys())
-        return self.output_norm(x + out)
+        return dropout(self.attention_output(context), self.hidden_dropout, keys())
+
+    def _mlp(self, x, keys: KeyStream):
+        return dropout(self.output(self.activation(self.intermediate(x))), self.hidden_dropout, keys())
 
 
 class BertPooler(nnx.Module):
@@ -139,16 +172,21 @@ class BertPooler(nnx.Module):
 
 
 class ProjectionHead(nnx.Module):
-    """DPR-PAQ's head on the [CLS] vector: ``LayerNorm(Dense(x))``, both of the hidden size;
-    sentence-transformers' Dense (identity activation) and LayerNorm modules compute the same."""
+    """The head on the [CLS] vector: DPR-PAQ's ``LayerNorm(Dense(x))`` (hidden -> hidden), or DPR's
+    ``Dense(x)`` (hidden -> projection_dim) without the norm; sentence-transformers' Dense (identity
+    activation) and LayerNorm modules compute the same."""
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.dense = dense(cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), use_bias=True, dtype=cfg.dtype,
-                           param_dtype=jnp.float32, rngs=rngs, stddev=cfg.initializer_range)
-        self.norm = _layer_norm(cfg, rngs, HEAD_LAYER_NORM_EPS)
+        self.dense = dense(cfg.hidden_size, cfg.embedding_dim, ("embed", "embed_out"), use_bias=True,
+                           dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs, stddev=cfg.initializer_range)
+        self.norm = (nnx.LayerNorm(cfg.embedding_dim, epsilon=HEAD_LAYER_NORM_EPS, dtype=cfg.dtype, rngs=rngs,
+                                   scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed_out",)),
+                                   bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed_out",)))
+                     if cfg.projection_norm else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm(self.dense(x))
+        x = self.dense(x)
+        return x if self.norm is None else self.norm(x)
 
 
 class Bert(nnx.Module):
@@ -158,6 +196,7 @@ class Bert(nnx.Module):
         self.config = cfg
         self.embeddings = BertEmbeddings(cfg, rngs)
         self.layers = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = _layer_norm(cfg, rngs) if cfg.pre_layer_norm else None  # Megatron's last LayerNorm
         self.pooler = BertPooler(cfg, rngs) if cfg.with_pooler else None
         self.head = ProjectionHead(cfg, rngs=rngs) if cfg.projection else None
 
@@ -170,7 +209,7 @@ class Bert(nnx.Module):
         bias = attention_bias_from_mask(attention_mask)
         for layer in self.layers:
             x = layer(x, bias, keys)
-        return x
+        return x if self.final_norm is None else self.final_norm(x)
 
     def embed_cls(self, input_ids, attention_mask, *, dropout_key=None) -> jax.Array:
         """The retriever embedding: last-layer hidden state at [CLS] (RoBERTa's <s>), through the

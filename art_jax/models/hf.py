@@ -202,24 +202,33 @@ def _embedding(hf: str, ours: tuple) -> list[WeightName]:
 
 
 def bert_names(cfg: BertConfig) -> list[WeightName]:
+    """The tower's tensors by their transformers names: ``BertModel``'s / ``RobertaModel``'s, or
+    ``MegatronBertModel``'s for the pre-LayerNorm BERT (norms at ``attention.ln`` and ``ln`` of each
+    layer, before attention and MLP, and ``encoder.ln`` last; none on the embeddings)."""
     names = []
     for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         names += _embedding(f"embeddings.{table}", ("embeddings", table))
-    names += _layer_norm("embeddings.LayerNorm", ("embeddings", "LayerNorm"))
+    pre_ln = cfg.pre_layer_norm
+    if not pre_ln:
+        names += _layer_norm("embeddings.LayerNorm", ("embeddings", "LayerNorm"))
     for i in range(cfg.num_layers):
         hf, ours = f"encoder.layer.{i}", ("layers", i)
         for proj in ("query", "key", "value"):
             names += _linear(f"{hf}.attention.self.{proj}", ours + (proj,), bias=True)
         names += _linear(f"{hf}.attention.output.dense", ours + ("attention_output",), bias=True)
-        names += _layer_norm(f"{hf}.attention.output.LayerNorm", ours + ("attention_norm",))
+        names += _layer_norm(f"{hf}.attention.ln" if pre_ln else f"{hf}.attention.output.LayerNorm",
+                             ours + ("attention_norm",))
         names += _linear(f"{hf}.intermediate.dense", ours + ("intermediate",), bias=True)
         names += _linear(f"{hf}.output.dense", ours + ("output",), bias=True)
-        names += _layer_norm(f"{hf}.output.LayerNorm", ours + ("output_norm",))
+        names += _layer_norm(f"{hf}.ln" if pre_ln else f"{hf}.output.LayerNorm", ours + ("output_norm",))
+    if pre_ln:
+        names += _layer_norm("encoder.ln", ("final_norm",))
     if cfg.with_pooler:
         names += _linear("pooler.dense", ("pooler", "dense"), bias=True)
     if cfg.projection:  # not in the Hugging Face file: sentence-transformers' Dense and LayerNorm modules
         names += _linear(f"{HEAD_PREFIX}dense", ("head", "dense"), bias=True)
-        names += _layer_norm(f"{HEAD_PREFIX}norm", ("head", "norm"))
+        if cfg.projection_norm:
+            names += _layer_norm(f"{HEAD_PREFIX}norm", ("head", "norm"))
     return names
 
 
@@ -254,11 +263,13 @@ def t5_names(cfg: T5Config) -> list[WeightName]:
 
 
 def bert_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **overrides) -> BertConfig:
-    """The BertConfig of a "bert" or "roberta" config.json (absent keys take transformers'
-    defaults); ``weights`` (their names) say whether there is a pooler and a projection head."""
+    """The BertConfig of a "bert", "roberta", "megatron-bert" or "dpr" config.json (absent keys take
+    transformers' defaults); ``weights`` (their names, a DPR folder's as ``load_bert`` renames them)
+    say whether there is a pooler and a projection head, and the head's kind."""
     act = hf.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise CheckpointError(f"config.json: hidden_act={act!r} is not supported (BERT uses exact 'gelu')")
+    if act not in ("gelu", "gelu_new"):
+        raise CheckpointError(f"config.json: hidden_act={act!r} is not supported (BERT uses exact 'gelu'; "
+                              "'gelu_new' is its tanh form)")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError("config.json: only position_embedding_type='absolute' is supported")
     cfg = BertConfig(
@@ -268,9 +279,16 @@ def bert_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **ov
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         initializer_range=hf.get("initializer_range", 0.02), with_pooler="pooler.dense.weight" in weights,
-        projection=f"{HEAD_PREFIX}dense.weight" in weights)
-    if hf.get("model_type", "bert") == "roberta":  # RobertaConfig's pad_token_id is 1
+        hidden_act=act)
+    head = weights.get(f"{HEAD_PREFIX}dense.weight")
+    if head is not None:
+        cfg = dataclasses.replace(cfg, projection=True, projection_norm=f"{HEAD_PREFIX}norm.weight" in weights,
+                                  projection_dim=0 if head.shape[0] == cfg.hidden_size else int(head.shape[0]))
+    kind = hf.get("model_type", "bert")
+    if kind == "roberta":  # RobertaConfig's pad_token_id is 1
         cfg = dataclasses.replace(cfg, model_type="roberta", pad_token_id=hf.get("pad_token_id", 1))
+    elif kind == "megatron-bert":
+        cfg = dataclasses.replace(cfg, model_type="megatron-bert", pad_token_id=hf.get("pad_token_id", 0))
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -281,11 +299,15 @@ def bert_config_to_hf(cfg: BertConfig) -> dict[str, Any]:
         "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
         "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
         "layer_norm_eps": cfg.layer_norm_eps, "hidden_dropout_prob": cfg.hidden_dropout,
-        "attention_probs_dropout_prob": cfg.attention_dropout, "hidden_act": "gelu",
+        "attention_probs_dropout_prob": cfg.attention_dropout,
         "position_embedding_type": "absolute", "pad_token_id": cfg.pad_token_id,
-        "initializer_range": cfg.initializer_range,
-        **({"architectures": ["RobertaModel"], "model_type": "roberta"} if cfg.model_type == "roberta" else {}),
+        "initializer_range": cfg.initializer_range, "hidden_act": cfg.hidden_act,
+        **_ARCHITECTURES[cfg.model_type],
     }
+
+
+_ARCHITECTURES = {"bert": {}, "roberta": {"architectures": ["RobertaModel"], "model_type": "roberta"},
+                  "megatron-bert": {"architectures": ["MegatronBertModel"], "model_type": "megatron-bert"}}
 
 
 def t5_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **overrides) -> T5Config:
@@ -334,18 +356,46 @@ def t5_config_to_hf(cfg: T5Config) -> dict[str, Any]:
 # Tensors a checkpoint may carry that the encoder has no use for (MLM heads, buffers).
 _BERT_IGNORED = {"bert": re.compile(r"^(cls\.|embeddings\.position_ids$)"),
                  "roberta": re.compile(r"^(lm_head\.|embeddings\.(position_ids|token_type_ids)$)")}
+_BERT_IGNORED["megatron-bert"] = _BERT_IGNORED["dpr"] = _BERT_IGNORED["bert"]
+# the prefix of the encoder's tensors in a file of a model with heads (BertForPreTraining, ...)
+_BERT_PREFIX = {"bert": "bert.", "roberta": "roberta.", "megatron-bert": "bert.", "dpr": ""}
+# DPR's towers (transformers' DPRQuestionEncoder / DPRContextEncoder): a BertModel without pooler, then
+# encode_proj (hidden -> projection_dim) when projection_dim > 0
+_DPR_TOWERS = ("question_encoder.", "ctx_encoder.")
 _T5_IGNORED = re.compile(
     r"^((encoder|decoder)\.embed_tokens\.weight|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight)$")
 
 
-def _normalise_bert_names(weights: dict[str, np.ndarray], model_type: str = "bert") -> dict[str, np.ndarray]:
-    """bert-base-style files: a 'bert.' prefix ('roberta.' for RoBERTa) and LayerNorm gamma/beta."""
+def _normalise_bert_names(weights: dict[str, np.ndarray], model_type: str = "bert",
+                          source: str = "the checkpoint") -> dict[str, np.ndarray]:
+    """bert-base-style files: a 'bert.' prefix ('roberta.' for RoBERTa) and LayerNorm gamma/beta;
+    a DPR tower's 'question_encoder.bert_model.' / 'ctx_encoder.bert_model.' prefix, and its
+    encode_proj as the projection head's Dense."""
+    if model_type == "dpr":
+        weights = _dpr_tower_names(weights, source)
     out = {}
     for key, value in weights.items():
-        key = key.removeprefix(f"{model_type}.")
+        key = key.removeprefix(_BERT_PREFIX[model_type])
         key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
         key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
         out[key] = value
+    return out
+
+
+def _dpr_tower_names(weights: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    towers = {prefix for prefix in _DPR_TOWERS for key in weights if key.startswith(prefix)}
+    if len(towers) != 1:
+        found = sorted({key.split(".", 1)[0] for key in weights})
+        raise CheckpointError(f"{source}: a DPR folder must hold one encoder, question_encoder.* or ctx_encoder.* "
+                              f"(DPRQuestionEncoder / DPRContextEncoder; a DPRReader is not a retriever tower); "
+                              f"its tensors start with {found}")
+    prefix = towers.pop()
+    out = {}
+    for key, value in weights.items():
+        key = key.removeprefix(prefix)
+        if key.startswith("encode_proj."):
+            key = HEAD_PREFIX + "dense." + key.removeprefix("encode_proj.")
+        out[key.removeprefix("bert_model.")] = value
     return out
 
 
@@ -417,8 +467,9 @@ def _check_model_type(hf_config: dict, folder: str, wanted: tuple[str, ...]) -> 
 
 def load_bert(name: str, *, mesh=None, rules=DEFAULT_RULES, projection: bool | None = None, seed: int = 0,
               **overrides) -> Bert:
-    """A BERT or RoBERTa encoder (a retriever tower) from a Hugging Face checkpoint;
-    ``overrides`` set BertConfig fields (dtype, dropout).
+    """A retriever tower from a Hugging Face checkpoint: BERT, RoBERTa, Megatron's pre-LN BERT
+    (``megatron-bert``), or one of DPR's encoders (``dpr``: a DPRQuestionEncoder or DPRContextEncoder
+    folder, its encode_proj as the projection head); ``overrides`` set BertConfig fields (dtype, dropout).
 
     ``projection``: None, the tower has the projection head exactly when the folder carries one
     (sentence-transformers' Dense + LayerNorm modules after CLS pooling, as an export writes
@@ -426,11 +477,20 @@ def load_bert(name: str, *, mesh=None, rules=DEFAULT_RULES, projection: bool | N
     False, no head (a folder with one is refused rather than its trained head dropped)."""
     folder = resolve_checkpoint(name)
     hf_config = read_config(folder)
-    kind = _check_model_type(hf_config, folder, MODEL_TYPES)
-    weights = {**_normalise_bert_names(read_weights(folder), kind), **read_head(folder)}
-    cfg = bert_config_from_hf(hf_config, weights, **overrides)
-    model = _load(folder, Bert, cfg, bert_names(cfg), weights, _BERT_IGNORED[kind], mesh, rules)
+    model = bert_from_weights(hf_config, read_weights(folder), read_head(folder), source=folder, mesh=mesh,
+                              rules=rules, **overrides)
     return with_projection(model, projection, seed=seed, mesh=mesh, rules=rules, source=folder)
+
+
+def bert_from_weights(hf_config: dict[str, Any], weights: dict[str, np.ndarray], head: dict[str, np.ndarray] | None = None,
+                      *, source: str, mesh=None, rules=DEFAULT_RULES, **overrides) -> Bert:
+    """The tower a config.json dict and its tensors by transformers' names describe (what
+    ``load_bert`` reads from a folder; ``head``: a projection head's head.* tensors kept beside
+    the model). Loading is strict (see ``_fill_state``); ``source`` names the checkpoint in errors."""
+    kind = _check_model_type(hf_config, source, MODEL_TYPES + ("dpr",))
+    weights = {**_normalise_bert_names(weights, kind, source), **(head or {})}
+    cfg = bert_config_from_hf(hf_config, weights, **overrides)
+    return _load(source, Bert, cfg, bert_names(cfg), weights, _BERT_IGNORED[kind], mesh, rules)
 
 
 def with_projection(tower: Bert, projection: bool | None, *, seed: int = 0, mesh=None, rules=DEFAULT_RULES,
@@ -441,7 +501,7 @@ def with_projection(tower: Bert, projection: bool | None, *, seed: int = 0, mesh
     if projection is None or projection == tower.config.projection:
         return tower
     if not projection:
-        raise CheckpointError(f"{source} has a projection head (Dense + LayerNorm on [CLS]), and projection=False "
+        raise CheckpointError(f"{source} has a projection head on [CLS], and projection=False "
                               "was asked: refusing to drop its trained weights")
     cfg = dataclasses.replace(tower.config, projection=True)
     head = init_module(ProjectionHead, cfg, seed=seed, mesh=mesh, rules=rules)
@@ -559,18 +619,25 @@ def _read_json(path: str):
         raise CheckpointError(f"{path}: unreadable ({err})") from err
 
 
+def _head_modules(cfg: BertConfig) -> tuple[tuple[str, str, str], ...]:
+    """The sentence-transformers modules of ``cfg``'s projection head: Dense, and LayerNorm when it has one."""
+    if not cfg.projection:
+        return ()
+    return _HEAD_MODULES if cfg.projection_norm else _HEAD_MODULES[:1]
+
+
 def write_sentence_transformers(folder: str, cfg: BertConfig, weights: dict[str, np.ndarray], max_length: int) -> None:
     """What SentenceTransformer(folder) needs to give the tower's embedding: the [CLS] token's
     last hidden state, through the projection head if ``cfg`` has one (``weights``' head.*
-    tensors, as a Dense with identity activation and a LayerNorm module, their weights as
+    tensors, as a Dense with identity activation and, if the head has one, a LayerNorm module, their weights as
     model.safetensors: checked with sentence-transformers 6.2; releases older than its
     safetensors support read only pytorch_model.bin there), not normalised, inputs cut at
     ``max_length``."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_TYPE.format("Transformer")},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_TYPE.format("Pooling")}]
-    if cfg.projection:
-        modules += [{"idx": i, "name": str(i), "path": path, "type": _ST_TYPE.format(path.split("_")[1])}
-                    for i, (_, path, _) in enumerate(_HEAD_MODULES, start=2)]
+    head = _head_modules(cfg)
+    modules += [{"idx": i, "name": str(i), "path": path, "type": _ST_TYPE.format(path.split("_")[1])}
+                for i, (_, path, _) in enumerate(head, start=2)]
     write_json(os.path.join(folder, "modules.json"), modules)
     write_json(os.path.join(folder, "sentence_bert_config.json"), {"max_seq_length": max_length,
                                                                    "do_lower_case": False})
@@ -579,13 +646,13 @@ def write_sentence_transformers(folder: str, cfg: BertConfig, weights: dict[str,
     # DPR scores by inner product; without this, model.similarity would use cosine
     write_json(os.path.join(folder, "config_sentence_transformers.json"),
                {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "dot"})
-    if cfg.projection:
+    if head:
         from safetensors.numpy import save_file
 
-        h = cfg.hidden_size
-        configs = {"dense": {"in_features": h, "out_features": h, "bias": True, "activation_function": _IDENTITY},
-                   "norm": {"dimension": h}}
-        for ours, path, theirs in _HEAD_MODULES:
+        configs = {"dense": {"in_features": cfg.hidden_size, "out_features": cfg.embedding_dim, "bias": True,
+                             "activation_function": _IDENTITY},
+                   "norm": {"dimension": cfg.embedding_dim}}
+        for ours, path, theirs in head:
             write_json(os.path.join(folder, path, "config.json"), configs[ours])
             tensors = {f"{theirs}.{kind}": weights[f"{HEAD_PREFIX}{ours}.{kind}"] for kind in ("weight", "bias")}
             save_file(tensors, os.path.join(folder, path, "model.safetensors"), metadata={"format": "pt"})
@@ -594,8 +661,8 @@ def write_sentence_transformers(folder: str, cfg: BertConfig, weights: dict[str,
 def read_head(folder: str) -> dict[str, np.ndarray]:
     """The projection head's tensors of a tower ``folder`` by state_dict name (head.dense.weight,
     ...), from its sentence-transformers modules; none when it has no Dense or LayerNorm module.
-    A head that is not exactly Transformer, Pooling (CLS), Dense (identity activation, bias),
-    LayerNorm is refused: the tower would not compute what sentence-transformers does."""
+    A head that is not exactly Transformer, Pooling (CLS), Dense (identity activation, bias) and
+    optionally LayerNorm is refused: the tower would not compute what sentence-transformers does."""
     path = os.path.join(folder, "modules.json")
     if not os.path.isfile(path):
         return {}
@@ -603,11 +670,12 @@ def read_head(folder: str) -> dict[str, np.ndarray]:
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules if isinstance(m, dict)]
     if not {"Dense", "LayerNorm"} & set(kinds):
         return {}  # e.g. mean pooling + Normalize: the tower is the model's [CLS], as for any folder
-    if kinds != ["Transformer", "Pooling", "Dense", "LayerNorm"]:
+    if kinds not in (["Transformer", "Pooling", "Dense", "LayerNorm"], ["Transformer", "Pooling", "Dense"]):
         raise CheckpointError(f"{path}: modules {kinds}; a tower's projection head must be the modules "
-                              "Transformer, Pooling (CLS), Dense, LayerNorm (without modules.json the folder "
-                              "loads as its Hugging Face model alone)")
-    pooling, dense, norm = (os.path.join(folder, m["path"]) for m in modules[1:])
+                              "Transformer, Pooling (CLS), Dense and optionally LayerNorm (without modules.json "
+                              "the folder loads as its Hugging Face model alone)")
+    pooling, *head = (os.path.join(folder, m["path"]) for m in modules[1:])
+    dense = head[0]
     pooling_cfg = _read_json(os.path.join(pooling, "config.json"))
     mode = pooling_cfg.get("pooling_mode")  # sentence-transformers 6 writes "cls"; older ones one flag per mode
     cls = (mode in ("cls", ["cls"]) if mode is not None else
@@ -623,7 +691,7 @@ def read_head(folder: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{dense}/config.json: the projection head's Dense must be linear with a bias "
                               f"(activation Identity, no residual); it is {dense_cfg}")
     weights = {}
-    for (ours, _, theirs), module in zip(_HEAD_MODULES, (dense, norm)):
+    for (ours, _, theirs), module in zip(_HEAD_MODULES, head):
         for key, value in read_weights(module).items():  # a stray tensor stays unexpected, and is named
             weights[f"{HEAD_PREFIX}{ours}.{key.removeprefix(theirs + '.')}"] = value
     return weights

@@ -40,7 +40,7 @@ def embed_corpus(tower: Bert, store: CorpusStore, index_dir: str, *, checkpoint:
     storage.check_replaceable(index_dir, "an index folder (no vNNNNNN version in it)", is_index_folder)
     if version is None:
         version = lead_value((published_versions(index_dir) or [-1])[-1] + 1)  # one view for all processes
-    plan = IndexPlan(count=len(store), dim=tower.config.hidden_size, dtype=dtype, chunk_rows=chunk_rows,
+    plan = IndexPlan(count=len(store), dim=tower.config.embedding_dim, dtype=dtype, chunk_rows=chunk_rows,
                      corpus=store.path, checkpoint=checkpoint, step=step, max_length=max_length)
     builder = IndexBuilder(index_dir, version, plan)
     lead = is_lead()

@@ -45,7 +45,7 @@ class TrainingIndex:
     def start(self, tower) -> None:
         """A fresh run: ``data.initial_index`` if given, else the corpus embedded by ``tower``."""
         if self.cfg.data.initial_index:
-            self.load(initial_index(self.cfg.data.initial_index, self.store, tower.config.hidden_size), 0)
+            self.load(initial_index(self.cfg.data.initial_index, self.store, tower.config.embedding_dim), 0)
         else:
             self.rebuild(tower, 0)
 

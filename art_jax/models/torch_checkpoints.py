@@ -1,0 +1,82 @@
+"""Reading training checkpoints that PyTorch code saved (Megatron-LM's, facebook DPR's), for
+`art-jax convert`.
+
+They are pickles: besides tensors they hold the run's arguments (argparse.Namespace) and RNG
+states (numpy arrays, tuples). ``torch.load(weights_only=True)`` is given exactly those extra
+types and nothing else: a file asking for any other class or function is refused, never run.
+torch is the ``convert`` extra (``pip install -e ".[convert]"``) and imported only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+
+from art_jax.core.errors import CheckpointError
+
+
+@dataclasses.dataclass
+class TowerWeights:
+    """One tower as a Hugging Face folder would hold it: config.json's dict, and tensors by
+    transformers' names (torch layout: Linear weights [out, in]); a projection head's as head.*."""
+
+    hf_config: dict[str, Any]
+    weights: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class ConvertedRetriever:
+    question: TowerWeights
+    passage: TowerWeights
+    provenance: dict[str, Any]  # where it came from: recorded in the export's art_jax_export.json
+
+
+def _allowed_globals() -> list:
+    """The non-tensor objects real checkpoints hold: run arguments and RNG states (numpy's
+    pickles name its internals under numpy._core from numpy 2 on, numpy.core before)."""
+    import argparse
+
+    from numpy._core import multiarray
+
+    return [argparse.Namespace, np.ndarray, np.dtype, multiarray._reconstruct,
+            (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            *(type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGSUV"),
+            (np.dtype, "numpy.core.multiarray.dtype")]
+
+
+def load_torch_file(path: str, what: str) -> Any:
+    """The object ``torch.save`` wrote to the local file ``path``, tensors as torch tensors on
+    the CPU; ``what`` names the expected content in errors."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading {what} needs torch: pip install -e \".[convert]\"") from None
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_allowed_globals()):
+            warnings.simplefilter("ignore")  # numpy.core's deprecation, torch's notes on pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file ({what})") from None
+    except pickle.UnpicklingError as err:
+        # torch's text would advise weights_only=False, i.e. running the file's code: keep only its reason
+        reason = re.search(r"(?:WeightsUnpickler error:\s*|Trying to load )(.*?)(?:\.\s|\n|$)", str(err))
+        reason = reason.group(1) if reason else "unsafe pickle"
+        raise CheckpointError(f"{path}: refused: it holds objects beyond tensors, run arguments and RNG "
+                              f"states ({reason})") from None
+    except Exception as err:  # noqa: BLE001 - any other failure of torch.load: a file that is not a checkpoint
+        raise CheckpointError(f"{path}: unreadable as {what} ({type(err).__name__}: "
+                              f"{(str(err).strip().splitlines() or [''])[0]})") from None
+
+
+def to_numpy(tensor, name: str, source: str) -> np.ndarray:
+    """A float32 array of a torch tensor (fp16/bf16 training checkpoints included)."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise CheckpointError(f"{source}: {name} is a {type(tensor).__name__}, not a tensor")
+    return tensor.detach().to(torch.float32).numpy()
