@@ -42,6 +42,17 @@ def _export(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _convert(args) -> None:
+    from art_jax.core.distributed import barrier
+    from art_jax.jobs.convert import convert
+
+    convert(args.out, megatron=args.megatron, dpr_cp=args.dpr_cp, question_tower=args.question_tower,
+            passage_tower=args.passage_tower, tokenizer=args.tokenizer, question_max_length=args.question_max_length,
+            passage_max_length=args.passage_max_length)
+    barrier("art_jax.convert")
+    print(f"wrote {args.out}")
+
+
 def _prepare_corpus(args) -> None:
     from art_jax.data.corpus import TokenizerSpec, prepare_corpus
     from art_jax.models.hf import load_tokenizer
@@ -268,6 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "export, else 256)")
     p.add_argument("--out", required=True, help="output folder (replaced whole; a gs:// one is deleted, then uploaded)")
     p.set_defaults(run=_export)
+
+    p = add_command("convert", help="a retriever trained elsewhere as an export folder: ART/EMDR2 Megatron-LM "
+                    "checkpoints, facebook DPR checkpoints, or two Hugging Face towers (DPR's releases)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--megatron", metavar="DIR", help="Megatron-LM checkpoint folder (latest_checkpointed_"
+                        "iteration.txt, iter_NNNNNNN/mp_rank_00/model_optim_rng.pt), an iter_ folder, or the .pt")
+    source.add_argument("--dpr-cp", metavar="FILE", help="facebookresearch/DPR training checkpoint (model_dict with "
+                        "question_model. and ctx_model. tensors)")
+    source.add_argument("--question-tower", metavar="CHECKPOINT", help="Hugging Face folder or hub id of the "
+                        "question tower (with --passage-tower), e.g. a DPRQuestionEncoder")
+    p.add_argument("--passage-tower", metavar="CHECKPOINT", help="with --question-tower: the passage tower, e.g. "
+                   "a DPRContextEncoder")
+    p.add_argument("--tokenizer", help="Hugging Face folder or hub id of the tokenizer the model was trained with "
+                   "(required for --megatron and --dpr-cp; default: the question tower's)")
+    p.add_argument("--question-max-length", type=int, help="question tokens recorded in the export (default 64)")
+    p.add_argument("--passage-max-length", type=int, help="passage tokens recorded in the export (default 256)")
+    p.add_argument("--out", required=True, help="export folder (an existing export is replaced whole, any other "
+                   "non-empty folder refused)")
+    p.set_defaults(run=_convert)
 
     p = add_command("prepare-corpus", help="stream an evidence TSV/JSONL into a pre-tokenized store")
     p.add_argument("--corpus", required=True, help="DPR evidence TSV (id, text, title) or JSONL")

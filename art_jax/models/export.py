@@ -1,10 +1,11 @@
-"""The retriever export folder: a dual encoder as two Hugging Face BERT or RoBERTa folders that
-transformers and sentence-transformers load as they are, and a record of where it came from.
+"""The retriever export folder: a dual encoder as two Hugging Face folders (BERT, RoBERTa or
+Megatron's pre-LN BERT) that transformers and sentence-transformers load as they are, and a
+record of where it came from.
 
     OUT/art_jax_export.json   provenance + format, shared_towers, both max lengths (written last)
     OUT/question_encoder/     config.json, model.safetensors, the tokenizer, art_jax_tower.json and
     OUT/passage_encoder/      sentence-transformers' modules.json, sentence_bert_config.json, 1_Pooling/
-                              (and a projection head's 2_Dense/, 3_LayerNorm/)
+                              (and a projection head's 2_Dense/, and 3_LayerNorm/ where it has one)
 
 Both tower folders are always there (identical when the towers are shared), so a user never
 needs to know how the retriever was trained to pick the right one.

@@ -482,8 +482,9 @@ def load_bert(name: str, *, mesh=None, rules=DEFAULT_RULES, projection: bool | N
     return with_projection(model, projection, seed=seed, mesh=mesh, rules=rules, source=folder)
 
 
-def bert_from_weights(hf_config: dict[str, Any], weights: dict[str, np.ndarray], head: dict[str, np.ndarray] | None = None,
-                      *, source: str, mesh=None, rules=DEFAULT_RULES, **overrides) -> Bert:
+def bert_from_weights(hf_config: dict[str, Any], weights: dict[str, np.ndarray],
+                      head: dict[str, np.ndarray] | None = None, *, source: str, mesh=None, rules=DEFAULT_RULES,
+                      **overrides) -> Bert:
     """The tower a config.json dict and its tensors by transformers' names describe (what
     ``load_bert`` reads from a folder; ``head``: a projection head's head.* tensors kept beside
     the model). Loading is strict (see ``_fill_state``); ``source`` names the checkpoint in errors."""

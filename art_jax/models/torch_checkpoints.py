@@ -36,17 +36,58 @@ class ConvertedRetriever:
     provenance: dict[str, Any]  # where it came from: recorded in the export's art_jax_export.json
 
 
-def _allowed_globals() -> list:
-    """The non-tensor objects real checkpoints hold: run arguments and RNG states (numpy's
-    pickles name its internals under numpy._core from numpy 2 on, numpy.core before)."""
+class _Inert:
+    """Stands in for a class of the training code that only carries attributes: built from the
+    pickled attributes, with no method of the original ever run."""
+
+
+# Megatron's fp16 optimizer state pickles its loss scaler object (by these names over its history);
+# DPR's hydra-era runs keep their encoder settings as an omegaconf DictConfig (read by ``plain``)
+_INERT_CLASSES = (*(f"{package}loss_scaler.{name}" for package in ("megatron.fp16.", "fp16.")
+                    for name in ("LossScaler", "DynamicLossScaler")),
+                  "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.nodes.AnyNode",
+                  *(f"omegaconf.nodes.{kind}Node" for kind in ("String", "Integer", "Float", "Boolean", "Bytes",
+                                                               "Path", "Enum")),
+                  "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata")
+
+
+def plain(value: Any) -> Any:
+    """``value`` with run arguments (argparse.Namespace) and omegaconf containers and nodes read
+    back as dicts, lists and their values."""
     import argparse
+
+    if isinstance(value, argparse.Namespace):
+        return plain(vars(value))
+    if isinstance(value, _Inert):
+        attributes = vars(value)
+        if "_content" in attributes:
+            return plain(attributes["_content"])
+        if "_val" in attributes:
+            return plain(attributes["_val"])
+        return {key: plain(item) for key, item in attributes.items() if not key.startswith("_")}
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def _allowed_globals() -> list:
+    """The non-tensor objects real checkpoints hold: run arguments, RNG states (numpy's pickles
+    name its internals under numpy._core from numpy 2 on, numpy.core before) and loss scalers."""
+    import argparse
+    import collections
+    import typing
 
     from numpy._core import multiarray
 
     return [argparse.Namespace, np.ndarray, np.dtype, multiarray._reconstruct,
             (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
             *(type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGSUV"),
-            (np.dtype, "numpy.core.multiarray.dtype")]
+            (np.dtype, "numpy.core.multiarray.dtype"),
+            *((_Inert, name) for name in _INERT_CLASSES),
+            # what omegaconf's metadata names: types as values, its flags' default dict
+            dict, list, int, float, str, bool, collections.defaultdict, typing.Any]
 
 
 def load_torch_file(path: str, what: str) -> Any:
