@@ -22,6 +22,7 @@ import os
 import tempfile
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,7 +36,7 @@ from art_jax.core.fileio import read_json
 from art_jax.core.remote import local_copy
 from art_jax.core.sharding import make_mesh
 from art_jax.models.bert import Bert
-from art_jax.models.export import check_max_lengths, export_retriever, is_export_folder, tower_path
+from art_jax.models.export import check_max_lengths, export_retriever, reads_as_export, tower_path
 from art_jax.models.hf import abstract_module, bert_config_from_hf, load_tokenizer, read_config, resolve_checkpoint
 
 CONFIG, CHECKPOINTS, BEST, INDEX, CORPUS_STORE = "config.json", "checkpoints", "best", "index", "corpus_store"
@@ -66,7 +67,7 @@ def _source_folders(spec: str) -> dict[str, str]:
     root = run_root(spec)
     if root:
         return {role: local_copy(os.path.join(root, MODELS, role)) for role in ROLES}
-    if is_export_folder(spec):
+    if reads_as_export(spec):
         folder = local_copy(os.path.expanduser(spec))
         return {role: tower_path(folder, role) for role in ROLES}
     folder = resolve_checkpoint(spec)
@@ -163,9 +164,14 @@ def restore_groups(checkpoints: Checkpoints, step: int, groups: list[str], shard
 
 
 def tower_from_params(model_dir: str, params: dict) -> Bert:
-    """A BERT or RoBERTa tower of the config in ``model_dir`` holding ``params`` (as
-    ``restore_groups`` gives them), with a pooler and a projection head where they have one."""
-    cfg = bert_config_from_hf(read_config(model_dir), {}, with_pooler="pooler" in params, projection="head" in params)
+    """A tower (BERT, RoBERTa, Megatron's pre-LN BERT) of the config in ``model_dir`` holding ``params``
+    (as ``restore_groups`` gives them), with a pooler and a projection head where they have one (the
+    head's size, and whether it ends in a LayerNorm, are its parameters')."""
+    cfg = bert_config_from_hf(read_config(model_dir), {}, with_pooler="pooler" in params)
+    if "head" in params:
+        dim = np.shape(params["head"]["dense"]["kernel"]["value"])[-1]
+        cfg = dataclasses.replace(cfg, projection=True, projection_norm="norm" in params["head"],
+                                  projection_dim=0 if dim == cfg.hidden_size else int(dim))
     graphdef, abstract = nnx.split(abstract_module(Bert, cfg))
     flat = nnx.to_flat_state(abstract)
 

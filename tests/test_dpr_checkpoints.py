@@ -235,7 +235,7 @@ def test_a_dpr_training_checkpoint_gives_its_towers(tokenizer, tmp_path, project
     path = _save_cp(tmp_path / "dpr_biencoder.3", _checkpoint(towers, params))
     converted = read_dpr_checkpoint(path)
     assert converted.provenance == {"source": "dpr", "checkpoint": path, "epoch": 3, "offset": 128,
-                                    "encoder_params": params, "shared_encoder": False}
+                                    "encoder_params": params}
     json.dumps(converted.provenance)
 
     ids, mask = _batch(tokenizer, SENTENCES)
@@ -259,24 +259,25 @@ def test_a_dpr_training_checkpoint_gives_its_towers(tokenizer, tmp_path, project
     assert np.abs(got["question"] - got["passage"]).max() > 0.1, "the two towers are one"
 
 
-def test_a_shared_encoder_checkpoint_is_both_towers(tokenizer, tmp_path):
-    """Only question_model.* (one module for both sides); an old run's argparse.Namespace of settings
-    without the number of heads: hidden 128 gives BERT's 64-wide heads, 2 (a wrong count would change
-    the vectors)."""
-    tower = _Tower(_bert(21, hidden=128, heads=2, layers=1), 0)
+def test_an_old_run_s_namespace_settings_without_the_number_of_heads(tokenizer, tmp_path):
+    """An old run's argparse.Namespace of settings without the number of heads: hidden 128 gives
+    BERT's 64-wide heads, 2 (a wrong count would change the vectors)."""
+    towers = {"question_model.": _Tower(_bert(21, hidden=128, heads=2, layers=1), 0),
+              "ctx_model.": _Tower(_bert(22, hidden=128, heads=2, layers=1), 0)}
     params = argparse.Namespace(pretrained_model_cfg="bert-base-uncased", projection_dim=0, sequence_length=256)
-    path = _save_cp(tmp_path / "shared.cp", _checkpoint({"question_model.": tower}, params, epoch=0))
+    path = _save_cp(tmp_path / "old.cp", _checkpoint(towers, params, epoch=0))
     converted = read_dpr_checkpoint(path)
-    assert converted.passage is converted.question
-    assert converted.provenance["shared_encoder"] is True and converted.provenance["epoch"] == 0
+    assert converted.provenance["epoch"] == 0
     assert converted.provenance["encoder_params"] == vars(params)
     assert "hidden_size / 64" in converted.provenance["num_attention_heads"]
-    assert converted.question.hf_config["num_attention_heads"] == 2
     ids, mask = _batch(tokenizer, SENTENCES)
-    want = tower.vectors(ids, mask)
-    _informative(want)
-    model = bert_from_weights(converted.question.hf_config, converted.question.weights, source=path)
-    np.testing.assert_allclose(np.asarray(model.embed_cls(ids, mask)), want, rtol=0, atol=1e-5)
+    for side, prefix in (("question", "question_model."), ("passage", "ctx_model.")):
+        tower = getattr(converted, side)
+        assert tower.hf_config["num_attention_heads"] == 2
+        want = towers[prefix].vectors(ids, mask)
+        _informative(want)
+        model = bert_from_weights(tower.hf_config, tower.weights, source=path)
+        np.testing.assert_allclose(np.asarray(model.embed_cls(ids, mask)), want, rtol=0, atol=1e-5, err_msg=side)
 
 
 def test_a_hydra_run_checkpoint_with_omegaconf_settings(tokenizer, tmp_path):
@@ -340,7 +341,10 @@ def _params(value):
      r"no model_dict \(its keys: \['epoch', 'state_dict'\]"),
     (lambda state: {**state, "model_dict": {k.replace("question_model.", "encoder."): v
                                             for k, v in state["model_dict"].items()}},
-     r"no question_model\.\* tensors .*\['ctx_model', 'encoder'\]"),
+     r"no question_model\.\* tensors \(a DPR BiEncoder saves both towers; .*\['ctx_model', 'encoder'\]"),
+    (lambda state: {**state, "model_dict": {k: v for k, v in state["model_dict"].items()
+                                            if k.startswith("question_model.")}},
+     r"no ctx_model\.\* tensors \(a DPR BiEncoder saves both towers; its tensors start with \['question_model'\]"),
     (_without("ctx_model.embeddings.word_embeddings.weight"),
      r"model_dict has no ctx_model\.embeddings\.word_embeddings\.weight \(the ctx_model tower"),
     (_with("qa_outputs.weight", torch.zeros(2, 32)),
@@ -350,7 +354,7 @@ def _params(value):
     (_params(["hf_bert"]), r"encoder_params is a list"),
     (_params({"do_lower_case": True, "encoder": {"encoder_model_type": "fairseq_roberta"}}),
      r"encoder_model_type='fairseq_roberta'; only DPR's BERT"),
-], ids=["not-a-dict", "no-model-dict", "no-question-model", "tower-missing-a-tensor", "stray-tensor",
+], ids=["not-a-dict", "no-model-dict", "no-question-model", "no-ctx-model", "tower-missing-a-tensor", "stray-tensor",
         "not-a-tensor", "encoder-params-not-a-dict", "not-bert"])
 def test_bad_checkpoints_are_one_clear_error(tmp_path, edit, message):
     path = _save_cp(tmp_path / "bad.cp", edit(_good_state()))

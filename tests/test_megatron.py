@@ -31,11 +31,11 @@ LAYER_NAMES = {"input_layernorm": "attention.ln", "self_attention.dense": "atten
                "mlp.dense_4h_to_h": "output.dense"}
 
 
-def hf_model(seed: int, act: str = "gelu"):
+def hf_model(seed: int, act: str = "gelu", vocab: int = VOCAB):
     from transformers import MegatronBertConfig, MegatronBertModel
 
     torch.manual_seed(seed)
-    cfg = MegatronBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    cfg = MegatronBertConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                              intermediate_size=FFN, max_position_embeddings=POSITIONS, layer_norm_eps=1e-5,
                              hidden_act=act)
     model = MegatronBertModel(cfg, add_pooling_layer=False).eval()
@@ -285,6 +285,15 @@ def test_projection_enc_is_the_projection_head(tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+def test_a_directory_without_its_tracker_file_reads_its_one_iteration(tmp_path):
+    state = megatron_state({"query_model": megatron_tower(hf_model(0), 1.0)}, 1.0, iteration=300)
+    save(tmp_path, state)
+    os.remove(tmp_path / "latest_checkpointed_iteration.txt")
+    converted = read_megatron_checkpoint(str(tmp_path))
+    assert converted.provenance["iteration"] == 300
+    assert converted.provenance["file"].endswith(os.path.join("iter_0000300", "mp_rank_00", "model_optim_rng.pt"))
+
+
 def test_iteration_folder_rank_folder_and_file(tmp_path):
     model = hf_model(0)
     file = save(tmp_path, megatron_state({"query_model": megatron_tower(model, 1.0),
@@ -328,7 +337,12 @@ def _rm(path):
 
 
 BAD = {  # name: (change to the state before saving, change to the folder after, expected message)
-    "no tracker": (None, lambda d: _rm(d / "latest_checkpointed_iteration.txt"), r"no latest_checkpointed_iteration"),
+    "no tracker, two iterations": (None, lambda d: (_rm(d / "latest_checkpointed_iteration.txt"),
+                                                    (d / "iter_0000020").mkdir()),
+                                   r"no latest_checkpointed_iteration\.txt and several iteration folders "
+                                   r"\(iter_0000010, iter_0000020\): name one"),
+    "shared layers": (lambda s: setattr(s["args"], "num_unique_layers", 1), None,
+                      r"args\.num_unique_layers=1: layers shared across depth"),
     "tracker names a missing iteration": (
         None, lambda d: (d / "latest_checkpointed_iteration.txt").write_text("20"), r"names 20, but .*iter_0000020"),
     "tracker text": (None, lambda d: (d / "latest_checkpointed_iteration.txt").write_text("best"),
@@ -393,28 +407,36 @@ def test_unsafe_pickle_is_refused_not_run(tmp_path):
     assert not marker.exists()
 
 
-def test_fp16_optimizer_loss_scaler_is_read_as_attributes(tmp_path, monkeypatch):
-    """ART's FP16_Optimizer state pickles Megatron's loss scaler object: the file is read (the
-    scaler as its attributes, none of its code), not refused."""
+def test_loss_scaler_and_enums_of_the_training_code_are_read_as_data(tmp_path, monkeypatch):
+    """ART's FP16_Optimizer state pickles Megatron's loss scaler object, newer Megatron-LM's args an
+    enum (args.model_type): the file is read (the scaler as its attributes, the enum as its value,
+    none of their code), not refused."""
+    import enum
     import sys
     import types
 
-    module = types.ModuleType("megatron.fp16.loss_scaler")
+    scaler_module, enums_module = types.ModuleType("megatron.fp16.loss_scaler"), types.ModuleType("megatron.core.enums")
 
     class DynamicLossScaler:
         def __init__(self):
             self.cur_scale, self.cur_iter = 2.0 ** 16, 7
 
-    DynamicLossScaler.__module__, DynamicLossScaler.__qualname__ = module.__name__, "DynamicLossScaler"
-    module.DynamicLossScaler = DynamicLossScaler
-    for name in ("megatron", "megatron.fp16"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    state = megatron_state({"query_model": megatron_tower(hf_model(0), 1.0)}, 1.0)
+    class ModelType(enum.Enum):
+        encoder_or_decoder = 1
+
+    for cls, module in ((DynamicLossScaler, scaler_module), (ModelType, enums_module)):
+        cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
+        setattr(module, cls.__name__, cls)
+    modules = ("megatron", "megatron.fp16", "megatron.core", scaler_module.__name__, enums_module.__name__)
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, {scaler_module.__name__: scaler_module,
+                                                enums_module.__name__: enums_module}.get(name, types.ModuleType(name)))
+    state = megatron_state({"query_model": megatron_tower(hf_model(0), 1.0)}, 1.0,
+                           model_type=ModelType.encoder_or_decoder)
     state["optimizer"] = {"loss_scaler": DynamicLossScaler(), "optimizer": {"state": {}, "param_groups": []}}
     (tmp_path / "ckpt").mkdir()
     save(tmp_path / "ckpt", state)
-    for name in ("megatron", "megatron.fp16", module.__name__):  # the reader has no Megatron to import
+    for name in modules:  # the reader has no Megatron to import
         monkeypatch.delitem(sys.modules, name)
     converted = read_megatron_checkpoint(str(tmp_path / "ckpt"))
     assert converted.provenance["iteration"] == 10

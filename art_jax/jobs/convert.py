@@ -27,6 +27,8 @@ def convert(out: str, *, megatron: str | None = None, dpr_cp: str | None = None,
     """Write the export ``out`` from exactly one source (see the module's docstring). Max lengths
     default to DPR's and ART's 64 (questions) and 256 (passages), within the towers' positions."""
     check_export_target(out)
+    if passage_tower and not question_tower:
+        raise UserError("convert: --passage-tower goes with --question-tower (a training checkpoint gives both towers)")
     if megatron or dpr_cp:
         if not tokenizer:
             raise UserError(f"convert: {'--megatron' if megatron else '--dpr-cp'} needs --tokenizer (a training "

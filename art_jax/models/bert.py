@@ -1,8 +1,9 @@
 """BERT encoder in Flax NNX with the Hugging Face ``BertModel`` architecture, RoBERTa's and
 Megatron-LM's pre-LayerNorm BERT.
 
-Post-LayerNorm blocks, learned absolute positions, token types, exact GELU. Attribute
-names follow the HF module tree so that ``art_jax.models.hf`` maps weights by name.
+Post-LayerNorm blocks (pre-LN for Megatron's, below), learned absolute positions, token types,
+exact GELU (or its tanh form, ``hidden_act="gelu_new"``). Attribute names follow the HF module tree
+so that ``art_jax.models.hf`` maps weights by name.
 
 Megatron's BERT (``model_type="megatron-bert"``, transformers' ``MegatronBertModel``; the towers
 of ART's and EMDR2's released retrievers) normalises before each sub-layer instead of after it:

@@ -5,8 +5,8 @@ dict), ``optimizer_dict``, ``scheduler_dict``, ``offset``, ``epoch`` and ``encod
 run's encoder settings: a dict, or an argparse.Namespace in old versions). The BiEncoder holds
 two ``HFBertEncoder``s, transformers ``BertModel`` subclasses: ``question_model.<BertModel name>``
 and ``ctx_model.<BertModel name>`` (the pooler included), and ``<tower>.encode_proj.{weight,bias}``
-(hidden -> projection_dim, no LayerNorm) when the run had ``projection_dim > 0``. A run whose
-towers were one module may have saved only ``question_model.*``: both towers are then it.
+(hidden -> projection_dim, no LayerNorm) when the run had ``projection_dim > 0``. Both towers are
+always saved (a file without ``ctx_model.*`` is refused: cut short, or not DPR's).
 
 The towers' embedding is the last layer's [CLS] state (through encode_proj when there is one),
 what DPR's ``HFBertEncoder.forward`` returns with ``representation_token_pos=0``.
@@ -59,9 +59,10 @@ def read_dpr_checkpoint(path: str) -> ConvertedRetriever:
             stray.append(key)
         elif key.removeprefix(_TOWERS[side]) not in _BUFFERS:
             groups[side][key.removeprefix(_TOWERS[side])] = value
-    if not groups["question"]:
-        raise CheckpointError(f"{path}: model_dict has no question_model.* tensors (not a DPR BiEncoder's; "
-                              f"its tensors start with {sorted({str(k).split('.', 1)[0] for k in model})})")
+    for side, prefix in _TOWERS.items():
+        if not groups[side]:
+            raise CheckpointError(f"{path}: model_dict has no {prefix}* tensors (a DPR BiEncoder saves both "
+                                  f"towers; its tensors start with {sorted({str(k).split('.', 1)[0] for k in model})})")
     if stray:
         shown = ", ".join(sorted(stray)[:5]) + (f", ... ({len(stray)} in all)" if len(stray) > 5 else "")
         raise CheckpointError(f"{path}: model_dict has tensors outside question_model.* and ctx_model.*: {shown}")
@@ -71,16 +72,11 @@ def read_dpr_checkpoint(path: str) -> ConvertedRetriever:
     heads = _setting(params, "num_attention_heads")
     towers = {}
     for side, prefix in _TOWERS.items():
-        if not groups[side]:
-            continue
         weights = {}
         for name, tensor in groups[side].items():
             ours = f"{HEAD_PREFIX}dense.{name.removeprefix(_PROJECTION)}" if name.startswith(_PROJECTION) else name
             weights[ours] = to_numpy(tensor, f"model_dict[{prefix}{name}]", path)
         towers[side] = TowerWeights(_bert_config(weights, prefix, heads, params, path, provenance), weights)
-    if "passage" not in towers:  # one module served both sides
-        towers["passage"] = towers["question"]
-    provenance["shared_encoder"] = towers["passage"] is towers["question"]
     return ConvertedRetriever(towers["question"], towers["passage"], provenance)
 
 

@@ -44,6 +44,14 @@ def is_export_folder(path: str) -> bool:
     return storage.isfile(f"{path.rstrip('/')}/{EXPORT_FILE}")
 
 
+def reads_as_export(path: str) -> bool:
+    """Whether ``path`` is read as a two-tower retriever: an export folder, or any folder whose
+    question_encoder/ and passage_encoder/ are model folders (e.g. DPR's two released encoders put
+    side by side), which then takes the default max lengths."""
+    return is_export_folder(path) or all(storage.isfile(f"{tower_path(path, side)}/config.json")
+                                         for side in DEFAULT_MAX_LENGTHS)
+
+
 def check_export_target(out: str) -> None:
     """Refuse, before any work, an --out that is neither missing, empty, nor an export."""
     storage.check_replaceable(out, f"an export folder (no {EXPORT_FILE})", is_export_folder)
@@ -92,8 +100,10 @@ def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, ques
 
 def read_export(folder: str) -> dict[str, Any]:
     """art_jax_export.json of the export ``folder`` (a path or URL), checked to be a format this
-    reads."""
+    reads; for a folder of two towers without one, the default lengths."""
     path = f"{os.path.expanduser(folder).rstrip('/')}/{EXPORT_FILE}"
+    if not storage.isfile(path) and reads_as_export(folder):
+        return {"format": FORMAT, **{f"{side}_max_length": n for side, n in DEFAULT_MAX_LENGTHS.items()}}
     try:
         info = json.loads(storage.read_text(path))
     except (OSError, json.JSONDecodeError) as err:

@@ -90,8 +90,7 @@ def _locate(path: str) -> tuple[str, int | str | None]:
     if not any(name.startswith("mp_rank_") for name in os.listdir(local)):  # not an iteration folder
         tracker = os.path.join(local, TRACKER)
         if not os.path.isfile(tracker):
-            raise CheckpointError(f"{path}: no {TRACKER} (expected a Megatron-LM checkpoint directory, "
-                                  f"an iter_XXXXXXX folder or a {CHECKPOINT_FILE})")
+            return _locate_untracked(path, local)
         with open(tracker) as f:
             text = f.read().strip()
         if text == "release":
@@ -109,6 +108,19 @@ def _locate(path: str) -> tuple[str, int | str | None]:
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: no such file (the Megatron checkpoint of {path})")
     return file, tracked
+
+
+def _locate_untracked(path: str, local: str) -> tuple[str, int | str | None]:
+    """A directory without the tracker file (a tarball packed without it): its one iteration
+    folder (iter_XXXXXXX or release), if it has exactly one."""
+    folders = sorted(name for name in os.listdir(local) if re.fullmatch(r"iter_\d{7}|release", name)
+                     and os.path.isdir(os.path.join(local, name)))
+    if len(folders) != 1:
+        found = f"several iteration folders ({', '.join(folders)}): name one" if folders else "no iter_XXXXXXX folder"
+        raise CheckpointError(f"{path}: no {TRACKER} and {found} (expected a Megatron-LM checkpoint directory, "
+                              f"an iter_XXXXXXX folder or a {CHECKPOINT_FILE})")
+    file, _ = _locate(os.path.join(local, folders[0]))
+    return file, "release" if folders[0] == "release" else int(folders[0][5:])
 
 
 def _check_ranks(folder: str) -> None:
@@ -285,15 +297,15 @@ def _config(args: Any, layers: int, hidden: int, ffn: int, positions: int, where
     args; heads, epsilon, activation and dropout from the args."""
     if args is None:
         notes.append("no args in the checkpoint: layer_norm_eps 1e-5, exact gelu and dropout 0.1 assumed")
+    unique = _arg(args, "num_unique_layers")  # first: shared layers would show as missing ones
+    if unique is not None and unique != _arg(args, "num_layers", layers):
+        raise CheckpointError(f"{where}: args.num_unique_layers={unique}: layers shared across depth "
+                              "are not supported")
     for name, found in (("num_layers", layers), ("hidden_size", hidden), ("ffn_hidden_size", ffn),
                         ("max_position_embeddings", positions)):
         wanted = _arg(args, name)
         if wanted is not None and wanted != found:
             raise CheckpointError(f"{where}: args.{name}={wanted} but the tensors have {found}")
-    unique = _arg(args, "num_unique_layers")
-    if unique is not None and unique != _arg(args, "num_layers", layers):
-        raise CheckpointError(f"{where}: args.num_unique_layers={unique}: layers shared across depth "
-                              "are not supported")
     heads = _arg(args, "num_attention_heads")
     if heads is None:
         if hidden % 64:

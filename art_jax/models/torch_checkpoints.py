@@ -51,6 +51,19 @@ _INERT_CLASSES = (*(f"{package}loss_scaler.{name}" for package in ("megatron.fp1
                   "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata")
 
 
+class _InertValue:
+    """Stands in for an enum member of the training code (newer Megatron-LM's args.model_type):
+    the pickle rebuilds it from its value, which is all that is kept."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+# Megatron-LM's enums, by their module over its history
+_INERT_VALUES = tuple(f"megatron.{package}enums.{name}" for package in ("model.", "core.")
+                      for name in ("ModelType", "AttnMaskType", "AttnType", "LayerType", "PositionEmbeddingType"))
+
+
 def plain(value: Any) -> Any:
     """``value`` with run arguments (argparse.Namespace) and omegaconf containers and nodes read
     back as dicts, lists and their values."""
@@ -58,6 +71,8 @@ def plain(value: Any) -> Any:
 
     if isinstance(value, argparse.Namespace):
         return plain(vars(value))
+    if isinstance(value, _InertValue):
+        return plain(value.value)
     if isinstance(value, _Inert):
         attributes = vars(value)
         if "_content" in attributes:
@@ -85,7 +100,7 @@ def _allowed_globals() -> list:
             (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
             *(type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGSUV"),
             (np.dtype, "numpy.core.multiarray.dtype"),
-            *((_Inert, name) for name in _INERT_CLASSES),
+            *((_Inert, name) for name in _INERT_CLASSES), *((_InertValue, name) for name in _INERT_VALUES),
             # what omegaconf's metadata names: types as values, its flags' default dict
             dict, list, int, float, str, bool, collections.defaultdict, typing.Any]
 

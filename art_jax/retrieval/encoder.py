@@ -20,7 +20,7 @@ from art_jax.core.errors import UserError
 from art_jax.core.remote import local_copy
 from art_jax.data.tokenization import tokenize_passages, tokenize_questions
 from art_jax.models.bert import Bert
-from art_jax.models.export import is_export_folder, read_export, tower_max_length, tower_path
+from art_jax.models.export import read_export, reads_as_export, tower_max_length, tower_path
 from art_jax.models.hf import load_bert, load_tokenizer, resolve_checkpoint, with_projection
 
 
@@ -68,13 +68,14 @@ _DESCRIBED = {"hf": "a Hugging Face checkpoint", "export": "an export folder", "
 
 def retriever_kind(spec: str) -> str:
     """What a retriever argument names: "export", a folder `art-jax export` wrote (it has
-    art_jax_export.json); "run", a training run's workdir (config.json and checkpoints/) or one
-    of its checkpoints (WORKDIR/checkpoints/N, WORKDIR/best, WORKDIR/best/N); else "hf", a
-    Hugging Face folder, hub id or gs:// folder, one tower for both sides."""
+    art_jax_export.json) or one holding question_encoder/ and passage_encoder/ model folders;
+    "run", a training run's workdir (config.json and checkpoints/) or one of its checkpoints
+    (WORKDIR/checkpoints/N, WORKDIR/best, WORKDIR/best/N); else "hf", a Hugging Face folder,
+    hub id or gs:// folder, one tower for both sides."""
     path = _normalised(spec)
     if not storage.isdir(path):  # a hub id, or nothing there (loading says which)
         return "hf"
-    if is_export_folder(path):
+    if reads_as_export(path):
         return "export"
     from art_jax.workdir import run_root
 
