@@ -1,7 +1,8 @@
 """The README's quick start, shortened: `art-jax train --config=configs/demo.py` on the
 generated world must teach the random retriever to find the passages that answer the dev
 questions (accuracy recomputed from the retrieved texts, as `art-jax evaluate` does), with
-the losses of the loop before it served every method (tests/data/art_demo_losses.json)."""
+the recorded losses (tests/data/art_demo_losses.json: first those of the loop before it served
+every method; re-recorded when the encoder's computation changed on purpose, as its note says)."""
 
 import hashlib
 import json
@@ -31,7 +32,7 @@ def test_a_shortened_demo_run_raises_dev_accuracy(demo_run):
     assert os.path.isfile(os.path.join(workdir, "config.json"))
 
 
-def test_the_demo_losses_are_those_of_the_loop_before_the_refactor(demo_run):
+def test_the_demo_losses_are_the_recorded_ones(demo_run):
     workdir, _ = demo_run
     with open(LOSSES) as f:
         recorded = json.load(f)

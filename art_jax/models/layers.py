@@ -8,9 +8,57 @@ function of (state, batch): no RNG state lives inside the modules.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+    """``x`` with its last two axes swapped, as an array of its own on XLA:CPU.
+
+    In a backward pass XLA:CPU otherwise folds the transpose into the matmul, and its matmul
+    with a transposed operand (contracting a leading axis) runs without the XNNPACK kernels,
+    or it transposes the larger operand instead, in a loop fusion far slower than the matmul.
+    Transposing the smaller operand explicitly made a BERT tower's forward and backward 1.1x
+    faster on CPU (a 128x12x128x32 attention's, 1.4x); GPUs and TPUs take transposed operands
+    as they are."""
+    swapped = jnp.swapaxes(x, -1, -2)
+    return jax.lax.optimization_barrier(swapped) if jax.default_backend() == "cpu" else swapped
+
+
+@jax.custom_vjp
+def _linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jnp.matmul(x, kernel)
+
+
+def _linear_fwd(x, kernel):
+    return _linear(x, kernel), (x, kernel)
+
+
+def _linear_bwd(residuals, dy):
+    x, kernel = residuals
+    dx = jnp.matmul(dy, kernel.T).astype(x.dtype)
+    x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    if x.shape[-1] <= dy.shape[-1]:  # x^T dy, transposing the narrower of the two
+        dkernel = _transposed(x) @ dy
+    else:
+        dkernel = (_transposed(dy) @ x).T
+    return dx, dkernel.astype(kernel.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+    """nnx.Linear's contraction (the last axis of ``lhs`` with the first of a 2-D kernel) through
+    ``_linear``, whose gradient is the same with the kernel's computed faster on CPU."""
+    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2 or precision is not None or (
+            preferred_element_type not in (None, lhs.dtype)) or out_sharding is not None:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+    return _linear(lhs, rhs)
 
 
 def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool,
@@ -20,7 +68,7 @@ def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bia
         in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(nnx.initializers.normal(stddev), axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axes[1],)),
-        rngs=rngs)
+        dot_general=_dot_general, rngs=rngs)
 
 
 def embed(num: int, features: int, axes: tuple[str, str], *, dtype, param_dtype,
@@ -70,13 +118,60 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
            scale: float, dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
-    """Softmax attention over [B, L, H, D] inputs; scores and softmax in float32.
+    """Softmax attention over [B, L, H, D] inputs; scores and softmax in float32; ``bias``
+    broadcasts to [B, H, Lq, Lk] (and gets its gradient: T5's relative positions are trained).
 
     The contractions run head-major ([B, H, L, D]): on XLA:CPU the batched matmuls are
     4x faster in that layout than contracting the [B, L, H, D] views directly.
     """
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    keep = None
+    if key is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(key, 1.0 - dropout_rate, (*q.shape[:3], k.shape[2]))
+    return jnp.swapaxes(_attention(q, k, v, bias, keep, scale, dropout_rate), 1, 2)
+
+
+def _attention_weights(q, k, bias, scale):
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    weights = jax.nn.softmax(scores + bias, axis=-1)
-    weights = dropout(weights, dropout_rate, key).astype(v.dtype)
-    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
+    return jax.nn.softmax(scores + bias, axis=-1)
+
+
+def _dropped(weights, keep, rate):
+    return weights if keep is None else jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, bias, keep, scale, rate):
+    weights = _dropped(_attention_weights(q, k, bias, scale), keep, rate)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+
+
+def _attention_fwd(q, k, v, bias, keep, scale, rate):
+    weights = _attention_weights(q, k, bias, scale)
+    out = jnp.einsum("bhqk,bhkd->bhqd", _dropped(weights, keep, rate).astype(v.dtype), v)
+    return out, (q, k, v, bias, keep, weights)
+
+
+def _attention_bwd(scale, rate, residuals, d_out):
+    """Autodiff's gradient, with each matmul's transposed operand the small [B, H, L, D] one,
+    transposed explicitly (see ``_transposed``)."""
+    q, k, v, bias, keep, weights = residuals
+    dropped = _dropped(weights, keep, rate).astype(v.dtype)
+    dv = jnp.swapaxes(_transposed(d_out) @ dropped, -1, -2)
+    d_dropped = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    d_weights = _dropped(d_dropped, keep, rate)
+    d_logits = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
+    d_bias = _unbroadcast(d_logits, bias.shape)
+    d_scores = (d_logits * scale).astype(q.dtype)
+    dq = jnp.matmul(d_scores, k, preferred_element_type=jnp.float32).astype(q.dtype)
+    dk = jnp.swapaxes(jnp.matmul(_transposed(q), d_scores, preferred_element_type=jnp.float32), -1, -2)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), d_bias.astype(bias.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The gradient of an array of ``shape`` that was broadcast to ``x.shape``."""
+    x = jnp.sum(x, axis=tuple(range(x.ndim - len(shape))))
+    return jnp.sum(x, axis=tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1), keepdims=True)
