@@ -24,8 +24,16 @@ def _transposed(x: jax.Array) -> jax.Array:
     Transposing the smaller operand explicitly made a BERT tower's forward and backward 1.1x
     faster on CPU (a 128x12x128x32 attention's, 1.4x); GPUs and TPUs take transposed operands
     as they are."""
-    swapped = jnp.swapaxes(x, -1, -2)
-    return jax.lax.optimization_barrier(swapped) if jax.default_backend() == "cpu" else swapped
+    return jax.lax.platform_dependent(jnp.swapaxes(x, -1, -2), cpu=jax.lax.optimization_barrier,
+                                      default=lambda swapped: swapped)
+
+
+def _hand_written_gradients() -> bool:
+    """Whether the VJPs below apply: not inside shard_map (manual axes) nor on a mesh of explicit
+    axes, whose typing of sharded values they do not follow; there, autodiff's own gradient.
+    (Being custom VJPs, they also rule out forward-mode differentiation: jax.jvp, jacfwd.)"""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not (mesh.explicit_axes or mesh.manual_axes)
 
 
 @jax.custom_vjp
@@ -34,7 +42,7 @@ def _linear(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _linear_fwd(x, kernel):
-    return _linear(x, kernel), (x, kernel)
+    return jnp.matmul(x, kernel), (x, kernel)
 
 
 def _linear_bwd(residuals, dy):
@@ -55,7 +63,8 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     """nnx.Linear's contraction (the last axis of ``lhs`` with the first of a 2-D kernel) through
     ``_linear``, whose gradient is the same with the kernel's computed faster on CPU."""
     if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2 or precision is not None or (
-            preferred_element_type not in (None, lhs.dtype)) or out_sharding is not None:
+            preferred_element_type not in (None, lhs.dtype)) or out_sharding is not None or (
+            not _hand_written_gradients()):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, out_sharding=out_sharding)
     return _linear(lhs, rhs)
@@ -128,7 +137,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
     keep = None
     if key is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(key, 1.0 - dropout_rate, (*q.shape[:3], k.shape[2]))
-    return jnp.swapaxes(_attention(q, k, v, bias, keep, scale, dropout_rate), 1, 2)
+    attention = _attention if _hand_written_gradients() else _attention.fun
+    return jnp.swapaxes(attention(q, k, v, bias, keep, scale, dropout_rate), 1, 2)
 
 
 def _attention_weights(q, k, bias, scale):
@@ -153,8 +163,9 @@ def _attention_fwd(q, k, v, bias, keep, scale, rate):
 
 
 def _attention_bwd(scale, rate, residuals, d_out):
-    """Autodiff's gradient, with each matmul's transposed operand the small [B, H, L, D] one,
-    transposed explicitly (see ``_transposed``)."""
+    """Autodiff's gradient (up to rounding: the scores' gradient is taken to the inputs' dtype
+    before its two matmuls), the matmuls that contract a leading axis given the small
+    [B, H, L, D] operand transposed explicitly (see ``_transposed``)."""
     q, k, v, bias, keep, weights = residuals
     dropped = _dropped(weights, keep, rate).astype(v.dtype)
     dv = jnp.swapaxes(_transposed(d_out) @ dropped, -1, -2)
