@@ -123,7 +123,8 @@ def test_dpr_as_two_processes_trains_as_one(bert_dir, tmp_path):
             mrr.append([row["mrr"] for row in map(json.loads, f) if "mrr" in row])
     assert len(mrr[0]) == 1 and 0 < mrr[0][0] <= 1
     # the runs' parameters agree to rounding (the losses above), which may swap two near-tied
-    # passages of a ranking: one swap moves the MRR of these 24 questions by well under 2e-3
+    # passages of a ranking: a swap below the top ranks moves the MRR of these 24 questions by
+    # under 2e-3 (the one seen: 2.5e-4); evaluating other questions would move it far more
     np.testing.assert_allclose(mrr[1], mrr[0], rtol=0, atol=2e-3)
 
 
