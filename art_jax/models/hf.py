@@ -35,6 +35,7 @@ from art_jax.core.sharding import DEFAULT_RULES, state_shardings
 from art_jax.core.storage import is_remote, publish_folder
 from art_jax.models.bert import MODEL_TYPES, Bert, BertConfig, ProjectionHead
 from art_jax.models.t5 import T5, T5Config
+from art_jax.models.torch_checkpoints import refusal_reason
 
 # ---------------------------------------------------------------------------------------
 # Locating and reading checkpoint folders
@@ -134,11 +135,7 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # the file asks for code or objects beyond tensors; torch's text would advise loading it with
-        # weights_only=False, i.e. running that code: keep only its reason
-        reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(err))
-        reason = reason.group(1) if reason else "unsafe pickle"
-        raise CheckpointError(f"{path}: refused: not a plain tensor file ({reason}); "
+        raise CheckpointError(f"{path}: refused: not a plain tensor file ({refusal_reason(err)}); "
                               "convert a trusted copy to safetensors") from None
     except Exception as err:  # noqa: BLE001 - any other failure of torch.load: a file that is not a checkpoint
         with open(path, "rb") as f:

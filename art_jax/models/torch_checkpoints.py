@@ -119,14 +119,18 @@ def load_torch_file(path: str, what: str) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file ({what})") from None
     except pickle.UnpicklingError as err:
-        # torch's text would advise weights_only=False, i.e. running the file's code: keep only its reason
-        reason = re.search(r"(?:WeightsUnpickler error:\s*|Trying to load )(.*?)(?:\.\s|\n|$)", str(err))
-        reason = reason.group(1) if reason else "unsafe pickle"
         raise CheckpointError(f"{path}: refused: it holds objects beyond tensors, run arguments and RNG "
-                              f"states ({reason})") from None
+                              f"states ({refusal_reason(err)})") from None
     except Exception as err:  # noqa: BLE001 - any other failure of torch.load: a file that is not a checkpoint
         raise CheckpointError(f"{path}: unreadable as {what} ({type(err).__name__}: "
                               f"{(str(err).strip().splitlines() or [''])[0]})") from None
+
+
+def refusal_reason(err: pickle.UnpicklingError) -> str:
+    """What a weights_only load refused, from torch's message (whose advice, weights_only=False,
+    would run the file's code: only the reason is kept)."""
+    reason = re.search(r"(?:WeightsUnpickler error:\s*|Trying to load )(.*?)(?:\.\s|\n|$)", str(err))
+    return reason.group(1) if reason else "unsafe pickle"
 
 
 def to_numpy(tensor, name: str, source: str) -> np.ndarray:
