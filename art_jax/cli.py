@@ -150,12 +150,20 @@ def _mine(args) -> None:
 def _evaluate(args) -> None:
     import json
 
+    if args.answers is not None:
+        _evaluate_reading(args)
+        return
+    if args.results is None:
+        raise UserError("nothing to evaluate: give --results (retrieval) or --answers (generated answers)")
+    if args.nfd:
+        raise UserError("--nfd goes with --answers (retrieval matching applies NFD already)")
     if args.qrels:
         _evaluate_qrels(args)
         return
-    for flag, value in (("--metrics", args.metrics), ("--json-out", args.json_out)):
+    for flag, value, modes in (("--metrics", args.metrics, "--qrels (metrics against relevance judgements)"),
+                               ("--json-out", args.json_out, "--qrels or --answers")):
         if value is not None:
-            raise UserError(f"{flag} goes with --qrels (metrics against relevance judgements)")
+            raise UserError(f"{flag} goes with {modes}")
     from art_jax.evaluation.answers import evaluate_file, format_table
 
     report = evaluate_file(args.results, args.match or "string", args.topk, args.annotated_out)
@@ -179,6 +187,21 @@ def _evaluate_qrels(args) -> None:
           "(counted 0)")
     print(qrels.format_values(report["metrics"]))
     print(json.dumps(report["metrics"]))
+    if args.json_out:
+        print(f"wrote {args.json_out}")
+
+
+def _evaluate_reading(args) -> None:
+    from art_jax.core.storage import check_file_target
+    from art_jax.evaluation.reading import evaluate_answers_file, format_reading
+
+    for flag, value in (("--results", args.results), ("--qrels", args.qrels), ("--metrics", args.metrics),
+                        ("--topk", args.topk), ("--annotated-out", args.annotated_out), ("--match", args.match)):
+        if value is not None:
+            raise UserError(f"{flag} is for retrieval results; --answers scores generated answers (EM, F1)")
+    if args.json_out:
+        check_file_target(args.json_out, "--json-out")
+    print(format_reading(evaluate_answers_file(args.answers, args.nfd, args.json_out)))
     if args.json_out:
         print(f"wrote {args.json_out}")
 
@@ -382,9 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-device", type=int, help="--method dense: index rows each device scores per block")
     p.set_defaults(run=_mine)
 
-    p = add_command("evaluate", help="top-K accuracy of DPR-format results (DPR's answer matching), or with --qrels "
-                    "metrics against relevance judgements (ir-measures)")
-    p.add_argument("--results", required=True, help="DPR-format results JSON; with --qrels also a TREC run")
+    p = add_command("evaluate", help="top-K accuracy of DPR-format results (DPR's answer matching), with --qrels "
+                    "metrics against relevance judgements (ir-measures), or with --answers EM and F1 of generated "
+                    "answers (SQuAD)")
+    p.add_argument("--results", help="DPR-format results JSON; with --qrels also a TREC run")
+    p.add_argument("--answers", metavar="ANSWERS", help='JSONL of {"question", "answers", "prediction"} (as '
+                   "art-jax answer writes): EM and F1 in percent, SQuAD v1.1's normalisation; not with --results")
+    p.add_argument("--nfd", action="store_true", help="with --answers: Unicode NFD before normalising, as EMDR2 "
+                   "does (a composed and a decomposed accent then match)")
     p.add_argument("--match", choices=("string", "regex"), help="answer matching (default: string)")
     p.add_argument("--topk", type=int, nargs="+",
                    help="k values to report (default: 1, 5, 20, 50, 100 below the results' depth, then the "
@@ -394,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "judged query counts, one without results as 0")
     p.add_argument("--metrics", nargs="+", metavar="METRIC",
                    help="ir-measures names with --qrels (default: nDCG@10 RR@10 R@100), e.g. P@5 AP R@1000")
-    p.add_argument("--json-out", help="with --qrels: write {metric: value} (fractions) to this file")
+    p.add_argument("--json-out", help="with --qrels: write {metric: value} (fractions) to this file; with "
+                   '--answers: {"EM", "F1", "questions"} (percent)')
     p.set_defaults(run=_evaluate)
 
     p = add_command("train", help="train the dual encoder (configs/*.py; cfg.method: art, dpr, ict, pairs)")

@@ -46,3 +46,15 @@ def permute(positions, count: int, *, seed: int, epoch: int) -> np.ndarray:
     while np.any(outside := out >= count):  # cycle-walk: stays a bijection of 0..count-1
         out[outside] = encrypt(out[outside])
     return out.astype(np.int64)
+
+
+def step_positions(step: int, *, steps_per_epoch: int, batch_size: int, accumulation: int, rows: slice,
+                   count: int, seed: int) -> tuple[int, list[int]]:
+    """The epoch of ``step`` and the examples (of ``count``) that ``rows`` of each of its micro-batches
+    take, micro-batch-major: step s takes positions s*B .. s*B+B-1 of its epoch's order, so the step
+    alone fixes the data, on every host."""
+    epoch, start = divmod(step, steps_per_epoch)
+    start *= batch_size
+    micro_batch = batch_size // accumulation
+    positions = [start + a * micro_batch + j for a in range(accumulation) for j in range(rows.start, rows.stop)]
+    return epoch, permute(positions, count, seed=seed, epoch=epoch).tolist()

@@ -26,7 +26,7 @@ from art_jax.core.errors import UserError
 from art_jax.core.sharding import local_replica, make_mesh, process_rows
 from art_jax.data.examples import read_training_examples
 from art_jax.data.questions import read_questions
-from art_jax.data.shuffle import permute
+from art_jax.data.shuffle import step_positions
 from art_jax.data.tokenization import Tokens, tokenize_passages, tokenize_questions
 from art_jax.methods.common import (
     TrainsTowers,
@@ -176,11 +176,10 @@ class Contrastive(TrainsTowers):
 
     def step_examples(self, step: int) -> tuple[int, list[int]]:
         """The epoch and the examples of this process's rows of ``step``, micro-batch-major."""
-        epoch, start = divmod(step, self.steps_per_epoch)
-        start *= self.cfg.train.batch_size
-        positions = [start + a * self.micro_batch + j for a in range(self.cfg.train.accumulation)
-                     for j in range(self.my_rows.start, self.my_rows.stop)]
-        return epoch, permute(positions, self.num_examples, seed=self.cfg.seed, epoch=epoch).tolist()
+        train = self.cfg.train
+        return step_positions(step, steps_per_epoch=self.steps_per_epoch, batch_size=train.batch_size,
+                              accumulation=train.accumulation, rows=self.my_rows, count=self.num_examples,
+                              seed=self.cfg.seed)
 
     def tokens(self, indices: list[int], epoch: int) -> tuple[Tokens, Tokens]:
         """The examples' questions [n, question_max_length] and passages [n * P,
