@@ -91,6 +91,15 @@ def _embed(args) -> None:
     print(f"published {path}")
 
 
+def _answer(args) -> None:
+    from art_jax.jobs.answer import answer_file
+
+    count = answer_file(args.reader, args.results, args.out, topk=args.topk, input_format=args.input_format,
+                        max_input_tokens=args.max_input_tokens, max_answer_tokens=args.max_answer_tokens,
+                        beams=args.beams, batch_size=args.batch_size, step=args.step, best=args.best)
+    print(f"wrote {args.out}: {count} answers")
+
+
 def _search(args) -> None:
     import json
 
@@ -218,10 +227,18 @@ def _train(args) -> None:
         prepare_demo(cfg, args.workdir)
     result = make_trainer(cfg, args.workdir).run()
     if result["before"] and result["after"] and is_lead():
-        gains = ", ".join(f"{name.replace('top', 'top-')} {100 * result['before'][name]:.1f}% -> {100 * value:.1f}%"
-                          if name.startswith("top") else f"{name.upper()} {result['before'][name]:.3f} -> {value:.3f}"
-                          for name, value in result["after"].items())
-        print(f"dev accuracy: {gains}")
+        before, after = result["before"], result["after"]
+
+        def gain(name: str) -> str:
+            if name == "mrr":
+                return f"MRR {before[name]:.3f} -> {after[name]:.3f}"
+            label = name.replace("top", "top-") if name.startswith("top") else name.upper()
+            return f"{label} {100 * before[name]:.1f}% -> {100 * after[name]:.1f}%"
+
+        # a reader's run leads with its answers' exact match: "dev EM a% -> b%, top-5 c% -> d%"
+        reading = "em" in after
+        names = ["em", *(n for n in after if n.startswith("top"))] if reading else list(after)
+        print(("dev " if reading else "dev accuracy: ") + ", ".join(gain(name) for name in names))
 
 
 def _refresh(args) -> None:
@@ -384,6 +401,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "trec_eval's order (score, then docid, descending)")
     p.set_defaults(run=_search)
 
+    p = add_command("answer", help="the reader's answer to each question of DPR-format results over its top-K "
+                    "passages (Fusion-in-Decoder) -> JSONL for evaluate --answers")
+    p.add_argument("--reader", required=True, help="a Hugging Face T5 folder or hub id, an export with reader/, or a "
+                   "training run that trains a reader (its workdir or checkpoint)")
+    _add_checkpoint_choice(p)
+    p.add_argument("--results", required=True, help="DPR-format retrieval results JSON (art-jax search writes it)")
+    p.add_argument("--out", required=True, help='JSONL, one {"question", "answers", "prediction"} per question')
+    p.add_argument("--topk", type=int, default=50, help="passages read per question")
+    p.add_argument("--max-input-tokens", type=int, help="tokens per (question, passage) input, its </s> kept "
+                   "(default: the reader's recorded length, else 250)")
+    p.add_argument("--max-answer-tokens", type=int, help="longest generated answer (default: the reader's recorded "
+                   "length, else 50)")
+    p.add_argument("--input-format", help="fid (question: {question} title: {title} context: {text}), emdr2 "
+                   "([CLS] {question} [SEP] {title} [SEP] {text} [SEP]) or a template with those fields (default: "
+                   "the reader's recorded format, else fid)")
+    p.add_argument("--beams", type=int, default=1, help="1: greedy decoding; more: beam search (length penalty 1.0)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
+    p.set_defaults(run=_answer)
+
     p = add_command("mine", help="DPR training data by distant supervision: positives and hard negatives from BM25 "
                     "or a dense index")
     p.add_argument("--corpus", required=True, help="corpus store (from prepare-corpus) or evidence TSV/JSONL; "
@@ -446,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # options naming an output file, by command
-_FILE_OUTPUTS = {"score": "out", "search": "out", "evaluate": "annotated_out", "mine": "out"}
+_FILE_OUTPUTS = {"score": "out", "search": "out", "answer": "out", "evaluate": "annotated_out", "mine": "out"}
 
 
 def _check_args(args) -> None:

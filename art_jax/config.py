@@ -88,7 +88,9 @@ def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with the paper's NQ values; experiment files change a few."""
     cfg = ml_collections.ConfigDict()
-    cfg.method = "art"  # the training system (art_jax/methods/): "art", "dpr" (supervised, contrastive)
+    # the training system (art_jax/methods/): "art"; "dpr", "ict", "pairs" (contrastive); "fid" (the reader
+    # alone); "emdr2", "individual_topk", "joint_topk" (reader and retriever end to end)
+    cfg.method = "art"
     cfg.seed = 1234
     cfg.retriever = ml_collections.ConfigDict(dict(
         # a Hugging Face BERT or RoBERTa folder/hub id (both towers start from it), an export or a run
@@ -112,6 +114,25 @@ def default_config() -> ml_collections.ConfigDict:
         mu=50.0,  # query_likelihood: Dirichlet prior
         scale=1.0,  # query_likelihood: multiplies the mean log-likelihood (sharpens the teacher)
     ))
+    cfg.reader = ml_collections.ConfigDict(dict(
+        # the methods that train a T5 reader (Fusion-in-Decoder): a Hugging Face T5 folder or hub id, an export
+        # with reader/, or a run that trains one
+        checkpoint="t5-base",
+        # each (question, passage) input: "fid" (question: {question} title: {title} context: {text}), "emdr2"
+        # ([CLS] {question} [SEP] {title} [SEP] {text} [SEP], a T5 with BERT's vocabulary) or a template
+        input_format="fid",
+        max_input_tokens=250,  # per input, its closing token kept (EMDR2: 512)
+        max_answer_tokens=50,  # training targets and generated answers
+        # EMDR2's option: a passage shorter than max_input_tokens goes on with the next passages of its article
+        pad_with_following=False,
+        dropout=0.1,
+        dtype="float32",  # compute dtype; "bfloat16" computes in bf16 with float32 parameters and softmax
+        remat=False,  # recompute each block's activations in the backward pass: K x N tokens per question
+        eval_batch_size=8,  # dev questions per generation batch (greedy decoding)
+        # joint_topk: the starting lambda of lambda * p(z|q) on the cross-attention logits; 0 means K, so that a
+        # passage holding twice the uniform 1/K of the retriever's mass gets +1 on its logits
+        joint_lambda=0.0,
+    ))
     cfg.data = ml_collections.ConfigDict(dict(
         corpus="",  # evidence TSV/JSONL, prepared into WORKDIR/corpus_store when no store is given
         corpus_store="",
@@ -132,6 +153,9 @@ def default_config() -> ml_collections.ConfigDict:
         # questions' MRR over a proxy corpus of their positives and up to 50 hard negatives each,
         # embedded in device memory (DPR-PAQ's model selection, no index of the evidence needed)
         dev_examples="",
+        # fid: DPR-format retrieval results (art-jax search writes them) of the training and dev questions
+        train_results="",
+        dev_results="",
         # a published index version (or an index folder: its newest) of the corpus store to train
         # against from step 0, instead of the trainer embedding the corpus before the first step
         initial_index="",
@@ -149,6 +173,9 @@ def default_config() -> ml_collections.ConfigDict:
         # global batch as negatives with cached gradients (one more forward pass of the towers)
         accumulation=1,
         hard_negatives=1,  # contrastive methods: hard negatives per question beside its positive
+        # emdr2: the retriever term's marginal over the top-K, "sequence" (the paper's equation 6: whole
+        # answers) or "token" (the reference code's: per answer token)
+        marginalise="sequence",
         train_question_tower=True, train_passage_tower=True,
         refresh_every=500, eval_every=500, log_every=10, eval_topk=(1, 5, 20, 50, 100),
         # "sync": the trainer stops and re-embeds the corpus every refresh_every steps; "async": it
@@ -156,12 +183,14 @@ def default_config() -> ml_collections.ConfigDict:
         # and the trainer swaps to each published version at a step boundary
         refresh_mode="sync",
         checkpoint_every=500, keep_checkpoints=3,
-        # after each evaluation the state is saved to WORKDIR/best/ if this dev accuracy ("top{k}", k in
-        # eval_topk; "" for none) beat every earlier one; top-20 is what DPR-style work selects by
+        # after each evaluation the state is saved to WORKDIR/best/ if this dev metric ("top{k}", k in
+        # eval_topk; "em" or "f1" for a reader; "" for none) beat every earlier one; top-20 is what DPR-style
+        # work selects by, dev EM what reader work does
         best_metric="top20",
     ))
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
-                                              layers=2, heads=4, initializer_range=0.15, dropout=0.1))
+                                              layers=2, heads=4, initializer_range=0.15, dropout=0.1,
+                                              reader_d_model=64))
     return cfg
 
 

@@ -37,11 +37,31 @@ from art_jax.core.remote import local_copy
 from art_jax.core.sharding import make_mesh
 from art_jax.models.bert import Bert
 from art_jax.models.export import check_max_lengths, export_retriever, reads_as_export, tower_path
-from art_jax.models.hf import abstract_module, bert_config_from_hf, load_tokenizer, read_config, resolve_checkpoint
+from art_jax.models.hf import (
+    abstract_module,
+    bert_config_from_hf,
+    load_tokenizer,
+    read_config,
+    resolve_checkpoint,
+    t5_config_from_hf,
+    write_json,
+)
+from art_jax.models.reader_folder import (
+    READER_FILE,
+    Reader,
+    ReaderSettings,
+    read_reader_folder,
+    read_settings,
+    reader_folder_of,
+    settings_record,
+)
+from art_jax.models.t5 import T5
 
 CONFIG, CHECKPOINTS, BEST, INDEX, CORPUS_STORE = "config.json", "checkpoints", "best", "index", "corpus_store"
 HEARTBEAT, FINISHED, MODELS = "refresher.json", "finished.json", "models"
-ROLES = ("question", "passage")
+ROLES = ("question", "passage")  # the towers'
+# the reader's role (and group); a Joint top-K run's trained cross-attention weight lambda is the group JOINT
+READER, JOINT = "reader", "joint"
 
 
 def is_run(path: str) -> bool:
@@ -74,23 +94,37 @@ def _source_folders(spec: str) -> dict[str, str]:
     return {role: folder for role in ROLES}
 
 
-def copy_initial_models(workdir: str, source: str, roles: dict[str, str], lengths: dict[str, int]) -> None:
-    """WORKDIR/models/ROLE/: the config and tokenizer each role's tower starts from (not the
-    weights), and models.json: the source, each role's parameter group and max length. Once: a
-    resumed run keeps what the run started from."""
+def _reader_source_folder(spec: str) -> str:
+    """The local folder of the config and tokenizer a reader starts from (a run's: its models/reader/)."""
+    root = run_root(spec)
+    return local_copy(os.path.join(root, MODELS, READER)) if root else reader_folder_of(spec)
+
+
+def copy_initial_models(workdir: str, source: str | None, roles: dict[str, str], lengths: dict[str, int],
+                        reader: tuple[str, ReaderSettings] | None = None) -> None:
+    """WORKDIR/models/ROLE/: the config and tokenizer each role's model starts from (not the
+    weights): the towers' from the retriever ``source`` (None: the run trains no towers), the
+    reader's from ``reader`` = (its argument, how it reads; recorded in its art_jax_reader.json);
+    and models.json: the sources, each role's parameter group and max length. Once: a resumed run
+    keeps what the run started from."""
     target = os.path.join(workdir, MODELS)
     if storage.isfile(os.path.join(target, "models.json")):
         return
-    for role, folder in _source_folders(source).items():
+    folders = _source_folders(source) if source else {}
+    if reader:
+        folders[READER] = _reader_source_folder(reader[0])
+    for role, folder in folders.items():
         with tempfile.TemporaryDirectory() as saved:
             load_tokenizer(folder).save_pretrained(saved)
+            if role == READER:
+                write_json(os.path.join(saved, READER_FILE), settings_record(reader[1]))
             files = {name: os.path.join(saved, name) for name in os.listdir(saved)}
             files["config.json"] = os.path.join(folder, "config.json")
             for name, path in sorted(files.items()):
                 with open(path, "rb") as f:
                     storage.write_bytes(os.path.join(target, role, name), f.read())
-    meta = {"source": source,
-            "roles": {role: {"group": roles[role], "max_length": lengths[role]} for role in ROLES}}
+    meta = {"source": source, **({"reader_source": reader[0]} if reader else {}),
+            "roles": {role: {"group": group, "max_length": lengths.get(role)} for role, group in roles.items()}}
     storage.write_text(os.path.join(target, "models.json"), json.dumps(meta, indent=1))  # last: complete
 
 
@@ -163,6 +197,20 @@ def restore_groups(checkpoints: Checkpoints, step: int, groups: list[str], shard
     return {g: state["params"][g] for g in groups}
 
 
+def module_from_params(module_cls, cfg, params: dict):
+    """A ``module_cls(cfg)`` holding ``params`` (nested dicts as ``restore_groups`` gives them)."""
+    graphdef, abstract = nnx.split(abstract_module(module_cls, cfg))
+
+    def value(path):
+        node = params
+        for key in (*path, "value"):
+            node = node[str(key)]
+        return node
+
+    return nnx.merge(graphdef, nnx.from_flat_state({path: var.replace(value(path))
+                                                    for path, var in nnx.to_flat_state(abstract)}))
+
+
 def tower_from_params(model_dir: str, params: dict) -> Bert:
     """A tower (BERT, RoBERTa, Megatron's pre-LN BERT) of the config in ``model_dir`` holding ``params``
     (as ``restore_groups`` gives them), with a pooler and a projection head where they have one (the
@@ -172,16 +220,7 @@ def tower_from_params(model_dir: str, params: dict) -> Bert:
         dim = np.shape(params["head"]["dense"]["kernel"]["value"])[-1]
         cfg = dataclasses.replace(cfg, projection=True, projection_norm="norm" in params["head"],
                                   projection_dim=0 if dim == cfg.hidden_size else int(dim))
-    graphdef, abstract = nnx.split(abstract_module(Bert, cfg))
-    flat = nnx.to_flat_state(abstract)
-
-    def value(path):
-        node = params
-        for key in (*path, "value"):
-            node = node[str(key)]
-        return node
-
-    return nnx.merge(graphdef, nnx.from_flat_state({path: var.replace(value(path)) for path, var in flat}))
+    return module_from_params(Bert, cfg, params)
 
 
 def read_tower(workdir: str, checkpoints: Checkpoints, step: int, role: str, mesh=None) -> Bert:
@@ -208,6 +247,17 @@ def read_run_tower(spec: str, role: str, *, step: int | None = None, best: bool 
     return tower, _models_meta(workdir)["roles"][role]["max_length"]
 
 
+def _provenance(workdir: str, checkpoints: Checkpoints, step: int, meta: dict) -> dict:
+    """Where an export of ``step`` came from: the run, checkpoint, index version, the sources its
+    models started from, the metric that chose it, the run's config."""
+    record = checkpoints.record(step)
+    return {"run": workdir, "checkpoint": os.path.join(checkpoints.directory, str(step)), "step": step,
+            "index_version": record.get("index_version"), "source": meta["source"],
+            **({"reader_source": meta["reader_source"]} if "reader_source" in meta else {}),
+            **({"metric": record["metric"], "value": record["value"]} if "metric" in record else {}),
+            "config": read_run_config(workdir).to_dict()}
+
+
 def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=None) -> RunTowers:
     """Both towers of a run workdir or checkpoint folder (default: the newest checkpoint),
     replicated on ``mesh`` (default: this process's devices)."""
@@ -220,26 +270,67 @@ def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=Non
     models = os.path.join(workdir, MODELS)
     towers = {role: tower_from_params(local_copy(os.path.join(models, role)), params[meta["roles"][role]["group"]])
               for role in ROLES}
-    record = checkpoints.record(step)
+    provenance = _provenance(workdir, checkpoints, step, meta)
     checkpoints.close()
-    provenance = {"run": workdir, "checkpoint": os.path.join(checkpoints.directory, str(step)), "step": step,
-                  "index_version": record.get("index_version"), "source": meta["source"],
-                  **({"metric": record["metric"], "value": record["value"]} if "metric" in record else {}),
-                  "config": read_run_config(workdir).to_dict()}
     truncation = provenance["config"]["retriever"].get("question_truncation", "right")
     return RunTowers(towers["question"], towers["passage"], load_tokenizer(local_copy(os.path.join(models, "question"))),
                      meta["roles"]["question"]["max_length"], meta["roles"]["passage"]["max_length"], provenance,
                      truncation)
 
 
-def export_run(spec: str, out: str, *, step: int | None = None, best: bool = False) -> str:
-    """`art-jax export --run`: the towers of a run's checkpoint (default: the newest) as an
-    export folder, with the run's config, step, index version and the metric that chose it."""
-    run = read_run(spec, step=step, best=best)  # every process: Orbax restores together
-    check_max_lengths(run.question, run.passage, run.question_max_length, run.passage_max_length)
-    if is_lead():
-        export_retriever(run.question, run.passage, run.tokenizer, out, question_max_length=run.question_max_length,
-                         passage_max_length=run.passage_max_length, question_truncation=run.question_truncation,
-                         provenance=run.provenance)
-    return out
+def load_reader(spec: str, *, mesh=None, step: int | None = None, best: bool = False, **overrides) -> Reader:
+    """The reader ``spec`` names: a training run that trains one (its newest checkpoint, ``step``'s
+    or its best), an export with reader/, or a Hugging Face T5 folder or hub id; ``overrides``:
+    T5Config fields (dropout, compute dtype, remat)."""
+    if run_root(os.path.normpath(os.path.expanduser(spec)) if not storage.is_remote(spec) else spec.rstrip("/")):
+        return read_run_reader(spec, step=step, best=best, mesh=mesh, **overrides)
+    if step is not None or best:
+        raise UserError(f"a step or the best checkpoint (--step/--best) can only be chosen from a training run; "
+                        f"{spec} is not one")
+    return read_reader_folder(reader_folder_of(spec), mesh=mesh, **overrides)
 
+
+def read_run_reader(spec: str, *, step: int | None = None, best: bool = False, mesh=None, **overrides) -> Reader:
+    """The reader of a run workdir or checkpoint folder (default: the newest checkpoint), replicated
+    on ``mesh``; a Joint top-K run's with its trained lambda. Only the reader's parameters are read."""
+    workdir, folder, step = locate(spec, step=step, best=best)
+    roles = _models_meta(workdir)["roles"]
+    if READER not in roles:
+        raise UserError(f"{workdir}: this run trains no reader (its method trains retriever towers only)")
+    groups = [roles[READER]["group"], *([roles[JOINT]["group"]] if JOINT in roles else [])]
+    checkpoints = Checkpoints(workdir, folder=folder, read_only=True)
+    params = restore_groups(checkpoints, step, groups, _replicated(mesh))
+    checkpoints.close()
+    model_dir = local_copy(os.path.join(workdir, MODELS, READER))
+    reader_params = params[groups[0]]
+    cfg = t5_config_from_hf(read_config(model_dir), {}, untied_lm_head="lm_head" in reader_params, **overrides)
+    settings = read_settings(model_dir)
+    if JOINT in roles:
+        settings = dataclasses.replace(settings, joint_lambda=float(params[groups[1]]["weight"]["value"]))
+    return Reader(module_from_params(T5, cfg, reader_params), load_tokenizer(model_dir), settings,
+                  os.path.join(checkpoints.directory, str(step)))
+
+
+def export_run(spec: str, out: str, *, step: int | None = None, best: bool = False) -> str:
+    """`art-jax export --run`: the towers and the reader (those the run trains) of a run's checkpoint
+    (default: the newest) as an export folder, with the run's config, step, index version and the
+    metric that chose it."""
+    workdir, folder, found = locate(spec, step=step, best=best)
+    meta = _models_meta(workdir)
+    # every process reads: Orbax restores together
+    run = read_run(spec, step=step, best=best) if ROLES[0] in meta["roles"] else None
+    reader = read_run_reader(spec, step=step, best=best) if READER in meta["roles"] else None
+    if run:
+        check_max_lengths(run.question, run.passage, run.question_max_length, run.passage_max_length)
+        provenance = run.provenance
+    else:
+        checkpoints = Checkpoints(workdir, folder=folder, read_only=True)
+        provenance = _provenance(workdir, checkpoints, found, meta)
+        checkpoints.close()
+    if is_lead():
+        export_retriever(run and run.question, run and run.passage, run and run.tokenizer, out,
+                         question_max_length=run.question_max_length if run else 0,
+                         passage_max_length=run.passage_max_length if run else 0,
+                         question_truncation=run.question_truncation if run else "right", provenance=provenance,
+                         reader=reader)
+    return out

@@ -117,7 +117,7 @@ def evaluate_results(results: Any, match: str = "string", ks: Iterable[int] | No
     answer was further down. ``exhaustive`` says the ctxs are the whole corpus; then a k past
     them is as good as all of them. A question with fewer ctxs than k counts the ones it has."""
     make_matcher = _matcher_maker(match)
-    _check_results(results, source)
+    check_results(results, source)
     width = max(len(item["ctxs"]) for item in results)
     if width == 0:
         raise UserError(f"{source}: no question has any ctxs to evaluate")
@@ -135,7 +135,7 @@ def evaluate_results(results: Any, match: str = "string", ks: Iterable[int] | No
     return top_k_accuracy(hits, ks), annotated
 
 
-def _check_results(results: Any, source: str) -> None:
+def check_results(results: Any, source: str) -> None:
     if not isinstance(results, list) or not results:
         raise UserError(f"{source}: expected a non-empty JSON list of results")
     for qi, item in enumerate(results):

@@ -10,6 +10,7 @@ with ``ctx = {"title","text","score","passage_id"}``, written whole or not at al
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ from art_jax.core.progress import progress_bar
 from art_jax.data.build import Ragged, RaggedWriter
 from art_jax.data.questions import Question
 from art_jax.evaluation.answers import has_answer
+from art_jax.retrieval.results import qid_of
 
 METHODS = ("bm25", "dense")
 
@@ -219,12 +221,13 @@ def _write(out: str, items: list[dict]) -> None:
     storage.write_text(out, json.dumps(items, indent=1, ensure_ascii=False) + "\n")
 
 
-def mine_bm25(corpus_path: str, questions: Sequence[Question], out: str, *, depth: int = 100,
-              hard_negatives: int = 1, match: str = "string", bm25_index: str | None = None,
-              threads: int | None = None, progress: bool = True, **build_options) -> MineStats:
-    """BM25 distant supervision over ``corpus_path`` (a store or an evidence file). With
-    ``bm25_index`` the index is kept in that folder, or reused from it when it was built for
-    this corpus; else it is built in a scratch folder and dropped."""
+@contextlib.contextmanager
+def _bm25_rankings(corpus_path: str, questions: Sequence[Question], depth: int, *, bm25_index: str | None = None,
+                   threads: int | None = None, progress: bool = True, **build_options):
+    """(corpus, each question's BM25 (rows, scores) best first, the depth searched) over
+    ``corpus_path`` (a store or an evidence file). With ``bm25_index`` the index is kept in that
+    folder, or reused from it when it was built for this corpus; else it is built in a scratch
+    folder and dropped."""
     from art_jax.retrieval import bm25
 
     scratch = tempfile.mkdtemp(prefix="art_jax-mine-")
@@ -237,13 +240,36 @@ def mine_bm25(corpus_path: str, questions: Sequence[Question], out: str, *, dept
                                    corpus=corpus.label, progress=progress, **build_options)
         depth = min(depth, corpus.count)
         rankings = index.search([q.question for q in questions], depth, threads=threads, progress=progress)
-        items, stats = distant_supervision(questions, rankings, corpus, hard_negatives=hard_negatives, match=match,
-                                           depth=depth, progress=progress)
         del index  # its memory maps, before the scratch folder goes
-        _write(out, items)
-        return stats
+        yield corpus, rankings, depth
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def mine_bm25(corpus_path: str, questions: Sequence[Question], out: str, *, depth: int = 100,
+              hard_negatives: int = 1, match: str = "string", bm25_index: str | None = None,
+              threads: int | None = None, progress: bool = True, **build_options) -> MineStats:
+    """BM25 distant supervision over ``corpus_path`` (see ``_bm25_rankings``)."""
+    with _bm25_rankings(corpus_path, questions, depth, bm25_index=bm25_index, threads=threads, progress=progress,
+                        **build_options) as (corpus, rankings, depth):
+        items, stats = distant_supervision(questions, rankings, corpus, hard_negatives=hard_negatives, match=match,
+                                           depth=depth, progress=progress)
+    _write(out, items)
+    return stats
+
+
+def bm25_results(corpus_path: str, questions: Sequence[Question], out: str, *, depth: int = 100,
+                 progress: bool = True) -> None:
+    """BM25's top ``depth`` passages of each question as DPR-format results, what `art-jax search`
+    writes (the FiD demo reads them)."""
+    with _bm25_rankings(corpus_path, questions, depth, progress=progress) as (corpus, rankings, _):
+        results = []
+        for position, (question, (rows, scores)) in enumerate(zip(questions, rankings, strict=True)):
+            ctxs = [dict(zip(("id", "title", "text"), corpus.passage(int(row))), score=float(score))
+                    for row, score in zip(rows, scores)]
+            results.append({"qid": qid_of(question, position), "question": question.question,
+                            "answers": list(question.answers), "ctxs": ctxs})
+    _write(out, results)
 
 
 def mine_dense(encoder, version, index, store, questions: Sequence[Question], out: str, *, depth: int = 100,

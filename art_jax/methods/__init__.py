@@ -5,11 +5,15 @@ from __future__ import annotations
 from art_jax.core.errors import UserError
 from art_jax.methods.art import Art
 from art_jax.methods.dpr import Dpr
+from art_jax.methods.emdr2 import Emdr2
+from art_jax.methods.fid import Fid
 from art_jax.methods.ict import Ict
+from art_jax.methods.individual_topk import IndividualTopK
+from art_jax.methods.joint_topk import JointTopK
 from art_jax.methods.pairs import Pairs
 from art_jax.training.loop import Trainer
 
-METHODS = {"art": Art, "dpr": Dpr, "ict": Ict, "pairs": Pairs}
+METHODS = {method.name: method for method in (Art, Dpr, Ict, Pairs, Fid, Emdr2, IndividualTopK, JointTopK)}
 
 
 def make_trainer(cfg, workdir: str) -> Trainer:

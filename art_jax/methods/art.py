@@ -32,6 +32,7 @@ from art_jax.methods.common import (
     check_batch,
     check_input_files,
     check_retriever,
+    check_topk,
     dev_accuracy,
     open_store,
 )
@@ -153,8 +154,7 @@ class Art(TrainsTowers):
     def check_config(cfg) -> None:
         if cfg.scorer.kind not in ("t5", "query_likelihood"):
             raise UserError(f"scorer.kind: {cfg.scorer.kind!r} is not 't5' or 'query_likelihood'")
-        if cfg.train.topk < 1:
-            raise UserError(f"train.topk={cfg.train.topk} must be at least 1")
+        check_topk(cfg)
         check_batch(cfg, accumulation=cfg.train.accumulation)
         check_retriever(cfg)
         # (data.corpus is read only when the store is prepared: a resumed run may have dropped it)

@@ -22,6 +22,7 @@ from art_jax.retrieval.encoder import (
     load_retriever_tokenizer,
 )
 from art_jax.retrieval.results import dpr_results, retrieve
+from art_jax.training.loop import check_total_steps
 from art_jax.training.state import OptimConfig, ParamGroups, TrainState
 from art_jax.workdir import CORPUS_STORE
 
@@ -43,6 +44,28 @@ def check_batch(cfg, *, accumulation: int) -> None:
     if cfg.train.batch_size % (devices * accumulation):
         raise UserError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {devices} devices "
                         f"x train.accumulation={accumulation}")
+
+
+def check_topk(cfg) -> None:
+    if cfg.train.topk < 1:
+        raise UserError(f"train.topk={cfg.train.topk} must be at least 1")
+
+
+def check_selection(cfg, dev_key: str) -> None:
+    """A best checkpoint (``train.best_metric``) needs the dev data ``data.{dev_key}``."""
+    if cfg.train.best_metric and not cfg.data[dev_key]:
+        raise UserError(f"train.best_metric={cfg.train.best_metric!r} needs data.{dev_key}; set "
+                        "train.best_metric='' to train without selecting a best checkpoint")
+
+
+def epoch_steps(cfg, count: int, what: str) -> tuple[int, int]:
+    """(steps per epoch, total steps) of ``count`` training examples (``what`` they are)."""
+    per_epoch = count // cfg.train.batch_size
+    if per_epoch == 0:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is larger than the {count} {what}")
+    total = cfg.train.steps or cfg.train.epochs * per_epoch
+    check_total_steps(cfg, total)
+    return per_epoch, total
 
 
 def check_retriever(cfg) -> None:
@@ -101,28 +124,39 @@ def _copy(module: nnx.Module) -> nnx.Module:
     return nnx.merge(graph, jax.tree.map(jnp.copy, state))
 
 
-def dev_accuracy(cfg, groups: ParamGroups, state: TrainState, tokenizer, dev_questions, index,
-                 store: CorpusStore) -> dict[str, float]:
-    """Top-k answer accuracy of the dev questions over the run's index (DPR's matching).
-    Every process searches all of them (process 0 reports), the towers on its own devices."""
+def dev_retrieval(cfg, groups: ParamGroups, state: TrainState, tokenizer, dev_questions, index, store: CorpusStore,
+                  depth: int = 0) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Top-k answer accuracy of the dev questions over the run's index (DPR's matching), and their
+    scores and rows to ``depth`` (at least the largest k). Every process searches all of them
+    (process 0 reports), the towers on its own devices."""
     encoder = DualEncoder(local_replica(groups.module(state.params, "question")),
                           local_replica(groups.module(state.params, "passage")), tokenizer,
                           question_max_length=cfg.retriever.question_max_length,
                           question_truncation=cfg.retriever.question_truncation)
     ks = tuple(cfg.train.eval_topk)
-    scores, rows = retrieve(encoder, index, dev_questions, min(max(ks), len(store)), progress=False)
+    scores, rows = retrieve(encoder, index, dev_questions, min(max(*ks, depth), len(store)), progress=False)
     accuracy, _ = dpr_results(dev_questions, scores, rows, store, store.ids, ks=ks)
-    return {metric_name(k): accuracy[k] for k in ks}
+    return {metric_name(k): accuracy[k] for k in ks}, scores, rows
+
+
+def dev_accuracy(cfg, groups: ParamGroups, state: TrainState, tokenizer, dev_questions, index,
+                 store: CorpusStore) -> dict[str, float]:
+    """Top-k answer accuracy of the dev questions over the run's index (``dev_retrieval``)."""
+    return dev_retrieval(cfg, groups, state, tokenizer, dev_questions, index, store)[0]
 
 
 class TrainsTowers:
     """What every method that trains the two retriever towers shares: the towers a run starts
     from (``retriever.*``) and the optimizer's settings (``train.*``)."""
 
-    def init_towers(self, cfg) -> None:
+    initial_reader = None  # (reader argument, ReaderSettings) of a method that also trains a reader
+    always_frozen: tuple[str, ...] = ()  # roles the method never trains (joint top-K: the passage tower)
+
+    def init_towers(self, cfg, **other_modules) -> None:
+        """The towers, and ``other_modules`` by role (a reader), as the run's parameter groups."""
         question, passage = initial_towers(cfg.retriever.checkpoint, shared=cfg.retriever.shared_towers,
                                            projection=cfg.retriever.projection)
-        self.groups, self.params = ParamGroups.split({"question": question, "passage": passage})
+        self.groups, self.params = ParamGroups.split({"question": question, "passage": passage, **other_modules})
         self.source = cfg.retriever.checkpoint
         self.max_lengths = {"question": cfg.retriever.question_max_length, "passage": cfg.retriever.passage_max_length}
 
@@ -131,4 +165,4 @@ class TrainsTowers:
         frozen = tuple(role for role in ("question", "passage") if not train[f"train_{role}_tower"])
         return OptimConfig(learning_rate=train.learning_rate, total_steps=self.total_steps,
                            warmup_fraction=train.warmup_fraction, weight_decay=train.weight_decay,
-                           clip_norm=train.clip_norm, frozen_roles=frozen)
+                           clip_norm=train.clip_norm, frozen_roles=frozen + self.always_frozen)

@@ -35,13 +35,13 @@ from art_jax.methods.common import (
     check_input_files,
     check_retriever,
     dev_accuracy,
+    epoch_steps,
     open_store,
 )
 from art_jax.objectives import contrastive_loss
 from art_jax.retrieval.encoder import load_retriever_tokenizer
 from art_jax.retrieval.proxy import ProxyCorpus
 from art_jax.training.grad_cache import cached_gradients, whole_batch_loss
-from art_jax.training.loop import check_total_steps
 from art_jax.training.state import ParamGroups, TrainState
 from art_jax.training.update import Objective
 
@@ -150,12 +150,7 @@ class Contrastive(TrainsTowers):
         if (self.my_rows.stop - self.my_rows.start) * jax.process_count() != self.micro_batch:
             raise UserError(f"train: this process has {jax.local_device_count()} of the {jax.device_count()} devices; "
                             f"every one of the {jax.process_count()} processes needs as many devices")
-        self.steps_per_epoch = self.num_examples // train.batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"train.batch_size={train.batch_size} is larger than the {self.num_examples} "
-                            "training examples")
-        self.total_steps = train.steps or train.epochs * self.steps_per_epoch
-        check_total_steps(cfg, self.total_steps)
+        self.steps_per_epoch, self.total_steps = epoch_steps(cfg, self.num_examples, "training examples")
         self.dev_questions = read_questions(cfg.data.dev_questions) if cfg.data.dev_questions else []
         self.proxy = (ProxyCorpus.build(read_training_examples(cfg.data.dev_examples).examples, self.tokenizer,
                                         question_max_length=cfg.retriever.question_max_length,

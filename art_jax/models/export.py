@@ -6,6 +6,8 @@ record of where it came from.
     OUT/question_encoder/     config.json, model.safetensors, the tokenizer, art_jax_tower.json and
     OUT/passage_encoder/      sentence-transformers' modules.json, sentence_bert_config.json, 1_Pooling/
                               (and a projection head's 2_Dense/, and 3_LayerNorm/ where it has one)
+    OUT/reader/               a trained reader: a Hugging Face T5 folder and art_jax_reader.json
+                              (a run that trains only a reader exports this alone)
 
 Both tower folders are always there (identical when the towers are shared), so a user never
 needs to know how the retriever was trained to pick the right one.
@@ -26,6 +28,7 @@ from art_jax.core.errors import CheckpointError, UserError
 from art_jax.core.remote import staging_parent
 from art_jax.models.bert import Bert
 from art_jax.models.hf import state_dict, write_json, write_tower
+from art_jax.models.reader_folder import Reader, reader_path, write_reader_folder
 
 EXPORT_FILE = "art_jax_export.json"
 TOWER_FILE = "art_jax_tower.json"
@@ -45,11 +48,10 @@ def is_export_folder(path: str) -> bool:
 
 
 def reads_as_export(path: str) -> bool:
-    """Whether ``path`` is read as a two-tower retriever: an export folder, or any folder whose
-    question_encoder/ and passage_encoder/ are model folders (e.g. DPR's two released encoders put
-    side by side), which then takes the default max lengths."""
-    return is_export_folder(path) or all(storage.isfile(f"{tower_path(path, side)}/config.json")
-                                         for side in DEFAULT_MAX_LENGTHS)
+    """Whether ``path`` is read as a two-tower retriever: any folder whose question_encoder/ and
+    passage_encoder/ are model folders (an export's, or e.g. DPR's two released encoders put side
+    by side, which then take the default max lengths); a reader's export without towers is not."""
+    return all(storage.isfile(f"{tower_path(path, side)}/config.json") for side in DEFAULT_MAX_LENGTHS)
 
 
 def check_export_target(out: str) -> None:
@@ -69,29 +71,34 @@ def check_max_lengths(question: Bert, passage: Bert, question_max_length: int, p
                             f"{f' - {offset}' if offset else ''})")
 
 
-def export_retriever(question: Bert, passage: Bert, tokenizer, out: str, *, question_max_length: int,
-                     passage_max_length: int, provenance: dict[str, Any], question_truncation: str = "right") -> str:
+def export_retriever(question: Bert | None, passage: Bert | None, tokenizer, out: str, *,
+                     question_max_length: int = 0, passage_max_length: int = 0, provenance: dict[str, Any],
+                     question_truncation: str = "right", reader: Reader | None = None) -> str:
     """Write the export folder ``out`` (local: renamed into place; a URL: uploaded with
     art_jax_export.json last). ``provenance`` (config, step, index version, the metric that chose
     the checkpoint, ...) goes into art_jax_export.json as it is; so do the max lengths and the
-    side a long question is cut from (``left`` keeps its end)."""
+    side a long question is cut from (``left`` keeps its end). With ``reader`` its folder goes to
+    OUT/reader/; a run that trains only a reader exports no towers (``question`` None)."""
     check_export_target(out)
-    check_max_lengths(question, passage, question_max_length, passage_max_length)
-    towers = {"question": question, "passage": passage}
+    towers = {"question": question, "passage": passage} if question is not None else {}
+    if towers:
+        check_max_lengths(question, passage, question_max_length, passage_max_length)
     lengths = {"question": question_max_length, "passage": passage_max_length}
     weights = {side: state_dict(tower) for side, tower in towers.items()}
-    shared = question is passage or (weights["question"].keys() == weights["passage"].keys() and all(
-        np.array_equal(w, weights["passage"][name]) for name, w in weights["question"].items()))
+    shared = bool(towers) and (question is passage or (weights["question"].keys() == weights["passage"].keys() and all(
+        np.array_equal(w, weights["passage"][name]) for name, w in weights["question"].items())))
     staging = tempfile.mkdtemp(prefix=".export-", dir=staging_parent(out))
     try:
         for side, tower in towers.items():
             folder = tower_path(staging, side)
             write_tower(folder, tower, weights[side], tokenizer, lengths[side])
             write_json(os.path.join(folder, TOWER_FILE), {"side": side, "max_length": lengths[side]})
-        write_json(os.path.join(staging, EXPORT_FILE), {
-            **provenance, "format": FORMAT, "shared_towers": shared,
-            "question_max_length": question_max_length, "passage_max_length": passage_max_length,
-            "question_truncation": question_truncation})
+        if reader is not None:
+            write_reader_folder(reader_path(staging), reader.model, reader.tokenizer, reader.settings)
+        record = {"question_max_length": question_max_length, "passage_max_length": passage_max_length,
+                  "question_truncation": question_truncation} if towers else {"reader_only": True}
+        write_json(os.path.join(staging, EXPORT_FILE), {**provenance, "format": FORMAT, "shared_towers": shared,
+                                                          **record})
         storage.publish_folder(staging, out, marker=EXPORT_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -118,7 +125,7 @@ def provenance_of(info: dict[str, Any]) -> dict[str, Any]:
     """The caller's part of an export record (without the fields the writer adds)."""
     return {k: v for k, v in info.items()
             if k not in ("format", "shared_towers", "question_max_length", "passage_max_length",
-                         "question_truncation")}
+                         "question_truncation", "reader_only")}
 
 
 def tower_max_length(folder: str) -> int | None:

@@ -1,7 +1,8 @@
 """T5 encoder-decoder in Flax NNX: v1.0 (ReLU FFN, tied embeddings, scaled LM head) and
 v1.1 / LM-adapted / T0 (gated-GELU FFN, untied ``lm_head``), with T5's bucketed
-relative position biases. Only what teacher-forced scoring needs: no cache, no
-generation.
+relative position biases. Teacher-forced scoring and training live here; incremental
+decoding (a key/value cache over the same blocks) in ``art_jax.models.generation``, the
+Fusion-in-Decoder reader in ``art_jax.models.reader``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class T5Config:
     dropout_rate: float = 0.1
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # the frozen teacher keeps bfloat16 parameters
+    remat: bool = False  # recompute each block's activations in the backward pass (training memory)
 
 
 _ACTIVATIONS = {
@@ -93,6 +95,20 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * normed
 
 
+def cross_attention_bias(memory_mask: jax.Array, memory_bias: jax.Array | None = None) -> jax.Array:
+    """[B, 1, 1, M] float32 bias of the decoder's cross-attention logits: padding masked out,
+    plus ``memory_bias`` [B, M] when given (the same for every layer, head and query)."""
+    bias = attention_bias_from_mask(memory_mask)
+    if memory_bias is None:
+        return bias
+    return bias + memory_bias.astype(jnp.float32)[:, None, None, :]
+
+
+def shift_right(labels: jax.Array, start_token_id: int) -> jax.Array:
+    """Teacher forcing's decoder inputs: the start token, then the labels but the last."""
+    return jnp.concatenate([jnp.full_like(labels[:, :1], start_token_id), labels[:, :-1]], axis=1)
+
+
 class T5Attention(nnx.Module):
     def __init__(self, cfg: T5Config, rngs: nnx.Rngs, *, has_relative_bias: bool, bidirectional: bool):
         inner = cfg.num_heads * cfg.d_kv
@@ -118,13 +134,21 @@ class T5Attention(nnx.Module):
         values = self.relative_attention_bias(jnp.asarray(buckets))  # [Q, K, H]
         return jnp.transpose(values, (2, 0, 1))[None].astype(jnp.float32)
 
-    def __call__(self, x, memory, bias, keys: KeyStream):
+    def keys_values(self, memory) -> tuple[jax.Array, jax.Array]:
+        """[B, S, H, d_kv] keys and values of what is attended to."""
+        return split_heads(self.k(memory), self.num_heads), split_heads(self.v(memory), self.num_heads)
+
+    def __call__(self, x, keys_values, bias, dropout_key):
+        """``x`` [R, L, D] attending over ``keys_values`` of R / G rows: each G consecutive rows of
+        ``x`` (a memory row's beams) read one key row as G * L query positions, so beams never
+        copy the memory or its keys and values."""
+        k, v = keys_values
+        rows, length, _ = x.shape
         q = split_heads(self.q(x), self.num_heads)
-        k = split_heads(self.k(memory), self.num_heads)
-        v = split_heads(self.v(memory), self.num_heads)
+        q = q.reshape(k.shape[0], rows // k.shape[0] * length, *q.shape[2:])
         # T5 folds 1/sqrt(d_kv) into its initialisation: no scaling here.
-        out = attend(q, k, v, bias, scale=1.0, dropout_rate=self.dropout_rate, key=keys())
-        return self.o(merge_heads(out))
+        out = attend(q, k, v, bias, scale=1.0, dropout_rate=self.dropout_rate, key=dropout_key)
+        return self.o(merge_heads(out.reshape(rows, length, *out.shape[2:])))
 
 
 class T5FeedForward(nnx.Module):
@@ -160,14 +184,32 @@ class T5Block(nnx.Module):
         self.is_decoder = is_decoder
         self.dropout_rate = cfg.dropout_rate
 
-    def __call__(self, x, self_bias, keys: KeyStream, memory=None, cross_bias=None):
+    def __call__(self, x, self_bias, dropout_key, cross=None, cross_bias=None, cache=None, position=None):
+        """(output, the self-attention's keys and values).
+
+        ``cross``: the memory [B, M, D], its keys and values computed here (so that remat
+        recomputes rather than stores them), or those of every decoding step, computed once.
+        ``cache``: (keys, values) [R, T, H, d_kv] of earlier positions; ``x`` is then the input
+        at ``position``, its keys and values written into the cache it attends over.
+        """
+        keys = KeyStream(dropout_key)
         normed = self.self_attention_norm(x)
-        x = x + dropout(self.self_attention(normed, normed, self_bias, keys), self.dropout_rate, keys())
+        self_kv = self.self_attention.keys_values(normed)
+        if cache is not None:
+            self_kv = tuple(jax.lax.dynamic_update_slice_in_dim(past, new.astype(past.dtype), position, axis=1)
+                            for past, new in zip(cache, self_kv))
+        x = x + dropout(self.self_attention(normed, self_kv, self_bias, keys()), self.dropout_rate, keys())
         if self.is_decoder:
+            cross_kv = cross if isinstance(cross, tuple) else self.cross_attention.keys_values(cross)
             normed = self.cross_attention_norm(x)
-            x = x + dropout(self.cross_attention(normed, memory, cross_bias, keys), self.dropout_rate, keys())
+            x = x + dropout(self.cross_attention(normed, cross_kv, cross_bias, keys()), self.dropout_rate, keys())
         normed = self.feed_forward_norm(x)
-        return x + dropout(self.feed_forward(normed, keys), self.dropout_rate, keys())
+        return x + dropout(self.feed_forward(normed, keys), self.dropout_rate, keys()), self_kv
+
+
+# Tree mode: graph mode writes the blocks' state back after the call, which fails where they are
+# closed over inside a lax loop (decoding).
+_rematerialised_block = nnx.remat(T5Block.__call__, graph=False)
 
 
 class T5Stack(nnx.Module):
@@ -178,19 +220,43 @@ class T5Stack(nnx.Module):
         self.final_layer_norm = RMSNorm(cfg)
         self.is_decoder = is_decoder
         self.dropout_rate = cfg.dropout_rate
+        self.remat = cfg.remat
 
-    def __call__(self, x, mask, keys: KeyStream, memory=None, memory_mask=None):
-        length = x.shape[1]
-        self_bias = self.blocks[0].self_attention.position_bias(length, length)
+    def self_attention_bias(self, length: int, mask=None) -> jax.Array:
+        """Relative positions plus the causal mask (decoder, [1, H, L, L]) or the padding mask
+        (encoder, [B, H, L, L]); float32."""
+        bias = self.blocks[0].self_attention.position_bias(length, length)
         if self.is_decoder:
             causal = jnp.tril(jnp.ones((length, length), bool))
-            self_bias = self_bias + jnp.where(causal, 0.0, jnp.finfo(jnp.float32).min)[None, None]
-        else:
-            self_bias = self_bias + attention_bias_from_mask(mask)
-        cross_bias = attention_bias_from_mask(memory_mask) if self.is_decoder else None
+            return bias + jnp.where(causal, 0.0, jnp.finfo(jnp.float32).min)[None, None]
+        return bias + attention_bias_from_mask(mask)
+
+    def cross_keys_values(self, memory) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Every block's cross-attention (keys, values) of ``memory``."""
+        return tuple(block.cross_attention.keys_values(memory) for block in self.blocks)
+
+    def run_blocks(self, x, self_bias, dropout_key=None, *, cross=None, cross_bias=None, caches=None,
+                   position=None):
+        """``x`` through every block (see ``T5Block``; ``cross``: the memory, or one (keys, values)
+        per block) -> (hidden states before the final norm, each block's self-attention (keys, values))."""
+        keys = KeyStream(dropout_key)
+        call = _rematerialised_block if self.remat else T5Block.__call__
+        self_kvs = []
+        for i, block in enumerate(self.blocks):
+            block_cross = cross[i] if isinstance(cross, tuple) else cross
+            block_cache = None if caches is None else caches[i]
+            x, self_kv = call(block, x, self_bias, keys(), block_cross, cross_bias, block_cache, position)
+            self_kvs.append(self_kv)
+        return x, tuple(self_kvs)
+
+    def __call__(self, x, mask, dropout_key=None, *, memory=None, memory_mask=None, memory_bias=None):
+        """The encoder over padded inputs, or the decoder under teacher forcing (``memory_bias``:
+        see ``cross_attention_bias``)."""
+        keys = KeyStream(dropout_key)
+        cross_bias = cross_attention_bias(memory_mask, memory_bias) if self.is_decoder else None
         x = dropout(x, self.dropout_rate, keys())
-        for block in self.blocks:
-            x = block(x, self_bias, keys, memory, cross_bias)
+        x, _ = self.run_blocks(x, self.self_attention_bias(x.shape[1], mask), keys(), cross=memory,
+                               cross_bias=cross_bias)
         return dropout(self.final_layer_norm(x), self.dropout_rate, keys())
 
 
@@ -206,28 +272,38 @@ class T5(nnx.Module):
                         if cfg.untied_lm_head else None)
 
     def encode(self, input_ids, attention_mask, *, dropout_key=None) -> jax.Array:
-        return self.encoder(self.shared(input_ids), attention_mask, KeyStream(dropout_key))
+        return self.encoder(self.shared(input_ids), attention_mask, dropout_key)
 
-    def logits(self, encoded, attention_mask, decoder_input_ids, *, dropout_key=None) -> jax.Array:
-        """Float32 [B, T, V] next-token logits under teacher forcing."""
-        hidden = self.decoder(self.shared(decoder_input_ids), None, KeyStream(dropout_key),
-                              memory=encoded, memory_mask=attention_mask)
+    def logits(self, encoded, attention_mask, decoder_input_ids, *, dropout_key=None, memory_bias=None) -> jax.Array:
+        """Float32 [R, T, V] next-token logits under teacher forcing over the memory ``encoded``
+        [B, M, D] (R = B, or G * B: G consecutive decoder rows per memory row, beams).
+        ``memory_bias`` [B, M] is added to the cross-attention logits of every layer, head and
+        query for memory position m (FiD's passage weights; it gets its gradient)."""
+        hidden = self.decoder(self.shared(decoder_input_ids), None, dropout_key, memory=encoded,
+                              memory_mask=attention_mask, memory_bias=memory_bias)
+        return self.lm_logits(hidden)
+
+    def lm_logits(self, hidden) -> jax.Array:
+        """Float32 logits of the decoder's final hidden states, accumulated in float32 whatever
+        the compute dtype."""
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.config.d_model ** -0.5)
-        if self.lm_head is not None:
-            out = self.lm_head(hidden)
-        else:
-            out = self.shared.attend(hidden)
-        return out.astype(jnp.float32)
+        head = self.shared.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
-    def target_log_probs(self, input_ids, attention_mask, labels, *, start_token_id: int = 0) -> jax.Array:
-        """log p(labels[t] | labels[<t], input) for every position, float32 [B, T].
+    def label_log_probs(self, encoded, attention_mask, labels, *, memory_bias=None, dropout_key=None,
+                        start_token_id: int = 0) -> jax.Array:
+        """log p(labels[t] | labels[<t], memory) for every position, float32 [B, T].
 
         Decoder input = labels shifted right with the start token (T5's pad id 0);
         padding after the targets cannot affect them under the causal mask.
         """
-        decoder_input_ids = jnp.concatenate(
-            [jnp.full_like(labels[:, :1], start_token_id), labels[:, :-1]], axis=1)
-        logits = self.logits(self.encode(input_ids, attention_mask), attention_mask, decoder_input_ids)
+        logits = self.logits(encoded, attention_mask, shift_right(labels, start_token_id),
+                             dropout_key=dropout_key, memory_bias=memory_bias)
         target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
         return target - jax.nn.logsumexp(logits, axis=-1)
+
+    def target_log_probs(self, input_ids, attention_mask, labels, *, start_token_id: int = 0) -> jax.Array:
+        """``label_log_probs`` given the encoder's input rather than its output."""
+        return self.label_log_probs(self.encode(input_ids, attention_mask), attention_mask, labels,
+                                    start_token_id=start_token_id)

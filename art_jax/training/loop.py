@@ -97,7 +97,7 @@ class Trainer:
         self.total_steps = method.total_steps
         if is_lead():
             write_config(cfg, workdir)
-            copy_initial_models(workdir, method.source, method.groups.roles, method.max_lengths)
+            copy_initial_models(workdir, method.source, method.groups.roles, method.max_lengths, method.initial_reader)
         optim = method.optim_config()
         optimizer = make_optimizer(optim, method.groups, method.params)
         replicated = NamedSharding(self.mesh, P())

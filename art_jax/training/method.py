@@ -31,7 +31,9 @@ class Method(Protocol):
     index_use: str | None
     store: object  # the corpus store (when it uses the index)
     log_labels: dict[str, str]  # short names for the progress line, e.g. {"teacher_entropy": "H(teacher)"}
-    source: str  # the retriever argument its towers started from (copied into WORKDIR/models/)
+    source: str | None  # the retriever argument its towers started from (copied into WORKDIR/models/); None: no towers
+    # (reader argument, ReaderSettings) of the reader it trains (copied into WORKDIR/models/reader/), or None
+    initial_reader: tuple | None
     max_lengths: dict[str, int]  # each role's max length, recorded for export and search
 
     @staticmethod

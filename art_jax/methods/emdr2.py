@@ -1,0 +1,43 @@
+"""EMDR2 (Singh, Reddy, Hamilton, Dyer, Yogatama, NeurIPS 2021; paper 004, equation 6): FiD over
+the top-K trains the reader, and the retriever learns from the reader's answer likelihood given
+each passage alone, taken without gradient:
+
+    L = -log p(a | q, z_1..K) - log sum_k SG(p(a | q, z_k)) p(z_k | q)
+
+p(a | q, z_k): the same reader, its decoder reading passage k's encoding alone (no dropout, no
+gradient); p(z_k | q): softmax over the K of q.z / tau, both towers re-embedded with gradient.
+``train.marginalise``: "sequence" (the paper's equation, the default) or "token" (the reference
+code's per-token marginal; see ``objectives.emdr2_loss``).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from art_jax.core.errors import UserError
+from art_jax.methods.end_to_end import EndToEnd
+from art_jax.methods.reading import fid_log_probs, per_passage_log_probs
+from art_jax.objectives import emdr2_loss
+
+MARGINALS = ("sequence", "token")
+
+
+class Emdr2(EndToEnd):
+    name = "emdr2"
+    log_labels = {"reader_nll": "nll(reader)", "retriever_nll": "nll(retriever)", "retriever_entropy": "H(retriever)",
+                  **EndToEnd.log_labels}
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        if cfg.train.marginalise not in MARGINALS:
+            raise UserError(f"train.marginalise: {cfg.train.marginalise!r} is not 'sequence' or 'token'")
+        EndToEnd.check_config(cfg)
+
+    def loss(self, params, batch, keys):
+        log_retriever = self.retriever_log_probs(params, batch, keys)
+        reader = self.groups.module(params, "reader")
+        answer, memory, memory_mask = fid_log_probs(reader, batch, keys[2:])
+        per_passage = per_passage_log_probs(reader, jax.lax.stop_gradient(memory), memory_mask, batch["labels"],
+                                            log_retriever.shape[1])
+        return emdr2_loss(answer, per_passage, log_retriever, batch["label_mask"],
+                          marginalise=self.cfg.train.marginalise)

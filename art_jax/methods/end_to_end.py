@@ -1,0 +1,238 @@
+"""Reader and retriever trained together on question-answer pairs: EMDR2 (``emdr2.py``),
+Individual top-K (``individual_topk.py``) and Joint top-K (``joint_topk.py``) share everything
+here but their loss.
+
+A step, as ART's: this process's questions -> question tower (the step's dropout) -> exact
+top-K rows from the sharded (stale, refreshed) index -> the rows' retriever tokens, re-embedded
+in the loss by the passage tower (each micro-batch's distinct rows once, as ART), and the reader
+inputs (question + passage k, ``methods/reading.py``) with one gold answer drawn per epoch ->
+the generic update. Questions without answers are counted and left out.
+
+Batch: question_ids/mask [B, Lq], passage_index [B, K] (which of the micro-batch's U passages),
+the reader arrays [B, K, N] and [B, T]; passage_ids/mask [A, U, Lp] per micro-batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from art_jax.core.batching import round_up
+from art_jax.core.distributed import is_lead
+from art_jax.core.errors import UserError
+from art_jax.core.sharding import from_identical, from_process_rows, process_rows
+from art_jax.data.questions import read_questions
+from art_jax.data.reader_inputs import article_continuation, fill_from_article
+from art_jax.data.shuffle import step_positions
+from art_jax.data.tokenization import tokenize_questions
+from art_jax.evaluation.predict import Retrieved
+from art_jax.methods.art import check_store_tokens, unique_passages
+from art_jax.methods.common import (
+    TrainsTowers,
+    answer_metrics,
+    check_batch,
+    check_input_files,
+    check_retriever,
+    check_selection,
+    check_topk,
+    dev_retrieval,
+    epoch_steps,
+    open_store,
+)
+from art_jax.methods.reading import (
+    READER_ARRAYS,
+    READER_METRICS,
+    check_reader,
+    drawn_answer,
+    initial_reader,
+    reader_arrays,
+    reader_keys,
+    reader_settings,
+    reading_metrics,
+)
+from art_jax.objectives import score_scale
+from art_jax.retrieval.encoder import load_retriever_tokenizer
+from art_jax.training.state import ParamGroups, TrainState
+from art_jax.training.update import Objective, split_evenly, step_key
+
+PER_QUESTION = ("question_ids", "question_mask", "passage_index", *READER_ARRAYS)
+PASSAGE_ARRAYS = ("passage_ids", "passage_mask")
+
+
+def step_keys(key: jax.Array) -> tuple[jax.Array, ...]:
+    """A step's dropout keys: question tower, passage tower, reader encoder, reader decoder."""
+    towers, reader = jax.random.split(key)
+    return (*jax.random.split(towers), *reader_keys(reader))
+
+
+def split_micro_batches(batch: dict[str, jax.Array], accumulation: int) -> dict[str, jax.Array]:
+    """Per-question arrays cut into A micro-batches; the passage arrays are per micro-batch already."""
+    per_question = split_evenly({name: batch[name] for name in PER_QUESTION}, accumulation)
+    return {name: per_question.get(name, value) for name, value in batch.items()}
+
+
+def retriever_scores(groups: ParamGroups, params, batch, keys, *, frozen_passages: bool = False) -> jax.Array:
+    """q . z [B, K] of each question and its K retrieved passages, both re-embedded (the passage
+    tower without gradient when ``frozen_passages``)."""
+    question_key, passage_key = keys[:2]
+    q = groups.module(params, "question").embed_cls(batch["question_ids"], batch["question_mask"],
+                                                    dropout_key=question_key)
+    p = groups.module(params, "passage").embed_cls(batch["passage_ids"], batch["passage_mask"],
+                                                   dropout_key=passage_key)
+    if frozen_passages:
+        p = jax.lax.stop_gradient(p)
+    return jnp.einsum("bh,bkh->bk", q, p[batch["passage_index"]], preferred_element_type=jnp.float32)
+
+
+def embed_questions(groups: ParamGroups, state: TrainState, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The step's queries with the step's question dropout: the query that retrieves is the one
+    the loss sees."""
+    return groups.module(state.params, "question").embed_cls(ids, mask, dropout_key=step_keys(step_key(state))[0])
+
+
+class EndToEnd(TrainsTowers):
+    """The loop's method for end-to-end reader and retriever training; subclasses give the loss
+    (``loss(params, batch, keys)`` over the batch above, keys as ``step_keys``)."""
+
+    index_use = "train"
+    log_labels = {"grad_norm": "|g|", "learning_rate": "lr", "index_staleness": "staleness"}
+
+    def loss(self, params, batch, keys):
+        raise NotImplementedError
+
+    def other_modules(self, cfg) -> dict:
+        """Trained modules beside the towers and the reader, by role."""
+        return {}
+
+    @staticmethod
+    def eval_metrics(cfg) -> tuple[str, ...]:
+        return READER_METRICS + answer_metrics(cfg)
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        if not cfg.data.train_questions:
+            raise UserError(f"method={cfg.method} needs data.train_questions: questions with their answers")
+        check_topk(cfg)
+        check_selection(cfg, "dev_questions")
+        check_batch(cfg, accumulation=cfg.train.accumulation)
+        check_retriever(cfg)
+        check_reader(cfg)
+        check_input_files(cfg, ("train_questions", "dev_questions"))
+
+    def __init__(self, cfg, workdir: str, mesh):
+        self.cfg, self.mesh = cfg, mesh
+        train = cfg.train
+        self.tokenizer = load_retriever_tokenizer(cfg.retriever.checkpoint)
+        questions = read_questions(cfg.data.train_questions)
+        self.training = [q for q in questions if q.answers]
+        if not self.training:
+            raise UserError(f"data.train_questions: {cfg.data.train_questions} has no question with answers")
+        if len(self.training) < len(questions) and is_lead():
+            print(f"{cfg.data.train_questions}: {len(questions) - len(self.training)} question(s) without answers "
+                  "left out")
+        self.dev = [q for q in read_questions(cfg.data.dev_questions) if q.answers] if cfg.data.dev_questions else []
+        self.my_rows = process_rows(mesh, train.batch_size)
+        if (self.my_rows.stop - self.my_rows.start) * jax.process_count() != train.batch_size:
+            raise UserError(f"train: this process has {jax.local_device_count()} of the {jax.device_count()} devices; "
+                            f"every one of the {jax.process_count()} processes needs as many devices")
+        self.steps_per_epoch, self.total_steps = epoch_steps(cfg, len(self.training), "training questions with answers")
+        self.store = open_store(cfg, workdir)
+        check_store_tokens(self.store, "data.corpus_store" if cfg.data.corpus_store else "data.corpus", self.tokenizer)
+        if train.topk > len(self.store):
+            raise UserError(f"train.topk={train.topk} is larger than the corpus ({len(self.store)} passages)")
+
+        reader = initial_reader(cfg)
+        self.reader_tokenizer = reader.tokenizer
+        self.init_towers(cfg, reader=reader.model, **self.other_modules(cfg))
+        hidden = self.groups.module(self.params, "question").config.embedding_dim
+        self.tau = float(score_scale(hidden, train.temperature_multiplier, train.score_scaling))
+        self.settings = reader_settings(cfg, **self.joint_settings(cfg))
+        self.initial_reader = (cfg.reader.checkpoint, self.settings)
+        self.max_lengths["reader"] = self.settings.max_input_tokens
+        self.objective = Objective(self.loss, keys=step_keys, accumulation=train.accumulation,
+                                   split=split_micro_batches)
+        questions, passages = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+        self.batch_shardings = {**{name: questions for name in PER_QUESTION},
+                                **{name: passages for name in PASSAGE_ARRAYS}}
+        replicated = NamedSharding(mesh, P())
+        self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
+                                        in_shardings=(replicated, questions, questions), out_shardings=replicated)
+        micro_batch = train.batch_size // train.accumulation
+        self._unique_multiple = round_up(max(8, micro_batch * train.topk // 8), mesh.size)
+
+    def joint_settings(self, cfg) -> dict:
+        """ReaderSettings' Joint top-K fields (joint_topk alone has them)."""
+        return {}
+
+    def retriever_log_probs(self, params, batch, keys, *, frozen_passages: bool = False) -> jax.Array:
+        """log p(z_k | q) [B, K]: softmax over the K of q.z / tau (``retriever_scores``)."""
+        scores = retriever_scores(self.groups, params, batch, keys, frozen_passages=frozen_passages)
+        return jax.nn.log_softmax(scores / self.tau, axis=-1)
+
+    def describe(self) -> str:
+        train = self.cfg.train
+        return f"global batch {train.batch_size}, K={train.topk}, {self.steps_per_epoch} steps per epoch"
+
+    def passages_of(self, rows: np.ndarray) -> list[list[tuple[str, str]]]:
+        """(title, text) of each retrieved row; with reader.pad_with_following a short passage goes on
+        with the next ones of its article (EMDR2; every word is at least one token)."""
+        store, length = self.store, self.settings.max_input_tokens
+
+        def text(row: int) -> str:
+            if not self.cfg.reader.pad_with_following:
+                return store.text(row)
+            return fill_from_article(store.text(row), article_continuation(store, row), length)
+
+        return [[(store.title(int(r)), text(int(r))) for r in question_rows] for question_rows in rows]
+
+    def batch(self, state: TrainState, step: int, index) -> tuple[dict[str, jax.Array], dict[str, float]]:
+        cfg, mesh = self.cfg, self.mesh
+        start = time.perf_counter()
+        epoch, indices = step_positions(step, steps_per_epoch=self.steps_per_epoch, batch_size=cfg.train.batch_size,
+                                        accumulation=1, rows=self.my_rows, count=len(self.training), seed=cfg.seed)
+        questions = [self.training[i] for i in indices]
+        texts = [q.question for q in questions]
+        q_tokens = tokenize_questions(self.tokenizer, texts, cfg.retriever.question_max_length,
+                                      truncation_side=cfg.retriever.question_truncation,
+                                      pad_to=cfg.retriever.question_max_length)
+        question_ids, question_mask = (from_process_rows(mesh, a) for a in (q_tokens.ids, q_tokens.mask))
+        queries = self._embed_questions(state, question_ids, question_mask)
+        _, rows = index.search(np.asarray(queries), cfg.train.topk)  # every process: all B x K
+        searched = time.perf_counter()
+        unique_rows, positions = unique_passages(rows, cfg.train.accumulation, self._unique_multiple)
+        passages = self.store.retriever_tokens(unique_rows.reshape(-1), cfg.retriever.train_passage_max_length,
+                                               multiple=8)
+        micro_batches, unique = unique_rows.shape
+        identical = {"passage_index": positions, "passage_ids": passages.ids.reshape(micro_batches, unique, -1),
+                     "passage_mask": passages.mask.reshape(micro_batches, unique, -1)}
+        answers = [drawn_answer(q.answers, seed=cfg.seed, epoch=epoch, index=i) for q, i in zip(questions, indices)]
+        local = reader_arrays(self.reader_tokenizer, self.settings, texts, self.passages_of(rows[self.my_rows]),
+                              answers)
+        batch = {"question_ids": question_ids, "question_mask": question_mask,
+                 **{name: from_process_rows(mesh, value) for name, value in local.items()},
+                 **{name: from_identical(self.batch_shardings[name], value) for name, value in identical.items()}}
+        return batch, {"time_search": searched - start}
+
+    def evaluate(self, state: TrainState, index) -> dict[str, float]:
+        if not self.dev:
+            return {}
+        k = self.cfg.train.topk
+        metrics, scores, rows = dev_retrieval(self.cfg, self.groups, state, self.tokenizer, self.dev, index,
+                                              self.store, depth=k)
+        items = [Retrieved(q.question, passages, question_scores[:k].tolist())
+                 for q, passages, question_scores in zip(self.dev, self.passages_of(rows[:, :k]), scores)]
+        settings = self.evaluation_settings(state)
+        metrics.update(reading_metrics(self.groups.module(state.params, "reader"), self.reader_tokenizer, settings,
+                                       items, [q.answers for q in self.dev], topk=k,
+                                       batch_size=self.cfg.reader.eval_batch_size))
+        return metrics
+
+    def evaluation_settings(self, state: TrainState):
+        """The reader's settings as trained so far (joint_topk: its current lambda)."""
+        return self.settings

@@ -1,0 +1,60 @@
+"""Joint top-K (Sachan et al., ACL 2021; paper 001 section 3.2): FiD over the K retrieved passages,
+the retriever's probability biasing the decoder's cross-attention,
+
+    attention logits = Q(a) K(z_1..K, q)^T + lambda * p(z | q)   at every position of passage z,
+
+in every decoder layer and head; lambda a trainable scalar, p(z | q) the softmax over the K of
+q.z / tau; loss -log p(a | q, z_1..K). The question tower learns through the bias; the passage
+tower stays frozen, as in the paper. Its reader records lambda and tau beside it
+(art_jax_reader.json): `art-jax answer` biases with the results' retriever scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from art_jax.methods.end_to_end import EndToEnd, retriever_scores
+from art_jax.methods.reading import fid_log_probs
+from art_jax.models.reader import passage_memory_bias
+from art_jax.objectives import fid_nll, joint_topk_memory_weights
+from art_jax.training.state import TrainState
+from art_jax.workdir import JOINT
+
+
+class CrossAttentionWeight(nnx.Module):
+    """lambda: one trainable float32 scalar."""
+
+    def __init__(self, value: float):
+        self.weight = nnx.Param(jnp.float32(value))
+
+
+class JointTopK(EndToEnd):
+    name = "joint_topk"
+    always_frozen = ("passage",)
+    log_labels = {"token_nll": "nll/token", "lambda": "lambda", **EndToEnd.log_labels}
+
+    def initial_lambda(self, cfg) -> float:
+        """reader.joint_lambda; 0 means K."""
+        return float(cfg.reader.joint_lambda or cfg.train.topk)
+
+    def other_modules(self, cfg) -> dict:
+        return {JOINT: CrossAttentionWeight(self.initial_lambda(cfg))}
+
+    def joint_settings(self, cfg) -> dict:
+        return {"joint_lambda": self.initial_lambda(cfg), "joint_tau": self.tau}
+
+    def loss(self, params, batch, keys):
+        scores = retriever_scores(self.groups, params, batch, keys, frozen_passages=True)
+        lam = self.groups.module(params, JOINT).weight[...]
+        weights = joint_topk_memory_weights(scores, self.tau, lam)
+        bias = passage_memory_bias(weights, batch["reader_ids"].shape[-1])
+        answer, _, _ = fid_log_probs(self.groups.module(params, "reader"), batch, keys[2:], memory_bias=bias)
+        loss, metrics = fid_nll(answer, batch["label_mask"])
+        return loss, {**metrics, "lambda": lam}
+
+    def evaluation_settings(self, state: TrainState):
+        lam = float(self.groups.module(state.params, JOINT).weight[...])
+        return dataclasses.replace(self.settings, joint_lambda=lam)

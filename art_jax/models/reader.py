@@ -1,0 +1,34 @@
+"""Fusion-in-Decoder (Izacard & Grave, 2021) on top of ``T5``: each of a question's K
+(question + passage) inputs is encoded on its own, and the decoder reads the K encodings
+concatenated as one memory. Generation over that memory: ``art_jax.models.generation``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from art_jax.models.t5 import T5
+
+
+def fid_encode(model: T5, input_ids, attention_mask, *, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """(memory [B, K * N, D], memory_mask [B, K * N]) of inputs [B, K, N]: the K inputs of a row
+    encoded separately (one [B * K, N] batch), then laid end to end in passage order."""
+    batch, passages, length = input_ids.shape
+    encoded = model.encode(input_ids.reshape(batch * passages, length),
+                           attention_mask.reshape(batch * passages, length), dropout_key=dropout_key)
+    return (encoded.reshape(batch, passages * length, encoded.shape[-1]),
+            attention_mask.reshape(batch, passages * length))
+
+
+def answer_log_probs(model: T5, memory, memory_mask, labels, *, memory_bias=None, dropout_key=None) -> jax.Array:
+    """Float32 [B, T]: log p(labels[t] | labels[<t], memory) under teacher forcing (decoder
+    input: the labels shifted right after T5's start token 0). Every position is returned;
+    the caller masks the padding after each answer's ``</s>``. ``memory_bias`` [B, M] is added
+    to every cross-attention logit over memory position m (see ``passage_memory_bias``)."""
+    return model.label_log_probs(memory, memory_mask, labels, memory_bias=memory_bias, dropout_key=dropout_key)
+
+
+def passage_memory_bias(weights, passage_length: int) -> jax.Array:
+    """[B, K * N] memory bias of per-passage values [B, K]: each repeated over its N positions."""
+    return jnp.repeat(weights, passage_length, axis=-1)
