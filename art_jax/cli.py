@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    '--answers: {"EM", "F1", "questions"} (percent)')
     p.set_defaults(run=_evaluate)
 
-    p = add_command("train", help="train the dual encoder (configs/*.py; cfg.method: art, dpr, ict, pairs)")
+    p = add_command("train", help="train the dual encoder and/or a reader (configs/*.py; cfg.method: art, dpr, ict, "
+                    "pairs, fid, emdr2, individual_topk, joint_topk)")
     p.add_argument("--config", required=True, help="config file defining get_config(), optionally FILE.py:ARG")
     p.add_argument("--workdir", required=True, help="checkpoints, indexes, metrics and the resolved config")
     p.set_defaults(run=_train)

@@ -200,3 +200,25 @@ def test_bfloat16_compute_is_close(case):
                                        jnp.asarray(WEIGHTS))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads32[1]), atol=0.05)
+
+
+def test_reads_facebook_fid_checkpoints(t5_v11_dir, tmp_path):
+    """FiD's FiDT5 saves its encoder wrapped twice (encoder.encoder.block.N.module.X): such a
+    folder loads as the T5 it wraps."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "fid_reader"
+    shutil.copytree(t5_v11_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    wrapped = {name.replace("encoder.block.", "encoder.encoder.block.", 1).replace(".layer.", ".module.layer.", 1)
+               if name.startswith("encoder.block.") else name.replace("encoder.", "encoder.encoder.", 1)
+               if name.startswith("encoder.") else name: value for name, value in weights.items()}
+    assert "encoder.encoder.block.0.module.layer.0.SelfAttention.q.weight" in wrapped
+    save_file(wrapped, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    plain, fid = load_t5(t5_v11_dir), load_t5(str(folder))
+    ids, mask = np.array([[5, 9, 13, 1]]), np.ones((1, 4), np.int32)
+    np.testing.assert_array_equal(fid.encode(ids, mask), plain.encode(ids, mask))
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(fid)), jax.tree.leaves(nnx.state(plain))):
+        np.testing.assert_array_equal(ours, theirs)

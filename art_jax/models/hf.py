@@ -515,9 +515,19 @@ def load_t5(name: str, *, mesh=None, rules=DEFAULT_RULES, **overrides) -> T5:
     folder = resolve_checkpoint(name)
     hf_config = read_config(folder)
     _check_model_type(hf_config, folder, ("t5",))
-    weights = read_weights(folder)
+    weights = _unwrap_fid_encoder(read_weights(folder))
     cfg = t5_config_from_hf(hf_config, weights, **overrides)
     return _load(folder, T5, cfg, t5_names(cfg), weights, _T5_IGNORED, mesh, rules)
+
+
+def _unwrap_fid_encoder(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """facebookresearch/FiD saves its readers (FiDT5) with the encoder wrapped twice:
+    ``encoder.encoder.block.N.module.X`` is T5's ``encoder.block.N.X``."""
+    if not any(name.startswith("encoder.encoder.") for name in weights):
+        return weights
+    return {re.sub(r"^encoder\.encoder\.(block\.\d+\.module\.)?",
+                   lambda m: "encoder." + (m.group(1) or "").replace("module.", ""), name): value
+            for name, value in weights.items()}
 
 
 def load_tokenizer(name: str):
