@@ -173,6 +173,12 @@ def locate(spec: str, *, step: int | None = None, best: bool = False) -> tuple[s
     return workdir, folder, step
 
 
+def _check_towers(workdir: str, meta: dict) -> None:
+    if ROLES[0] not in meta["roles"]:
+        raise UserError(f"{workdir}: this run trains a reader alone (method {read_run_config(workdir).method}); "
+                        "it has no retriever towers")
+
+
 def _models_meta(workdir: str) -> dict:
     path = os.path.join(workdir, MODELS, "models.json")
     if not storage.isfile(path):
@@ -226,7 +232,9 @@ def tower_from_params(model_dir: str, params: dict) -> Bert:
 def read_tower(workdir: str, checkpoints: Checkpoints, step: int, role: str, mesh=None) -> Bert:
     """One role's tower at ``step`` of the run in ``workdir``, replicated on ``mesh`` (default:
     this process's devices); only its parameter group is read."""
-    group = _models_meta(workdir)["roles"][role]["group"]
+    meta = _models_meta(workdir)
+    _check_towers(workdir, meta)
+    group = meta["roles"][role]["group"]
     params = restore_groups(checkpoints, step, [group], _replicated(mesh))[group]
     return tower_from_params(local_copy(os.path.join(workdir, MODELS, role)), params)
 
@@ -263,6 +271,7 @@ def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=Non
     replicated on ``mesh`` (default: this process's devices)."""
     workdir, folder, step = locate(spec, step=step, best=best)
     meta = _models_meta(workdir)
+    _check_towers(workdir, meta)
     checkpoints = Checkpoints(workdir, folder=folder, read_only=True)
     sharding = _replicated(mesh)
     groups = sorted({meta["roles"][role]["group"] for role in ROLES})

@@ -86,6 +86,10 @@ def _prepare_reader(cfg, folder: str, paths: dict[str, str]) -> None:
         model = init_module(T5, t5, seed=cfg.seed)
         if demo.get("xp_init", ""):
             _t5_init(model, t5, demo.get("xp_init"))
+        if demo.get("xp_copy", ""):
+            _copy_init(model, demo.get("xp_copy"), demo.get("xp_copy_scale", 1.0))
+        if demo.get("xp_tie", ""):
+            _tie_qk(model, demo.get("xp_tie"), demo.get("xp_qk_scale", 1.0))
         export(model, tokenizer, t5_dir)
     if cfg.method == "fid":
         from art_jax.jobs.mine import bm25_results
@@ -119,3 +123,33 @@ def _t5_init(model, t5: T5Config, mode: str) -> None:
 
     state = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree_util.tree_map_with_path(rescale, state))
+
+
+def _tie_qk(model, where: str, scale: float) -> None:
+    """k := q (times scale for both) in the chosen attentions: identical tokens attend to each other."""
+    stacks = {"enc": [model.encoder], "all": [model.encoder, model.decoder], "dec": [model.decoder]}[where]
+    for stack in stacks:
+        for block in stack.blocks:
+            attns = [block.self_attention] + ([block.cross_attention] if hasattr(block, "cross_attention") else [])
+            for attn in attns:
+                q = attn.q.kernel[...] * scale
+                attn.q.kernel.value = q
+                attn.k.kernel.value = q
+
+
+def _copy_init(model, where: str, scale: float) -> None:
+    """v := o := identity (times scale) in the chosen attentions: attending to a token copies it."""
+    import jax.numpy as jnp
+
+    attns = []
+    for part in where.split("+"):
+        if part == "cross":
+            attns += [b.cross_attention for b in model.decoder.blocks]
+        if part == "dself":
+            attns += [b.self_attention for b in model.decoder.blocks]
+        if part == "eself":
+            attns += [b.self_attention for b in model.encoder.blocks]
+    for attn in attns:
+        eye = jnp.eye(attn.v.kernel.shape[0], attn.v.kernel.shape[1])
+        attn.v.kernel.value = eye * scale
+        attn.o.kernel.value = eye

@@ -163,8 +163,9 @@ class EndToEnd(TrainsTowers):
         replicated = NamedSharding(mesh, P())
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
                                         in_shardings=(replicated, questions, questions), out_shardings=replicated)
-        micro_batch = train.batch_size // train.accumulation
-        self._unique_multiple = round_up(max(8, micro_batch * train.topk // 8), mesh.size)
+        # U padded to the micro-batch's B x K, one shape to compile: the reader's K x N tokens per
+        # question cost far more than re-embedding the few passages deduplication would save
+        self._unique_multiple = round_up(train.batch_size // train.accumulation * train.topk, mesh.size)
 
     def joint_settings(self, cfg) -> dict:
         """ReaderSettings' Joint top-K fields (joint_topk alone has them)."""

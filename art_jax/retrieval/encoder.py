@@ -20,7 +20,7 @@ from art_jax.core.errors import UserError
 from art_jax.core.remote import local_copy
 from art_jax.data.tokenization import tokenize_passages, tokenize_questions
 from art_jax.models.bert import Bert
-from art_jax.models.export import read_export, reads_as_export, tower_max_length, tower_path
+from art_jax.models.export import is_export_folder, read_export, reads_as_export, tower_max_length, tower_path
 from art_jax.models.hf import load_bert, load_tokenizer, resolve_checkpoint, with_projection
 
 
@@ -77,6 +77,8 @@ def retriever_kind(spec: str) -> str:
         return "hf"
     if reads_as_export(path):
         return "export"
+    if is_export_folder(path):
+        raise UserError(f"{spec}: an export of a reader alone (reader/); it holds no retriever towers")
     from art_jax.workdir import run_root
 
     return "run" if run_root(path) else "hf"
