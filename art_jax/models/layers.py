@@ -159,24 +159,28 @@ def _attention(q, k, v, bias, keep, scale, rate):
 def _attention_fwd(q, k, v, bias, keep, scale, rate):
     weights = _attention_weights(q, k, bias, scale)
     out = jnp.einsum("bhqk,bhkd->bhqd", _dropped(weights, keep, rate).astype(v.dtype), v)
-    return out, (q, k, v, bias, keep, weights)
+    # the bias itself is not kept (a T5 encoder's is [B, H, L, L] in every layer): only which of its
+    # axes are broadcast (size 1), as an empty array, for the shape of its gradient
+    broadcast = jnp.zeros(tuple(1 if n == 1 else 0 for n in bias.shape), bias.dtype)
+    return out, (q, k, v, broadcast, keep, weights)
 
 
 def _attention_bwd(scale, rate, residuals, d_out):
     """Autodiff's gradient (up to rounding: the scores' gradient is taken to the inputs' dtype
     before its two matmuls), the matmuls that contract a leading axis given the small
     [B, H, L, D] operand transposed explicitly (see ``_transposed``)."""
-    q, k, v, bias, keep, weights = residuals
+    q, k, v, broadcast, keep, weights = residuals
+    bias_shape = tuple(1 if n == 1 else full for n, full in zip(broadcast.shape, weights.shape[-broadcast.ndim:]))
     dropped = _dropped(weights, keep, rate).astype(v.dtype)
     dv = jnp.swapaxes(_transposed(d_out) @ dropped, -1, -2)
     d_dropped = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
     d_weights = _dropped(d_dropped, keep, rate)
     d_logits = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
-    d_bias = _unbroadcast(d_logits, bias.shape)
+    d_bias = _unbroadcast(d_logits, bias_shape)
     d_scores = (d_logits * scale).astype(q.dtype)
     dq = jnp.matmul(d_scores, k, preferred_element_type=jnp.float32).astype(q.dtype)
     dk = jnp.swapaxes(jnp.matmul(_transposed(q), d_scores, preferred_element_type=jnp.float32), -1, -2)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), d_bias.astype(bias.dtype), None
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), d_bias.astype(broadcast.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

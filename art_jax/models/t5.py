@@ -193,6 +193,8 @@ class T5Block(nnx.Module):
         at ``position``, its keys and values written into the cache it attends over.
         """
         keys = KeyStream(dropout_key)
+        if isinstance(self_bias, tuple):  # the encoder's positions and padding (``self_attention_bias``)
+            self_bias = self_bias[0] + self_bias[1]
         normed = self.self_attention_norm(x)
         self_kv = self.self_attention.keys_values(normed)
         if cache is not None:
@@ -222,14 +224,16 @@ class T5Stack(nnx.Module):
         self.dropout_rate = cfg.dropout_rate
         self.remat = cfg.remat
 
-    def self_attention_bias(self, length: int, mask=None) -> jax.Array:
-        """Relative positions plus the causal mask (decoder, [1, H, L, L]) or the padding mask
-        (encoder, [B, H, L, L]); float32."""
+    def self_attention_bias(self, length: int, mask=None) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Relative positions plus the causal mask (decoder, [1, H, L, L]), or the encoder's
+        (relative positions [1, H, L, L], padding mask [B, 1, 1, L]): float32. The encoder's two
+        are summed inside each block, so that no [B, H, L, L] bias (nor its gradient, for K x N
+        tokens a question hundreds of MiB) outlives its layer."""
         bias = self.blocks[0].self_attention.position_bias(length, length)
         if self.is_decoder:
             causal = jnp.tril(jnp.ones((length, length), bool))
             return bias + jnp.where(causal, 0.0, jnp.finfo(jnp.float32).min)[None, None]
-        return bias + attention_bias_from_mask(mask)
+        return bias, attention_bias_from_mask(mask)
 
     def cross_keys_values(self, memory) -> tuple[tuple[jax.Array, jax.Array], ...]:
         """Every block's cross-attention (keys, values) of ``memory``."""
