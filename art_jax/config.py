@@ -188,9 +188,14 @@ def default_config() -> ml_collections.ConfigDict:
         # work selects by, dev EM what reader work does
         best_metric="top20",
     ))
+    # the reader demos' T5 (jobs/demo.py _prepare_reader): width, Hugging Face T5's initialisation scales times
+    # reader_init_scale, and the decoder's cross-attention values and outputs the identity (it copies);
+    # retriever_pretraining: steps of the ART demo that give the end-to-end methods their initial retriever
+    # (0: the random BERT)
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
                                               layers=2, heads=4, initializer_range=0.15, dropout=0.1,
-                                              reader_d_model=64))
+                                              reader_d_model=64, reader_init_scale=0.25, reader_copy_init=True,
+                                              retriever_pretraining=0))
     return cfg
 
 
@@ -218,6 +223,20 @@ def demo_config() -> ml_collections.ConfigDict:
     cfg.train.warmup_fraction = 0.1
     cfg.train.log_every = 25
     cfg.train.eval_topk = (1, 5, 20)
+    return cfg
+
+
+def art_demo_config() -> ml_collections.ConfigDict:
+    """ART on the demo world (configs/demo.py; the reader demos pre-train their retriever with it):
+    the Dirichlet query-likelihood teacher, no weights."""
+    cfg = demo_config()
+    cfg.scorer.kind = "query_likelihood"
+    cfg.scorer.scale = 20.0  # the mean over ~10 question tokens becomes a sum, and sharper: a decisive teacher
+    cfg.train.topk = 32
+    cfg.train.steps = 400
+    cfg.train.refresh_every = 25
+    cfg.train.eval_every = 100
+    cfg.train.checkpoint_every = 100
     return cfg
 
 

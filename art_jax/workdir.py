@@ -326,9 +326,11 @@ def export_run(spec: str, out: str, *, step: int | None = None, best: bool = Fal
     metric that chose it."""
     workdir, folder, found = locate(spec, step=step, best=best)
     meta = _models_meta(workdir)
+    # towers and reader from the one checkpoint found, though a live run saves newer ones meanwhile;
     # every process reads: Orbax restores together
-    run = read_run(spec, step=step, best=best) if ROLES[0] in meta["roles"] else None
-    reader = read_run_reader(spec, step=step, best=best) if READER in meta["roles"] else None
+    pinned = os.path.join(workdir, folder, str(found))
+    run = read_run(pinned) if ROLES[0] in meta["roles"] else None
+    reader = read_run_reader(pinned) if READER in meta["roles"] else None
     if run:
         check_max_lengths(run.question, run.passage, run.question_max_length, run.passage_max_length)
         provenance = run.provenance

@@ -302,6 +302,23 @@ def test_joint_topk_needs_numeric_scores(score, joint_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("record,says", [
+    ({"joint_tau": None}, "numeric joint_lambda and joint_tau"),
+    ({"max_input_tokens": "250"}, "positive integers"),
+    ({"input_format": "{question:d}"}, "art_jax_reader.json: input_format: the template"),
+], ids=["lambda-without-tau", "length-a-string", "recorded-template"])
+def test_bad_reader_record(record, says, joint_dir, results_path, tmp_path, capsys):
+    """A reader folder's art_jax_reader.json that cannot be used is named in one line."""
+    folder = tmp_path / "reader"
+    shutil.copytree(joint_dir, folder)
+    path = folder / "art_jax_reader.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **record}))
+    out = tmp_path / "answers.jsonl"
+    err = _fails(["answer", "--reader", str(folder), "--results", results_path, "--out", str(out)], capsys)
+    assert str(path) in err and says in err, err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------
 # 4. a training run's reader and its export's
 
@@ -453,6 +470,26 @@ def test_reader_only_export(exports, capsys, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_end_to_end_demo_starts_from_its_pretrained_retriever(exports):
+    """The reader demo's emdr2 run starts its towers from WORKDIR/demo/retriever, the export of the
+    ART demo's run it made first (smoke: 4 steps), whose towers moved away from the random BERT."""
+    from safetensors.numpy import load_file
+
+    workdir = exports["emdr2"]["workdir"]
+    demo = os.path.join(workdir, "demo")
+    pretrained = os.path.join(demo, "retriever")
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["retriever"]["checkpoint"] == pretrained
+    with open(os.path.join(pretrained, "art_jax_export.json")) as f:
+        record = json.load(f)
+    assert (record["run"], record["step"], record["source"]) == (os.path.join(demo, "art"), 4,
+                                                                 os.path.join(demo, "bert"))
+    trained = load_file(os.path.join(pretrained, "question_encoder", "model.safetensors"))
+    random = load_file(os.path.join(demo, "bert", "model.safetensors"))
+    assert trained.keys() == random.keys()
+    assert any(not np.array_equal(trained[name], random[name]) for name in trained)
+
+
 def _search_argv(retriever: str, exports, tmp_path) -> list[str]:
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps({"question": q, "answers": ["x"]}) + "\n" for q in QUESTIONS[:2]))
@@ -499,6 +536,9 @@ BAD = {
     "template-unknown-field": ({"--input-format": "{question} {passage}"}, "unknown field(s) {passage}"),
     "template-unmatched-brace": ({"--input-format": "{question} {text"}, "cannot read the template"),
     "template-without-question": ({"--input-format": "fidd"}, "neither a preset (fid, emdr2) nor a template"),
+    "template-conversion": ({"--input-format": "{question!x} {text}"}, "cannot be filled with text"),
+    "template-format-spec": ({"--input-format": "{question:d} {text}"}, "cannot be filled with text"),
+    "empty-question": ({"--results": "empty-question"}, None),
     "reader-bert": ({"--reader": "bert"}, "model_type='bert'"),
     "reader-missing": ({"--reader": "{tmp}/no-such-reader"}, "checkpoint folder not found: {tmp}/no-such-reader"),
     "out-folder": ({"--out": "{tmp}"}, "--out {tmp}: is a folder, expected a file"),
@@ -515,6 +555,11 @@ def test_bad_input(case, t5_sharp_dir, bert_dir, results_path, tmp_path, capsys)
             value = _bad_results(tmp_path, RESULTS[0])
         elif value == "without-text":
             value, expected = _without_text(tmp_path)
+        elif value == "empty-question":
+            results = json.loads(json.dumps(RESULTS))
+            results[1]["question"] = " "
+            value = _bad_results(tmp_path, results)
+            expected = f"{value}: result 1: the question is empty"
         elif value == "bert":
             value = bert_dir
         args[flag] = value.replace("{tmp}", str(tmp_path))

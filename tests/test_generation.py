@@ -105,8 +105,8 @@ def _hf_generate(setup: Setup, **kwargs) -> np.ndarray:
     return _up_to_eos(out[:, 1:].numpy())
 
 
-def _lengths(tokens: np.ndarray) -> list[int]:
-    return [row.index(EOS) + 1 if EOS in row else len(row) for row in tokens.tolist()]
+def _lengths(tokens: np.ndarray, eos: int = EOS) -> list[int]:
+    return [row.index(eos) + 1 if eos in row else len(row) for row in tokens.tolist()]
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "use_cache"))
@@ -225,3 +225,51 @@ def test_nnx_jit_remat_and_a_sharded_batch(t5_v11_dir):
     assert len(greedy.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(greedy), expected_greedy)
     np.testing.assert_array_equal(np.asarray(beams), expected_beams)
+
+
+def test_the_checkpoints_own_special_tokens(t5_v10_lively_dir, tmp_path):
+    """A checkpoint whose config names another decoder start and eos (a T5 with BERT's
+    vocabulary has its [CLS]/[SEP]): decoding starts from and stops at those, as transformers'
+    generate does with the same config; log-likelihoods shift the labels with that start."""
+    import json
+
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    base = _setup("1.0", t5_v10_lively_dir)
+    start = 3
+
+    def hf_tokens(hf, **kwargs):
+        with torch.no_grad():
+            return hf.generate(encoder_outputs=BaseModelOutput(last_hidden_state=torch.tensor(base.memory)),
+                               attention_mask=torch.tensor(base.memory_mask).long(), max_new_tokens=MAX_NEW,
+                               do_sample=False, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+                               **kwargs).numpy()
+
+    # as eos, a token said in the middle of some row but first in none, so that stopping is exercised
+    said = hf_tokens(base.hf, decoder_start_token_id=start, eos_token_id=EOS)[:, 1:]
+    eos = int(next(token for token in said[:, 2:-2].ravel() if token not in said[:, :2]))
+    folder = tmp_path / "t5"
+    shutil.copytree(t5_v10_lively_dir, folder)
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).exists():
+            record = json.loads((folder / name).read_text())
+            record.update(decoder_start_token_id=start, eos_token_id=eos)
+            (folder / name).write_text(json.dumps(record))
+    model = load_t5(str(folder))
+    assert (model.config.decoder_start_token_id, model.config.eos_token_id) == (start, eos)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(str(folder)).eval()
+    expected = hf_tokens(hf)
+    assert np.all(expected[:, 0] == start)
+    ours = np.asarray(_greedy(model, base.memory, base.memory_mask))
+    width = expected.shape[1] - 1
+    np.testing.assert_array_equal(ours[:, :width], expected[:, 1:])
+    assert np.all(ours[:, width:] == PAD) and 2 < min(_lengths(ours, eos)) < MAX_NEW
+    labels = jnp.asarray(ours[:1, :4])
+    got = model.label_log_probs(jnp.asarray(base.memory[:1]), jnp.asarray(base.memory_mask[:1]), labels)
+    with torch.no_grad():
+        logits = hf(encoder_outputs=BaseModelOutput(last_hidden_state=torch.tensor(base.memory[:1])),
+                    attention_mask=torch.tensor(base.memory_mask[:1]).long(),
+                    labels=torch.tensor(np.asarray(labels)).long()).logits
+    reference = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(np.asarray(labels))[..., None].long())
+    np.testing.assert_allclose(np.asarray(got), reference[..., 0].numpy(), atol=1e-4)

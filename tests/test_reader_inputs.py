@@ -132,9 +132,17 @@ def test_answers_are_fids_target_call(t5, max_tokens):
     assert (max_tokens < 32) == bool(mask[1].all())  # the long answer is cut below 32
 
 
-def test_answers_need_an_eos(bert):
+def test_answers_end_with_sep_when_the_tokenizer_has_no_eos(bert):
+    """A T5 with BERT's vocabulary (EMDR2's) ends its answers with [SEP]; a tokenizer with neither
+    token is refused."""
+    from transformers import PreTrainedTokenizerFast
+
+    labels, mask = encode_answers(bert, ["Kyoto Tower"], 8)
+    length = int(mask.sum())
+    assert labels[0, length - 1] == bert.sep_token_id
+    assert labels[0, :length - 1].tolist() == bert("Kyoto Tower", add_special_tokens=False)["input_ids"]
     with pytest.raises(UserError, match="no eos"):
-        encode_answers(bert, ["Kyoto"], 8)
+        encode_answers(PreTrainedTokenizerFast(tokenizer_object=bert.backend_tokenizer), ["Kyoto"], 8)
 
 
 def test_sample_answer_is_seeded():

@@ -394,6 +394,24 @@ def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passag
 # passages' order moves the loss; the initial index is the same bits for all
 RUN = {"train.batch_size": 16, "train.accumulation": 2, "train.steps": 4, "train.refresh_every": 0,
        "train.checkpoint_every": 2, "train.learning_rate": 1e-3, "reader.dropout": 0.1}
+@pytest.mark.parametrize("name", END_TO_END)
+def test_the_loss_and_gradients_on_eight_devices_are_those_on_one(name, world, models, computed, tmp_path):
+    """The same step on a mesh of 8 devices: the method's own batch, laid out over the data axis as
+    the trainer lays it, and the loss partitioned by the compiler, give the one device's values (the
+    slow runs below compare whole runs, and 2 processes, on top of this)."""
+    cfg = _config(_settings(name, world, models))
+    method = METHODS[name](cfg, str(tmp_path), make_mesh(devices=jax.devices()[:8]))
+    batch, _ = method.batch(init_state(method.params, optax.identity(), 0), 0, FixedRows())
+    micro = {key: value[0] for key, value in method.objective.split(batch, 1).items()}
+    assert len(micro["reader_ids"].sharding.device_set) == 8
+    got = _computed(method.objective.loss, method.params, micro, (None,) * 4)
+    want = computed[name]
+    np.testing.assert_allclose(got.loss, want.loss, rtol=RTOL)
+    for group, leaves in want.grads.items():
+        for ours, theirs in zip(got.grads[group], leaves, strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(theirs).max())))
+
+
 BASE_CONFIG = "from art_jax.config import default_config\n\n\ndef get_config():\n    return default_config()\n"
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
 

@@ -43,6 +43,11 @@ def resolve_format(name_or_template: str, key: str) -> str:
     if "question" not in fields:
         raise UserError(f"{key}: {name_or_template!r} is neither a preset ({', '.join(FORMATS)}) nor a template "
                         "with {question}")
+    try:  # conversions, format specs and indexing ({question!x}, {title:d}, {text[0]}) fail only when used
+        name_or_template.format(**{field: "x" for field in FIELDS})
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
+        raise UserError(f"{key}: the template {name_or_template!r} cannot be filled with text ({err!r}); "
+                        "use plain {question}, {title}, {text}") from None
     return name_or_template
 
 
@@ -109,10 +114,11 @@ def article_continuation(store, row: int) -> Iterator[str]:
 
 def encode_answers(tokenizer, answers: Sequence[str], max_answer_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Decoder targets: int32 labels and 0/1 mask [B, T] (T = ``max_answer_tokens``), each answer's
-    tokens then the eos (cut to T tokens, the eos kept), padded with 0."""
-    eos = tokenizer.eos_token_id
+    tokens then the eos (cut to T tokens, the eos kept), padded with 0. The eos: the tokenizer's,
+    else its [SEP] (a T5 with BERT's vocabulary, as EMDR2's)."""
+    eos = tokenizer.sep_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
     if eos is None:
-        raise UserError("the reader's tokenizer has no eos token to end its answers with")
+        raise UserError("the reader's tokenizer has no eos (nor [SEP]) token to end its answers with")
     rows = tokenizer(list(answers), add_special_tokens=False, verbose=False)["input_ids"]
     return pad_rows([row[:max_answer_tokens - 1] + [eos] for row in rows], max_answer_tokens, 0)
 

@@ -109,6 +109,8 @@ def read_retrieved(results: list[dict], source: str, *, scores: bool) -> list[Re
     check_results(results, source)
     items = []
     for qi, item in enumerate(results):
+        if not item["question"].strip():
+            raise UserError(f"{source}: result {qi}: the question is empty")
         ctxs = item["ctxs"]
         if scores:
             bad = next((ci for ci, ctx in enumerate(ctxs) if not isinstance(ctx.get("score"), (int, float))), None)

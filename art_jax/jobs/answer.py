@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from art_jax.core import storage
 from art_jax.core.distributed import is_lead
@@ -14,6 +15,7 @@ from art_jax.core.fileio import read_json
 from art_jax.core.sharding import make_mesh
 from art_jax.data.reader_inputs import resolve_format
 from art_jax.evaluation.predict import predict_answers, read_retrieved
+from art_jax.models.reader_folder import READER_FILE
 
 
 def answer_file(reader_spec: str, results_path: str, out: str, *, topk: int = 50, input_format: str | None = None,
@@ -36,7 +38,9 @@ def answer_file(reader_spec: str, results_path: str, out: str, *, topk: int = 50
     given = {"input_format": input_format, "max_input_tokens": max_input_tokens,
              "max_answer_tokens": max_answer_tokens}
     settings = dataclasses.replace(reader.settings, **{k: v for k, v in given.items() if v is not None})
-    settings = dataclasses.replace(settings, input_format=resolve_format(settings.input_format, "--input-format"))
+    recorded = f"{os.path.join(reader.source, READER_FILE)}: input_format"
+    settings = dataclasses.replace(settings, input_format=resolve_format(
+        settings.input_format, "--input-format" if input_format is not None else recorded))
     items = read_retrieved(results, results_path, scores=settings.joint)
     predictions = predict_answers(reader.model, reader.tokenizer, items, settings, topk=topk, mesh=mesh, beams=beams,
                                   batch_size=batch_size, progress=progress)

@@ -6,7 +6,6 @@ written once into WORKDIR/demo; the config is pointed at them."""
 from __future__ import annotations
 
 import os
-import re
 
 from art_jax.core import storage
 from art_jax.core.distributed import barrier, is_lead
@@ -60,12 +59,54 @@ def prepare_demo(cfg, workdir: str) -> None:
     cfg.data.corpus = paths["corpus"]
     cfg.data.train_questions = paths["train"]
     cfg.data.dev_questions = paths["dev"]
+    if cfg.method in READER_METHODS and cfg.method != "fid" and cfg.demo.retriever_pretraining:
+        cfg.retriever.checkpoint = _pretrained_retriever(cfg, folder)
+
+
+def _pretrained_retriever(cfg, folder: str) -> str:
+    """WORKDIR/demo/retriever: the demo's BERT after ``demo.retriever_pretraining`` steps of the ART
+    demo (the training questions alone, no answers): the end-to-end methods' initial retriever, as
+    the papers start theirs from unsupervised pre-training (MSS, ICT). Every process trains (the
+    run, WORKDIR/demo/art, resumes if killed); the export is published whole, then used as is."""
+    from art_jax.config import art_demo_config
+    from art_jax.methods import make_trainer
+    from art_jax.models.export import reads_as_export
+    from art_jax.workdir import export_run
+
+    out, run = os.path.join(folder, "retriever"), os.path.join(folder, "art")
+    if not reads_as_export(out):
+        art = art_demo_config()
+        art.seed, art.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
+        art.data.corpus, art.data.train_questions, art.data.dev_questions = (
+            cfg.data.corpus, cfg.data.train_questions, cfg.data.dev_questions)
+        art.train.steps = art.train.eval_every = art.train.checkpoint_every = cfg.demo.retriever_pretraining
+        if is_lead():
+            print(f"the retriever's pre-training: {art.train.steps} steps of the ART demo, in {run}")
+        make_trainer(art, run).run()
+        export_run(run, out)
+        barrier("art_jax.demo.retriever")
+    return out
 
 
 def _prepare_reader(cfg, folder: str, paths: dict[str, str]) -> None:
     """WORKDIR/demo/t5: a tiny random T5 (v1.0 layout) whose tokenizer knows the world's words and
     the input template's; for ``fid``, BM25's top passages of each question as `art-jax search`
-    writes results."""
+    writes results.
+
+    Its tokenizer splits a word's closing punctuation off ("1820," -> "1820" ","), so that every
+    answer is a token of its passage, as with SentencePiece: a reader can then copy it. Its
+    initialisation (measured on the demo; rescaled and set before export): Hugging Face's T5
+    scales (q (d_model d_kv)^-0.5, k, v and wi d_model^-0.5, o (heads d_kv)^-0.5, wo d_ff^-0.5,
+    relative biases d_model^-0.5) times ``demo.reader_init_scale``, and with
+    ``demo.reader_copy_init`` the decoder's cross-attention values and outputs the identity, so
+    that attending to a memory position copies its token: a random T5 must otherwise learn
+    copying, which a pretrained one brings (years, ~300 rare tokens, were never copied)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     from art_jax.data.questions import read_questions
 
     t5_dir = os.path.join(folder, "t5")
@@ -73,23 +114,28 @@ def _prepare_reader(cfg, folder: str, paths: dict[str, str]) -> None:
         world = make_world(seed=cfg.seed, entities=cfg.demo.entities)  # the same world, generated again
         texts = ([f"{title} {text}" for _, title, text in world.passages] + [q.question for q in world.train]
                  + [a for q in world.train for a in q.answers] + ["question: title: context:"] * 50)
+        closing = re.compile(r"(\w)([,.?!;])(?=\s|$)")  # a word's closing punctuation: a piece of its own
+        tokenizer = train_unigram([closing.sub(r"\1 \2", text) for text in texts], cfg.demo.vocab_size)
         demo = cfg.demo
-        if demo.get("xp_split_punct", True):
-            texts = [_PUNCTUATION.sub(r"\1 \2", text) for text in texts]
-        tokenizer = train_unigram(texts, demo.vocab_size)
-        layers = demo.get("xp_layers", 0) or demo.layers
-        heads = demo.get("xp_heads", 0) or demo.heads
-        t5 = T5Config(vocab_size=len(tokenizer), d_model=demo.reader_d_model, d_kv=demo.reader_d_model // heads,
-                      d_ff=4 * demo.reader_d_model, num_layers=layers, num_decoder_layers=layers,
-                      num_heads=heads, dropout_rate=cfg.reader.dropout,
-                      relative_attention_num_buckets=demo.get("xp_buckets", 32))
+        t5 = T5Config(vocab_size=len(tokenizer), d_model=demo.reader_d_model, d_kv=demo.reader_d_model // demo.heads,
+                      d_ff=4 * demo.reader_d_model, num_layers=demo.layers, num_decoder_layers=demo.layers,
+                      num_heads=demo.heads, dropout_rate=cfg.reader.dropout)
         model = init_module(T5, t5, seed=cfg.seed)
-        if demo.get("xp_init", ""):
-            _t5_init(model, t5, demo.get("xp_init"))
-        if demo.get("xp_copy", ""):
-            _copy_init(model, demo.get("xp_copy"), demo.get("xp_copy_scale", 1.0))
-        if demo.get("xp_tie", ""):
-            _tie_qk(model, demo.get("xp_tie"), demo.get("xp_qk_scale", 1.0))
+        d, inner = t5.d_model, t5.num_heads * t5.d_kv
+        stddev = {"q": (d * t5.d_kv) ** -0.5, "k": d ** -0.5, "v": d ** -0.5, "o": inner ** -0.5, "wi": d ** -0.5,
+                  "wo": t5.d_ff ** -0.5, "relative_attention_bias": d ** -0.5}
+        drawn = 0.02  # what layers.dense and layers.embed draw with
+
+        def rescaled(path, value):
+            scale = next((stddev[key.key] for key in path if getattr(key, "key", None) in stddev), None)
+            return value if scale is None else value * (demo.reader_init_scale * scale / drawn)
+
+        nnx.update(model, jax.tree_util.tree_map_with_path(rescaled, nnx.state(model, nnx.Param)))
+        if demo.reader_copy_init:
+            for block in model.decoder.blocks:
+                attention = block.cross_attention
+                attention.v.kernel.value = jnp.eye(d, inner, dtype=attention.v.kernel.value.dtype)
+                attention.o.kernel.value = jnp.eye(inner, d, dtype=attention.o.kernel.value.dtype)
         export(model, tokenizer, t5_dir)
     if cfg.method == "fid":
         from art_jax.jobs.mine import bm25_results
@@ -98,58 +144,3 @@ def _prepare_reader(cfg, folder: str, paths: dict[str, str]) -> None:
             out = os.path.join(folder, f"{split}-bm25-results.json")
             if not storage.isfile(out):
                 bm25_results(paths["corpus"], read_questions(paths[split]), out, depth=cfg.train.topk, progress=False)
-
-
-# a word's closing punctuation, a piece of its own for the reader's tokenizer
-_PUNCTUATION = re.compile(r"(\w)([,.?!;])(?=\s|$)")
-
-
-def _t5_init(model, t5: T5Config, mode: str) -> None:
-    """Rescale the N(0, 0.02) kernels to Hugging Face's T5 initialisation (``_init_weights``)."""
-    import jax
-    from flax import nnx
-
-    d, kv, inner, ff = t5.d_model, t5.d_kv, t5.num_heads * t5.d_kv, t5.d_ff
-    target = {"q": (d * kv) ** -0.5, "k": d ** -0.5, "v": d ** -0.5, "o": inner ** -0.5, "wi": d ** -0.5,
-              "wo": ff ** -0.5, "relative_attention_bias": d ** -0.5}
-    mult = float(mode) if mode not in ("t5",) else 1.0
-
-    def rescale(path, value):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        for name in names:
-            if name in target:
-                return value * (target[name] * mult / 0.02)
-        return value
-
-    state = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree_util.tree_map_with_path(rescale, state))
-
-
-def _tie_qk(model, where: str, scale: float) -> None:
-    """k := q (times scale for both) in the chosen attentions: identical tokens attend to each other."""
-    stacks = {"enc": [model.encoder], "all": [model.encoder, model.decoder], "dec": [model.decoder]}[where]
-    for stack in stacks:
-        for block in stack.blocks:
-            attns = [block.self_attention] + ([block.cross_attention] if hasattr(block, "cross_attention") else [])
-            for attn in attns:
-                q = attn.q.kernel[...] * scale
-                attn.q.kernel.value = q
-                attn.k.kernel.value = q
-
-
-def _copy_init(model, where: str, scale: float) -> None:
-    """v := o := identity (times scale) in the chosen attentions: attending to a token copies it."""
-    import jax.numpy as jnp
-
-    attns = []
-    for part in where.split("+"):
-        if part == "cross":
-            attns += [b.cross_attention for b in model.decoder.blocks]
-        if part == "dself":
-            attns += [b.self_attention for b in model.decoder.blocks]
-        if part == "eself":
-            attns += [b.self_attention for b in model.encoder.blocks]
-    for attn in attns:
-        eye = jnp.eye(attn.v.kernel.shape[0], attn.v.kernel.shape[1])
-        attn.v.kernel.value = eye * scale
-        attn.o.kernel.value = eye

@@ -4,8 +4,9 @@ each passage alone, taken without gradient:
 
     L = -log p(a | q, z_1..K) - log sum_k SG(p(a | q, z_k)) p(z_k | q)
 
-p(a | q, z_k): the same reader, its decoder reading passage k's encoding alone (no dropout, no
-gradient); p(z_k | q): softmax over the K of q.z / tau, both towers re-embedded with gradient.
+p(a | q, z_k): the same reader, its decoder (without dropout) reading passage k's encoding from
+the FiD pass alone, without gradient (the encoding keeps that pass's dropout: no second encoder
+pass); p(z_k | q): softmax over the K of q.z / tau, both towers re-embedded with gradient.
 ``train.marginalise``: "sequence" (the paper's equation, the default) or "token" (the reference
 code's per-token marginal; see ``objectives.emdr2_loss``).
 """

@@ -79,12 +79,13 @@ def split_micro_batches(batch: dict[str, jax.Array], accumulation: int) -> dict[
 
 def retriever_scores(groups: ParamGroups, params, batch, keys, *, frozen_passages: bool = False) -> jax.Array:
     """q . z [B, K] of each question and its K retrieved passages, both re-embedded (the passage
-    tower without gradient when ``frozen_passages``)."""
+    tower without dropout or gradient when ``frozen_passages``)."""
     question_key, passage_key = keys[:2]
     q = groups.module(params, "question").embed_cls(batch["question_ids"], batch["question_mask"],
                                                     dropout_key=question_key)
+    # a frozen tower embeds as the index does: no dropout, no gradient
     p = groups.module(params, "passage").embed_cls(batch["passage_ids"], batch["passage_mask"],
-                                                   dropout_key=passage_key)
+                                                   dropout_key=None if frozen_passages else passage_key)
     if frozen_passages:
         p = jax.lax.stop_gradient(p)
     return jnp.einsum("bh,bkh->bk", q, p[batch["passage_index"]], preferred_element_type=jnp.float32)

@@ -16,6 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from art_jax.core.errors import UserError
 from art_jax.methods.end_to_end import EndToEnd, retriever_scores
 from art_jax.methods.reading import fid_log_probs
 from art_jax.models.reader import passage_memory_bias
@@ -33,6 +34,13 @@ class CrossAttentionWeight(nnx.Module):
 
 class JointTopK(EndToEnd):
     name = "joint_topk"
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        if cfg.retriever.shared_towers:
+            raise UserError("retriever.shared_towers: joint_topk trains the question tower and keeps the passage "
+                            "tower frozen, which one shared tower cannot be; set retriever.shared_towers=False")
+        EndToEnd.check_config(cfg)
     always_frozen = ("passage",)
     log_labels = {"token_nll": "nll/token", "lambda": "lambda", **EndToEnd.log_labels}
 

@@ -3,8 +3,9 @@ passages end to end), jittable as a whole: each loop is a ``lax.while_loop`` tha
 no row can change.
 
 Each step goes through a decoder. ``CachedDecoder`` keeps every block's self-attention keys
-and values in a functional cache (a tuple of [R, T, H, d_kv] arrays, one position written per
-step), computes the cross-attention keys and values once from the memory, and takes the
+and values in a functional cache (a tuple of [R, H, T, d_kv] arrays, one position written per
+step), computes the cross-attention keys and values once from the memory (head-major, the
+layout the contractions take, so that no step copies them), and takes the
 relative position bias of the current position from a precomputed [T, T] table; positions
 start at 0 for the first generated token (whose input is the start token), as in
 transformers. ``UncachedDecoder`` re-runs ``T5.logits`` over the whole prefix each step: the
@@ -47,7 +48,7 @@ class CachedDecoder:
 
     def initial_state(self, rows: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
         cfg = self.model.config
-        empty = jnp.zeros((rows, self.max_length, cfg.num_heads, cfg.d_kv), cfg.dtype)
+        empty = jnp.zeros((rows, cfg.num_heads, self.max_length, cfg.d_kv), cfg.dtype)
         return tuple((empty, empty) for _ in self.model.decoder.blocks)
 
     def step(self, state, tokens, position) -> tuple[jax.Array, Any]:
@@ -81,11 +82,18 @@ def _decoder(model: T5, memory, memory_mask, memory_bias, max_length: int, use_c
     return (CachedDecoder if use_cache else UncachedDecoder)(model, memory, memory_mask, memory_bias, max_length)
 
 
-def greedy_decode(model: T5, memory, memory_mask, *, max_new_tokens: int, memory_bias=None, eos_id: int = 1,
-                  pad_id: int = 0, start_id: int = 0, use_cache: bool = True) -> jax.Array:
+def _special_ids(model: T5) -> tuple[int, int, int]:
+    """(eos, pad, decoder start) ids of the checkpoint."""
+    cfg = model.config
+    return cfg.eos_token_id, cfg.pad_token_id, cfg.decoder_start_token_id
+
+
+def greedy_decode(model: T5, memory, memory_mask, *, max_new_tokens: int, memory_bias=None, use_cache: bool = True
+                  ) -> jax.Array:
     """Int32 [B, max_new_tokens]: the most probable token at each step (transformers' greedy
-    search), ``pad_id`` after a row's first ``eos_id`` (which is kept)."""
+    search), the checkpoint's pad id after a row's first eos (which is kept)."""
     rows = memory.shape[0]
+    eos_id, pad_id, start_id = _special_ids(model)
     decoder = _decoder(model, memory, memory_mask, memory_bias, max_new_tokens, use_cache)
 
     def running(carry):
@@ -142,15 +150,14 @@ def _finish(b: _Beams, scores, tokens, ended, length_penalty: float, stop_when_f
 
 
 def beam_search(model: T5, memory, memory_mask, *, beams: int, max_new_tokens: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, memory_bias=None, eos_id: int = 1, pad_id: int = 0,
-                start_id: int = 0, use_cache: bool = True) -> jax.Array:
-    """Int32 [B, max_new_tokens]: each row's best hypothesis, ``pad_id`` after its ``eos_id``;
+                early_stopping: bool | str = False, memory_bias=None, use_cache: bool = True) -> jax.Array:
+    """Int32 [B, max_new_tokens]: each row's best hypothesis, the pad id after its eos;
     transformers' ``generate(num_beams=beams, length_penalty=..., early_stopping=...,
     do_sample=False)`` step for step.
 
     Each step takes the 2 * beams best continuations of the running beams (summed log-probs);
     the best ``beams`` of those that have not ended run on, and those of the first ``beams``
-    that ended (``eos_id`` or the length limit) compete for the ``beams`` finished slots on
+    that ended (the eos or the length limit) compete for the ``beams`` finished slots on
     sum / length ** length_penalty. A row stops changing once no running beam can beat its
     worst finished one (estimated at the current length; at ``max_new_tokens`` for
     early_stopping="never" and a positive penalty) or, with early_stopping=True, once all
@@ -158,8 +165,9 @@ def beam_search(model: T5, memory, memory_mask, *, beams: int, max_new_tokens: i
     """
     if beams == 1:
         return greedy_decode(model, memory, memory_mask, max_new_tokens=max_new_tokens, memory_bias=memory_bias,
-                             eos_id=eos_id, pad_id=pad_id, start_id=start_id, use_cache=use_cache)
+                             use_cache=use_cache)
     batch = memory.shape[0]
+    eos_id, pad_id, start_id = _special_ids(model)
     candidates = 2 * beams  # transformers keeps (1 + number of eos ids) * beams
     decoder = _decoder(model, memory, memory_mask, memory_bias, max_new_tokens, use_cache)
     stop_when_full = early_stopping is True

@@ -326,8 +326,19 @@ def t5_config_from_hf(hf: dict[str, Any], weights: dict[str, np.ndarray], **over
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), gated=parts[0] == "gated",
         activation=activation, untied_lm_head=untied, scale_decoder_outputs=bool(scale),
-        dropout_rate=hf.get("dropout_rate", 0.1))
+        dropout_rate=hf.get("dropout_rate", 0.1), **_special_tokens(hf))
     return dataclasses.replace(cfg, **overrides)
+
+
+def _special_tokens(hf: dict[str, Any]) -> dict[str, int]:
+    """pad, eos and decoder start ids of a Hugging Face T5 config (T5's 0, 1, 0 where absent; an eos
+    list, as generation configs allow, gives its first)."""
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    pad = 0 if hf.get("pad_token_id") is None else hf["pad_token_id"]
+    start = hf.get("decoder_start_token_id")
+    return {"pad_token_id": pad, "eos_token_id": 1 if eos is None else eos,
+            "decoder_start_token_id": pad if start is None else start}
 
 
 def t5_config_to_hf(cfg: T5Config) -> dict[str, Any]:
@@ -339,7 +350,8 @@ def t5_config_to_hf(cfg: T5Config) -> dict[str, Any]:
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
         "relative_attention_max_distance": cfg.relative_attention_max_distance,
         "layer_norm_epsilon": cfg.layer_norm_epsilon, "feed_forward_proj": proj,
-        "dropout_rate": cfg.dropout_rate, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+        "dropout_rate": cfg.dropout_rate, "pad_token_id": cfg.pad_token_id,
+        "eos_token_id": cfg.eos_token_id, "decoder_start_token_id": cfg.decoder_start_token_id,
         # the two flags transformers reads to decide head tying and output scaling
         "tie_word_embeddings": not cfg.untied_lm_head and cfg.scale_decoder_outputs,
         "scale_decoder_outputs": cfg.scale_decoder_outputs,

@@ -125,15 +125,19 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.reshape(batch, length, heads * head_dim)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
-           scale: float, dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, scale: float,
+           dropout_rate: float = 0.0, key: jax.Array | None = None, heads_first_kv: bool = False) -> jax.Array:
     """Softmax attention over [B, L, H, D] inputs; scores and softmax in float32; ``bias``
     broadcasts to [B, H, Lq, Lk] (and gets its gradient: T5's relative positions are trained).
 
     The contractions run head-major ([B, H, L, D]): on XLA:CPU the batched matmuls are
     4x faster in that layout than contracting the [B, L, H, D] views directly.
+    ``heads_first_kv``: ``k`` and ``v`` are given head-major already ([B, H, S, D]; a decoder
+    that reads the same keys every step lays them out once).
     """
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    q = jnp.swapaxes(q, 1, 2)
+    if not heads_first_kv:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     keep = None
     if key is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(key, 1.0 - dropout_rate, (*q.shape[:3], k.shape[2]))

@@ -65,10 +65,18 @@ def read_settings(folder: str) -> ReaderSettings:
         return ReaderSettings()
     try:
         with open(path, encoding="utf-8") as f:
-            recorded = json.load(f)
-        return ReaderSettings(**recorded)
+            settings = ReaderSettings(**json.load(f))
     except (OSError, json.JSONDecodeError, TypeError) as err:
         raise CheckpointError(f"{path}: not a readable reader record ({err})") from err
+    numbers = (settings.max_input_tokens, settings.max_answer_tokens)
+    if not all(isinstance(n, int) and n > 0 for n in numbers) or not isinstance(settings.input_format, str):
+        raise CheckpointError(f"{path}: input_format must be a string and max_input_tokens, max_answer_tokens "
+                              f"positive integers, got {settings}")
+    joint = (settings.joint_lambda, settings.joint_tau)
+    if joint != (None, None) and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in joint):
+        raise CheckpointError(f"{path}: a Joint top-K reader records numeric joint_lambda and joint_tau, got "
+                              f"{joint[0]!r} and {joint[1]!r}")
+    return settings
 
 
 def read_reader_folder(folder: str, *, mesh=None, **overrides) -> Reader:

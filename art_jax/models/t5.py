@@ -47,6 +47,10 @@ class T5Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # the frozen teacher keeps bfloat16 parameters
     remat: bool = False  # recompute each block's activations in the backward pass (training memory)
+    # the checkpoint's special tokens (Hugging Face's config; a T5 with BERT's vocabulary has its own)
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
 
 
 _ACTIVATIONS = {
@@ -135,8 +139,9 @@ class T5Attention(nnx.Module):
         return jnp.transpose(values, (2, 0, 1))[None].astype(jnp.float32)
 
     def keys_values(self, memory) -> tuple[jax.Array, jax.Array]:
-        """[B, S, H, d_kv] keys and values of what is attended to."""
-        return split_heads(self.k(memory), self.num_heads), split_heads(self.v(memory), self.num_heads)
+        """[B, H, S, d_kv] keys and values of what is attended to: head-major, the layout the
+        contractions take, so that keys kept over decoding steps are laid out once."""
+        return tuple(jnp.swapaxes(split_heads(proj(memory), self.num_heads), 1, 2) for proj in (self.k, self.v))
 
     def __call__(self, x, keys_values, bias, dropout_key):
         """``x`` [R, L, D] attending over ``keys_values`` of R / G rows: each G consecutive rows of
@@ -147,7 +152,7 @@ class T5Attention(nnx.Module):
         q = split_heads(self.q(x), self.num_heads)
         q = q.reshape(k.shape[0], rows // k.shape[0] * length, *q.shape[2:])
         # T5 folds 1/sqrt(d_kv) into its initialisation: no scaling here.
-        out = attend(q, k, v, bias, scale=1.0, dropout_rate=self.dropout_rate, key=dropout_key)
+        out = attend(q, k, v, bias, scale=1.0, dropout_rate=self.dropout_rate, key=dropout_key, heads_first_kv=True)
         return self.o(merge_heads(out.reshape(rows, length, *out.shape[2:])))
 
 
@@ -189,7 +194,7 @@ class T5Block(nnx.Module):
 
         ``cross``: the memory [B, M, D], its keys and values computed here (so that remat
         recomputes rather than stores them), or those of every decoding step, computed once.
-        ``cache``: (keys, values) [R, T, H, d_kv] of earlier positions; ``x`` is then the input
+        ``cache``: (keys, values) [R, H, T, d_kv] of earlier positions; ``x`` is then the input
         at ``position``, its keys and values written into the cache it attends over.
         """
         keys = KeyStream(dropout_key)
@@ -198,7 +203,7 @@ class T5Block(nnx.Module):
         normed = self.self_attention_norm(x)
         self_kv = self.self_attention.keys_values(normed)
         if cache is not None:
-            self_kv = tuple(jax.lax.dynamic_update_slice_in_dim(past, new.astype(past.dtype), position, axis=1)
+            self_kv = tuple(jax.lax.dynamic_update_slice_in_dim(past, new.astype(past.dtype), position, axis=2)
                             for past, new in zip(cache, self_kv))
         x = x + dropout(self.self_attention(normed, self_kv, self_bias, keys()), self.dropout_rate, keys())
         if self.is_decoder:
@@ -295,19 +300,17 @@ class T5(nnx.Module):
         head = self.shared.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
-    def label_log_probs(self, encoded, attention_mask, labels, *, memory_bias=None, dropout_key=None,
-                        start_token_id: int = 0) -> jax.Array:
+    def label_log_probs(self, encoded, attention_mask, labels, *, memory_bias=None, dropout_key=None) -> jax.Array:
         """log p(labels[t] | labels[<t], memory) for every position, float32 [B, T].
 
-        Decoder input = labels shifted right with the start token (T5's pad id 0);
-        padding after the targets cannot affect them under the causal mask.
+        Decoder input = labels shifted right with the checkpoint's decoder start token (T5's pad
+        id 0); padding after the targets cannot affect them under the causal mask.
         """
-        logits = self.logits(encoded, attention_mask, shift_right(labels, start_token_id),
+        logits = self.logits(encoded, attention_mask, shift_right(labels, self.config.decoder_start_token_id),
                              dropout_key=dropout_key, memory_bias=memory_bias)
         target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
         return target - jax.nn.logsumexp(logits, axis=-1)
 
-    def target_log_probs(self, input_ids, attention_mask, labels, *, start_token_id: int = 0) -> jax.Array:
+    def target_log_probs(self, input_ids, attention_mask, labels) -> jax.Array:
         """``label_log_probs`` given the encoder's input rather than its output."""
-        return self.label_log_probs(self.encode(input_ids, attention_mask), attention_mask, labels,
-                                    start_token_id=start_token_id)
+        return self.label_log_probs(self.encode(input_ids, attention_mask), attention_mask, labels)
