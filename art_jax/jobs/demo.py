@@ -108,6 +108,7 @@ def _prepare_reader(cfg, folder: str, paths: dict[str, str]) -> None:
     from flax import nnx
 
     from art_jax.data.questions import read_questions
+    from art_jax.models.layers import INIT_STDDEV
 
     t5_dir = os.path.join(folder, "t5")
     if not storage.isfile(os.path.join(t5_dir, "config.json")):
@@ -124,11 +125,10 @@ def _prepare_reader(cfg, folder: str, paths: dict[str, str]) -> None:
         d, inner = t5.d_model, t5.num_heads * t5.d_kv
         stddev = {"q": (d * t5.d_kv) ** -0.5, "k": d ** -0.5, "v": d ** -0.5, "o": inner ** -0.5, "wi": d ** -0.5,
                   "wo": t5.d_ff ** -0.5, "relative_attention_bias": d ** -0.5}
-        drawn = 0.02  # what layers.dense and layers.embed draw with
 
         def rescaled(path, value):
             scale = next((stddev[key.key] for key in path if getattr(key, "key", None) in stddev), None)
-            return value if scale is None else value * (demo.reader_init_scale * scale / drawn)
+            return value if scale is None else value * (demo.reader_init_scale * scale / INIT_STDDEV)
 
         nnx.update(model, jax.tree_util.tree_map_with_path(rescaled, nnx.state(model, nnx.Param)))
         if demo.reader_copy_init:

@@ -70,8 +70,11 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     return _linear(lhs, rhs)
 
 
+INIT_STDDEV = 0.02  # BERT's and T5's initialiser range, what dense and embed draw with
+
+
 def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool,
-          dtype, param_dtype, rngs: nnx.Rngs, stddev: float = 0.02) -> nnx.Linear:
+          dtype, param_dtype, rngs: nnx.Rngs, stddev: float = INIT_STDDEV) -> nnx.Linear:
     """A Linear whose kernel (and bias) are tagged with logical axis names."""
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
@@ -81,7 +84,7 @@ def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bia
 
 
 def embed(num: int, features: int, axes: tuple[str, str], *, dtype, param_dtype,
-          rngs: nnx.Rngs, stddev: float = 0.02) -> nnx.Embed:
+          rngs: nnx.Rngs, stddev: float = INIT_STDDEV) -> nnx.Embed:
     return nnx.Embed(
         num, features, dtype=dtype, param_dtype=param_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev), axes),
