@@ -376,6 +376,16 @@ def test_joint_topk_loss_is_fid_with_the_retrievers_attention_bias(computed, exp
     assert abs(_token_mean_nll(e.joint_fid, e.mask) - _token_mean_nll(e.fid, e.mask)) > 100 * RTOL * got.loss
 
 
+def test_joint_topk_refuses_shared_towers(world, models):
+    """One shared tower cannot be both trained (question) and frozen (passage): refused before loading."""
+    from art_jax.core.errors import UserError
+
+    cfg = _config(_settings("joint_topk", world, models, **{"retriever.shared_towers": True}))
+    with pytest.raises(UserError, match=r"retriever\.shared_towers: joint_topk .* set retriever.shared_towers=False"):
+        METHODS["joint_topk"].check_config(cfg)
+    METHODS["emdr2"].check_config(cfg)  # the others train both roles of a shared tower
+
+
 def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passage_tower(setup, computed):
     methods, _ = setup
     grads = computed["joint_topk"].grads
