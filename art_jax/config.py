@@ -176,6 +176,7 @@ def default_config() -> ml_collections.ConfigDict:
         # emdr2: the retriever term's marginal over the top-K, "sequence" (the paper's equation 6: whole
         # answers) or "token" (the reference code's: per answer token)
         marginalise="sequence",
+        # a tower left untrained may not be shared with the trained one (retriever.shared_towers=False)
         train_question_tower=True, train_passage_tower=True,
         refresh_every=500, eval_every=500, log_every=10, eval_topk=(1, 5, 20, 50, 100),
         # "sync": the trainer stops and re-embeds the corpus every refresh_every steps; "async": it

@@ -386,6 +386,21 @@ def test_joint_topk_refuses_shared_towers(world, models):
     METHODS["emdr2"].check_config(cfg)  # the others train both roles of a shared tower
 
 
+@pytest.mark.parametrize("method", ["art", "dpr", "emdr2", "individual_topk"])
+def test_a_shared_tower_cannot_be_frozen_in_one_role(method, world, models):
+    """``train.train_passage_tower=False`` beside a shared tower would train it through the question
+    role all the same (one parameter group): every method that trains towers refuses it."""
+    from art_jax.core.errors import UserError
+
+    shared = {"retriever.shared_towers": True, "train.train_passage_tower": False,
+              "data.dev_questions": world[1], "data.train_examples": world[1], "train.best_metric": ""}
+    with pytest.raises(UserError, match=r"train\.train_passage_tower=False freezes a tower that "
+                                        r"retriever\.shared_towers=True shares"):
+        METHODS[method].check_config(_config(_settings(method, world, models, **shared)))
+    METHODS[method].check_config(_config(_settings(method, world, models, **{**shared, "retriever.shared_towers":
+                                                                              False})))
+
+
 def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passage_tower(setup, computed):
     methods, _ = setup
     grads = computed["joint_topk"].grads

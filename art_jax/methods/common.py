@@ -73,6 +73,12 @@ def check_retriever(cfg) -> None:
     if cfg.retriever.question_truncation not in ("right", "left"):
         raise UserError(f"retriever.question_truncation: {cfg.retriever.question_truncation!r} is not "
                         "'right' or 'left'")
+    train = cfg.train
+    if cfg.retriever.shared_towers and train.train_question_tower != train.train_passage_tower:
+        # one shared tower is one parameter group: freezing one of its roles would silently train it anyway
+        frozen = "passage" if train.train_question_tower else "question"
+        raise UserError(f"train.train_{frozen}_tower=False freezes a tower that retriever.shared_towers=True "
+                        "shares with the trained one; set retriever.shared_towers=False, or freeze both")
 
 
 def check_input_files(cfg, keys: tuple[str, ...]) -> None:
