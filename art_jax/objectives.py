@@ -11,11 +11,21 @@ def score_scale(hidden: int, temperature_multiplier: float = 1.0, score_scaling:
     return jnp.float32(temperature_multiplier) * (jnp.sqrt(jnp.float32(hidden)) if score_scaling else 1.0)
 
 
+def retrieval_scores(questions: jax.Array, passages: jax.Array) -> jax.Array:
+    """q.d [B, K] in float32; questions [B, H], passages [B, K, H]."""
+    return jnp.einsum("bh,bkh->bk", questions, passages, preferred_element_type=jnp.float32)
+
+
 def student_log_probs(questions: jax.Array, passages: jax.Array, temperature_multiplier: float = 1.0,
                       score_scaling: bool = True) -> jax.Array:
     """log_softmax over K of q.d / tau; questions [B, H], passages [B, K, H]."""
-    scores = jnp.einsum("bh,bkh->bk", questions, passages, preferred_element_type=jnp.float32)
-    return jax.nn.log_softmax(scores / score_scale(questions.shape[-1], temperature_multiplier, score_scaling), -1)
+    return retriever_log_probs(retrieval_scores(questions, passages),
+                               score_scale(questions.shape[-1], temperature_multiplier, score_scaling))
+
+
+def retriever_log_probs(scores: jax.Array, tau) -> jax.Array:
+    """log p(z | q): log_softmax over the last axis of scores / tau."""
+    return jax.nn.log_softmax(scores / tau, axis=-1)
 
 
 def mean_entropy(log_probs: jax.Array) -> jax.Array:
@@ -50,7 +60,7 @@ def contrastive_loss(questions: jax.Array, passages: jax.Array, temperature_mult
     deduplicated, as in DPR."""
     batch, per_question = questions.shape[0], passages.shape[0] // questions.shape[0]
     scores = jnp.einsum("bh,nh->bn", questions, passages, preferred_element_type=jnp.float32)
-    log_probs = jax.nn.log_softmax(scores / score_scale(questions.shape[-1], temperature_multiplier, score_scaling), -1)
+    log_probs = retriever_log_probs(scores, score_scale(questions.shape[-1], temperature_multiplier, score_scaling))
     positives = jnp.arange(batch) * per_question
     nll = -jnp.take_along_axis(log_probs, positives[:, None], axis=-1)[:, 0]
     positive_scores = jnp.take_along_axis(log_probs, positives[:, None], axis=-1)

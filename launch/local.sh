@@ -32,9 +32,11 @@ stop_all() {
 }
 trap stop_all INT TERM
 
+# XLA_FLAGS may force another CPU device count (the test suite's 8): each process gets its own, and
+# keeps the other flags
+xla_flags="$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')"
 for ((i = 0; i < processes; i++)); do
-  # XLA_FLAGS may force another CPU device count (the test suite's 8); each process gets its own
-  env -u XLA_FLAGS JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES="${ART_JAX_LOCAL_DEVICES:-2}" \
+  env XLA_FLAGS="$xla_flags" JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES="${ART_JAX_LOCAL_DEVICES:-2}" \
     $art_jax "$@" --coordinator_address="127.0.0.1:$port" --num_processes="$processes" --process_id="$i" \
     > >(if ((i == 0)); then cat; else sed -u "s/^/[$i] /"; fi) 2>&1 &
   pids+=($!)

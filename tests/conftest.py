@@ -6,7 +6,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.multiprocess import COMPILE_FAST  # noqa: E402  (no JAX import: before JAX initialises)
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COMPILE_FAST}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Compiling is most of a tiny training run, and many tests (and the processes they start) compile
@@ -86,10 +88,10 @@ def demo_run(tmp_path_factory):
     import subprocess
     import sys
 
-    from tests.multiprocess import ROOT
+    from tests.multiprocess import ROOT, child_env
 
     workdir = tmp_path_factory.mktemp("demo") / "run"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env = child_env(compile_fast=False)  # one CPU device; it learns for 100 steps: optimised code
     run = subprocess.run([sys.executable, "-m", "art_jax", "train", "--config=configs/demo.py", f"--workdir={workdir}",
                           "--config.train.steps=100", "--config.train.eval_every=100"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -1,11 +1,31 @@
 """Running a job as 2 real processes x 2 CPU devices (jax.distributed on localhost)."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The suite's models are tiny: compiling is most of a test's time, and LLVM's optimisation passes most
+# of compiling (tests/test_train_step.py: 179 s -> 114 s without them); the computation is the same.
+COMPILE_FAST = "--xla_backend_optimization_level=0"
+_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\d+")
+
+
+def child_env(devices: int | None = None, *, compile_fast: bool = True, **extra: str) -> dict[str, str]:
+    """The environment of a process the suite starts: the suite's XLA flags but its 8 devices (JAX's
+    ``devices`` CPU devices, else one), without ``COMPILE_FAST`` for a run that times or learns
+    (a demo runs as on a fresh machine), and ``extra``."""
+    env = dict(os.environ, **extra)
+    flags = _DEVICE_COUNT.sub("", env.pop("XLA_FLAGS", ""))
+    if not compile_fast:
+        flags = flags.replace(COMPILE_FAST, "")
+    if flags.strip():
+        env["XLA_FLAGS"] = " ".join(flags.split())
+    if devices:
+        env["JAX_NUM_CPU_DEVICES"] = str(devices)
+    return env
 
 
 def _free_port() -> int:
@@ -18,7 +38,7 @@ def run_two_processes(job: str, *args: str) -> None:
     """Runs ``tests/multiprocess_worker.py JOB ARGS`` as processes 0 and 1; ``{i}`` in an
     argument becomes the process id. Fails with the workers' output if either fails."""
     port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 2 devices each, not 8
+    env = child_env()  # 2 devices each (tests.multiprocess_worker), not 8
     workers = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", port, str(i), job,
                                  *(a.replace("{i}", str(i)) for a in args)],
                                 env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

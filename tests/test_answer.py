@@ -26,6 +26,7 @@ import torch
 
 from art_jax import cli
 from tests.hf_fixtures import CORPUS
+from tests.multiprocess import child_env
 from tests.test_cli import _fails
 
 transformers = pytest.importorskip("transformers")
@@ -331,7 +332,7 @@ class ReaderRuns:
     METHODS = ("emdr2", "fid")
 
     def __init__(self, root):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = child_env()
         self.root = root
         self.procs = {}
         for method in self.METHODS:

@@ -13,7 +13,7 @@ import pytest
 
 from art_jax.core.checkpoints import Checkpoints
 from art_jax.methods import make_trainer
-from tests.multiprocess import ROOT
+from tests.multiprocess import ROOT, child_env
 from tests.test_train import _config
 
 CONFIG = """
@@ -76,9 +76,7 @@ def train(files, bert_dir, tmp_path_factory):
     config.write_text(CONFIG.format(files=files, bert_dir=bert_dir))
     # compiling is two thirds of a run; the runs share a persistent compilation cache (an entry
     # cut short by the kill is only a warning and a recompile for the next run)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_COMPILATION_CACHE_DIR": str(folder / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = child_env(JAX_COMPILATION_CACHE_DIR=str(folder / "jax_cache"))
 
     def run(workdir, kill_at=None):
         program = ["-c", KILL_IN_SAVE_OF_STEP_4, kill_at] if kill_at else ["-m", "art_jax"]

@@ -14,6 +14,7 @@ import torch
 
 from art_jax import cli
 from art_jax.teachers.t5 import T5Scorer
+from tests.multiprocess import child_env
 from tests.test_scorer import PAIRS, oracle_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,8 +222,7 @@ def test_export_bert_loads_in_transformers(bert_dir, tmp_path, capsys):
 
 
 def test_selfcheck_subprocess():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
+    env = child_env(8, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "art_jax", "selfcheck"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -60,10 +60,10 @@ def test_the_dpr_demo_mines_its_examples_with_bm25_and_learns(tmp_path):
 
     from art_jax.data.examples import read_training_examples
     from art_jax.evaluation.answers import has_answer
-    from tests.multiprocess import ROOT
+    from tests.multiprocess import ROOT, child_env
 
     workdir = tmp_path / "dpr"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env(compile_fast=False)  # it learns for 60 steps: optimised code
     run = subprocess.run([sys.executable, "-m", "art_jax", "train", "--config=configs/dpr_demo.py",
                           f"--workdir={workdir}", "--config.train.steps=60", "--config.train.eval_every=60"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -10,12 +10,14 @@ import sys
 
 import pytest
 
+from tests.multiprocess import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_the_reader_demo_learns_to_answer(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a fresh machine
+    env = child_env(compile_fast=False)  # one CPU device, as on a fresh machine
     run = subprocess.run([sys.executable, "-m", "art_jax", "train", "--config=configs/reader_demo.py",
                           f"--workdir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=1800)

@@ -42,7 +42,7 @@ from art_jax.methods.reading import READER_ARRAYS
 from art_jax.training.loop import Trainer
 from art_jax.training.state import init_state
 from tests import hf_fixtures
-from tests.multiprocess import ROOT
+from tests.multiprocess import ROOT, child_env
 
 transformers = pytest.importorskip("transformers")
 
@@ -417,6 +417,71 @@ def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passag
 # index that 1 device and 8 embed (in other batch splits) differs by an ulp here and there, which
 # swapped two of a question's passages 8e-4 apart in score (measured), and with dropout on the
 # passages' order moves the loss; the initial index is the same bits for all
+def test_dev_em_and_f1_sum_the_shares_each_process_decodes(models, monkeypatch):
+    """Each process decodes its share of the dev questions: the shares of 2 and 3 processes, their
+    sums added (as ``process_sum`` adds them), give the metrics of one process decoding all. Gold
+    answers: the prediction itself for questions 0, 1 and 4 (EM 3/7 exactly), for the others the
+    prediction and i more words (each question's F1 its own, so a question counted twice or not
+    at all would show)."""
+    from art_jax.core import distributed
+    from art_jax.evaluation.predict import Retrieved, predict_answers
+    from art_jax.methods import reading
+    from art_jax.models.hf import load_t5, load_tokenizer
+    from art_jax.models.reader_folder import ReaderSettings
+
+    reader, tokenizer = load_t5(models[1]), load_tokenizer(models[1])
+    settings = ReaderSettings(max_input_tokens=24, max_answer_tokens=4)
+    items = [Retrieved(f"who is person {i}?", [(f"P{i}", f"person {i} lives in town {j}") for j in range(2)])
+             for i in range(7)]
+    mesh = make_mesh(devices=jax.local_devices())
+    predictions = predict_answers(reader, tokenizer, items, settings, topk=2, mesh=mesh, progress=False)
+    assert all(predictions), predictions
+    answers = [[p if i in (0, 1, 4) else p + " word" * i] for i, p in enumerate(predictions)]
+    metrics = lambda: reading.reading_metrics(reader, tokenizer, settings, items, answers, topk=2,  # noqa: E731
+                                              batch_size=3)
+    whole = metrics()
+    assert whole["em"] == pytest.approx(3 / 7) and 3 / 7 < whole["f1"] < 1, whole
+    for processes in (2, 3):
+        sums = []
+        for index in range(processes):
+            monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+            monkeypatch.setattr(jax, "process_count", lambda processes=processes: processes)
+            shares = distributed.process_share(7)
+            monkeypatch.undo()
+            monkeypatch.setattr(reading, "process_share", lambda count, shares=shares: shares)
+            monkeypatch.setattr(reading, "process_sum", lambda values: sums.append(np.asarray(values)) or np.zeros(2))
+            metrics()
+        np.testing.assert_allclose(np.sum(sums, axis=0) / 7, [whole["em"], whole["f1"]], rtol=1e-6)
+    monkeypatch.undo()
+
+
+def test_process_shares_cover_every_item_once(monkeypatch):
+    from art_jax.core import distributed
+
+    for count in (0, 1, 5, 7, 8):
+        for processes in (1, 2, 3, 4):
+            monkeypatch.setattr(jax, "process_count", lambda processes=processes: processes)
+            covered = []
+            for index in range(processes):
+                monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+                covered += list(distributed.process_share(count))
+            assert covered == list(range(count)), (count, processes)
+    monkeypatch.undo()
+
+
+def test_joint_topk_searches_one_index_it_never_refreshes(world, models, tmp_path):
+    """Its passage tower is frozen: the index of step 0 serves every step (refresh_every=1 rebuilds
+    nothing), and a resumed run searches that same version."""
+    from art_jax.retrieval.index import published_versions
+
+    settings = _settings("joint_topk", world, models, **{"train.refresh_every": 1, "train.checkpoint_every": 1})
+    _train_here(settings, tmp_path)
+    assert published_versions(str(tmp_path / "index")) == [0]
+    assert "index_staleness" not in _rows(tmp_path)[0]
+    resumed = make_trainer(_config({**settings, "train.steps": 2}), str(tmp_path))
+    assert resumed.resume() == 1 and resumed.index.version == 0
+
+
 RUN = {"train.batch_size": 16, "train.accumulation": 2, "train.steps": 4, "train.refresh_every": 0,
        "train.checkpoint_every": 2, "train.learning_rate": 1e-3, "reader.dropout": 0.1}
 @pytest.mark.parametrize("name", END_TO_END)
@@ -454,10 +519,9 @@ def _train_elsewhere(settings: dict, workdir, *, devices: int, processes: int = 
     with open(config, "w") as f:
         f.write(BASE_CONFIG)
     args = ["train", f"--config={config}", f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items())]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the suite's 8 devices are not theirs
+    env = child_env(devices if processes == 1 else None)  # the suite's 8 devices are not theirs
     if processes == 1:
         command = [sys.executable, "-m", "art_jax", *args]
-        env["JAX_NUM_CPU_DEVICES"] = str(devices)
     else:
         command = [LOCAL, str(processes), *args]
         env.update(ART_JAX=f"{sys.executable} -m art_jax", ART_JAX_LOCAL_DEVICES=str(devices))
@@ -484,9 +548,11 @@ def _close_rows(rows, expected, rtol):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["emdr2", "individual_topk", "joint_topk", "fid"])
 def test_eight_devices_and_two_processes_train_as_one_device(world, models, tmp_path, method):
-    """Every metric of every step (loss, its terms, |g|, lr, lambda, index staleness) of 1 process
-    x 1 device and 2 processes x 4 devices: those of 1 process x 8 devices."""
-    settings = _settings(method, world, models, **RUN)
+    """Every metric of every step (loss, its terms, |g|, lr, lambda, index staleness) and the dev
+    evaluations (EM and F1, each process decoding its share; top-k) of 1 process x 1 device and
+    2 processes x 4 devices: those of 1 process x 8 devices."""
+    settings = _settings(method, world, models, **RUN, **{"data.dev_questions": world[1], "data.dev_results": world[2],
+                                                          "train.eval_every": 2, "train.eval_topk": "(1,2)"})
     _train_here(settings, tmp_path / "eight")
     _train_elsewhere(settings, str(tmp_path / "one"), devices=1)
     _train_elsewhere(settings, str(tmp_path / "two"), devices=4, processes=2)

@@ -27,7 +27,7 @@ from art_jax.retrieval.index import (
 )
 from art_jax.retrieval.refresh import Refresher
 from art_jax.training.loop import Trainer
-from tests.multiprocess import ROOT
+from tests.multiprocess import ROOT, child_env
 from tests.test_cli import _fails
 from tests.test_train import _config
 
@@ -58,7 +58,7 @@ def refreshers(tmp_path):
     started = []
 
     def start(workdir, name, *, die_after_first_chunk=False):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # its own device, as a separate job
+        env = child_env()  # its own device, as a separate job
         program = ["-c", DIE_AFTER_FIRST_CHUNK] if die_after_first_chunk else ["-m", "art_jax"]
         log = tmp_path / f"{name}.log"
         with open(log, "w") as out:

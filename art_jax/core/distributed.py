@@ -137,6 +137,29 @@ def any_process(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.int32(flag)).max())
 
 
+def process_share(count: int) -> range:
+    """This process's contiguous share of ``count`` items (the first ``count % processes`` get one more)."""
+    import jax
+
+    processes, index = jax.process_count(), jax.process_index()
+    size, extra = divmod(count, processes)
+    start = index * size + min(index, extra)
+    return range(start, start + size + (index < extra))
+
+
+def process_sum(values):
+    """The elementwise sum of the float32 array ``values`` over every process, on every process."""
+    import jax
+    import numpy as np
+
+    values = np.asarray(values, np.float32)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values)).sum(0)
+
+
 def _give_up(problem: str) -> None:
     print(f"art-jax: error: {problem}", file=sys.stderr, flush=True)
     os._exit(2)  # the main thread is blocked inside jax; nothing else would end it cleanly

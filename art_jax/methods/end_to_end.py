@@ -18,7 +18,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -56,7 +55,7 @@ from art_jax.methods.reading import (
     reader_settings,
     reading_metrics,
 )
-from art_jax.objectives import score_scale
+from art_jax.objectives import retrieval_scores, retriever_log_probs, score_scale
 from art_jax.retrieval.encoder import load_retriever_tokenizer
 from art_jax.training.state import ParamGroups, TrainState
 from art_jax.training.update import Objective, split_evenly, step_key
@@ -88,7 +87,7 @@ def retriever_scores(groups: ParamGroups, params, batch, keys, *, frozen_passage
                                                    dropout_key=None if frozen_passages else passage_key)
     if frozen_passages:
         p = jax.lax.stop_gradient(p)
-    return jnp.einsum("bh,bkh->bk", q, p[batch["passage_index"]], preferred_element_type=jnp.float32)
+    return retrieval_scores(q, p[batch["passage_index"]])
 
 
 def embed_questions(groups: ParamGroups, state: TrainState, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -175,7 +174,7 @@ class EndToEnd(TrainsTowers):
     def retriever_log_probs(self, params, batch, keys, *, frozen_passages: bool = False) -> jax.Array:
         """log p(z_k | q) [B, K]: softmax over the K of q.z / tau (``retriever_scores``)."""
         scores = retriever_scores(self.groups, params, batch, keys, frozen_passages=frozen_passages)
-        return jax.nn.log_softmax(scores / self.tau, axis=-1)
+        return retriever_log_probs(scores, self.tau)
 
     def describe(self) -> str:
         train = self.cfg.train

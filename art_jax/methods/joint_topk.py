@@ -42,6 +42,7 @@ class JointTopK(EndToEnd):
                             "tower frozen, which one shared tower cannot be; set retriever.shared_towers=False")
         EndToEnd.check_config(cfg)
     always_frozen = ("passage",)
+    index_use = "fixed"  # the frozen passage tower's index stays what it was
     log_labels = {"token_nll": "nll/token", "lambda": "lambda", **EndToEnd.log_labels}
 
     def initial_lambda(self, cfg) -> float:

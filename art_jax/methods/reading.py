@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from art_jax.core.distributed import process_share, process_sum
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import local_replica, make_mesh
 from art_jax.data.reader_inputs import encode_answers, encode_reader_batch, resolve_format, sample_answer
@@ -100,10 +101,13 @@ def per_passage_log_probs(reader: T5, memory, memory_mask, labels, passages: int
 
 def reading_metrics(reader: T5, tokenizer, settings: ReaderSettings, items: Sequence[Retrieved],
                     answers: Sequence[Sequence[str]], *, topk: int, batch_size: int) -> dict[str, float]:
-    """Dev EM and F1 (fractions; SQuAD's normalisation, the best gold answer) of greedy answers,
-    each process on its own devices (process 0's values are reported)."""
+    """Dev EM and F1 (fractions; SQuAD's normalisation, the best gold answer) of greedy answers:
+    each process decodes its share of the questions on its own devices, the sums are gathered."""
     local = make_mesh(devices=jax.local_devices())
-    predictions = predict_answers(local_replica(reader, local), tokenizer, items, settings, topk=topk, mesh=local,
-                                  batch_size=batch_size, progress=False)
-    return {"em": float(np.mean([exact_match(p, a) for p, a in zip(predictions, answers)])),
-            "f1": float(np.mean([f1(p, a) for p, a in zip(predictions, answers)]))}
+    share = process_share(len(items))
+    predictions = predict_answers(local_replica(reader, local), tokenizer, [items[i] for i in share], settings,
+                                  topk=topk, mesh=local, batch_size=batch_size, progress=False)
+    gold = [answers[i] for i in share]
+    em, f1_ = process_sum([sum(exact_match(p, a) for p, a in zip(predictions, gold)),
+                           sum(f1(p, a) for p, a in zip(predictions, gold))]) / len(items)
+    return {"em": float(em), "f1": float(f1_)}

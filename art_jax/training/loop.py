@@ -107,7 +107,9 @@ class Trainer:
                                   method.batch_shardings)
         self.index = (TrainingIndex(cfg, workdir, method.store, self.mesh, watch=method.index_use == "train")
                       if method.index_use else None)
-        # index_use "train": searched in every step, refreshed on the cadence; "eval": rebuilt for evaluations
+        # index_use "train": searched in every step, refreshed on the cadence; "fixed": searched in every step,
+        # never refreshed (the passage tower is frozen); "eval": rebuilt for evaluations
+        self.searched = method.index_use in ("train", "fixed")
         self.refreshes = method.index_use == "train"
         self.async_refresh = self.refreshes and self.index.watcher is not None
         self.checkpoints = Checkpoints(workdir, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints)
@@ -133,10 +135,10 @@ class Trainer:
                 self.index.start(self.passage_tower())
             return 0
         self.state, record = self.checkpoints.restore(step, self.state)
-        if self.refreshes:  # an index for evaluations only is rebuilt at the next one
+        if self.searched:  # an index for evaluations only is rebuilt at the next one
             self.index.resume(record)
         if is_lead():
-            where = (f" (index v{record['index_version']} from step {record['index_step']})" if self.refreshes
+            where = (f" (index v{record['index_version']} from step {record['index_step']})" if self.searched
                      else "")
             print(f"resumed from step {step}{where}")
         return step

@@ -26,8 +26,8 @@ class Method(Protocol):
     batch_shardings: dict[str, NamedSharding]  # how each array of a step's batch is placed
     total_steps: int
     # the evidence index of the corpus store: "train" searches it in every step (the loop refreshes it
-    # on train.refresh_every), "eval" only evaluates with it (the loop rebuilds it before each
-    # evaluation), None needs none
+    # on train.refresh_every), "fixed" searches it in every step and never refreshes it (a frozen passage
+    # tower), "eval" only evaluates with it (the loop rebuilds it before each evaluation), None needs none
     index_use: str | None
     store: object  # the corpus store (when it uses the index)
     log_labels: dict[str, str]  # short names for the progress line, e.g. {"teacher_entropy": "H(teacher)"}
