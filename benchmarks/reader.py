@@ -7,6 +7,7 @@ and the compiler's memory figures of the train step at the paper's scale.
     python benchmarks/reader.py --part step --d-model 768 --d-ff 3072 --layers 12 --heads 12 \\
         --k 50 --passage-length 512 --batch 1 --answer-length 32  # T5-base FiD (a GPU)
     python benchmarks/reader.py --part memory --memory-dtypes float32   # two of its four compiles
+    python benchmarks/reader.py --part memory --memory-remat on         # the two with remat
 
 The checkpoint (parts 1 and 2) is a random T5 v1.0 (ReLU FFN, head tied to the embedding, as
 FiD's t5-base) written by transformers' ``save_pretrained`` at ``--d-model`` etc. (vocab 32128),
@@ -386,8 +387,8 @@ def memory_table(args) -> None:
           f"(jax {jax.__version__}); {load_average()}")
     rows = []
     for dtype in args.memory_dtypes:
-        for remat in (False, True):
-            cfg = T5Config(**BASE, dtype=dtype, param_dtype="float32", remat=remat,
+        for remat in args.memory_remat:
+            cfg = T5Config(**BASE, dtype=dtype, param_dtype="float32", remat=remat == "on",
                            dropout_rate=args.memory_dropout)
             groups, params = ParamGroups.split({"reader": abstract_module(T5, cfg)})
             optim = OptimConfig()
@@ -400,7 +401,7 @@ def memory_table(args) -> None:
             seconds = time.perf_counter() - start
             arguments, outputs = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
             aliased, temp = analysis.alias_size_in_bytes, analysis.temp_size_in_bytes
-            rows.append((f"{dtype} compute, remat {'on' if remat else 'off'}", size(params), size(state.opt_state),
+            rows.append((f"{dtype} compute, remat {remat}", size(params), size(state.opt_state),
                          size(batch), arguments, outputs, aliased, temp, arguments + outputs - aliased + temp, seconds))
             print(f"  compiled {rows[-1][0]} in {seconds:.0f} s")
     count = sum(x.size for x in jax.tree.leaves(params))
@@ -442,6 +443,8 @@ def main() -> None:
     parser.add_argument("--memory-answer", type=int, default=32)
     parser.add_argument("--memory-dropout", type=float, default=0.1)
     parser.add_argument("--memory-dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
+    parser.add_argument("--memory-remat", nargs="+", default=["off", "on"], choices=("off", "on"),
+                        type=str.lower)
     args = parser.parse_args()
     if args.threads:  # before jax starts its CPU client: XLA:CPU sizes its thread pool by the affinity
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])

@@ -2,6 +2,7 @@
 
 usage: python -m tests.multiprocess_worker PORT PROCESS_ID search INDEX QUERIES.npy OUT.npz
        python -m tests.multiprocess_worker PORT PROCESS_ID embed CHECKPOINT STORE INDEX
+       python -m tests.multiprocess_worker PORT PROCESS_ID read T5 ITEMS.json OUT.json
 """
 
 import sys
@@ -33,10 +34,31 @@ def embed(checkpoint, store, index_dir):
                  chunk_rows=48, batch_size=16, max_length=40, progress=False)
 
 
+def read(checkpoint, items_path, out_path):
+    """A reader's dev EM and F1 (``methods.reading.reading_metrics``) of the questions, passages and
+    answers in ITEMS.json, each process decoding its share; process 0 writes them."""
+    import json
+
+    from art_jax.evaluation.predict import Retrieved
+    from art_jax.methods.reading import reading_metrics
+    from art_jax.models.hf import load_t5, load_tokenizer
+    from art_jax.models.reader_folder import ReaderSettings
+
+    with open(items_path) as f:
+        items = json.load(f)
+    settings = ReaderSettings(max_input_tokens=24, max_answer_tokens=4)
+    metrics = reading_metrics(load_t5(checkpoint), load_tokenizer(checkpoint), settings,
+                              [Retrieved(q["question"], [tuple(p) for p in q["passages"]]) for q in items],
+                              [q["answers"] for q in items], topk=2, batch_size=2)
+    if jax.process_index() == 0:
+        with open(out_path, "w") as f:
+            json.dump(metrics, f)
+
+
 def main(port, process_id, job, *args):
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id),
                                initialization_timeout=120)
-    {"search": search, "embed": embed}[job](*args)
+    {"search": search, "embed": embed, "read": read}[job](*args)
     jax.distributed.shutdown()
 
 

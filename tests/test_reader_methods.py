@@ -386,15 +386,16 @@ def test_joint_topk_refuses_shared_towers(world, models):
     METHODS["emdr2"].check_config(cfg)  # the others train both roles of a shared tower
 
 
-@pytest.mark.parametrize("method", ["art", "dpr", "emdr2", "individual_topk"])
-def test_a_shared_tower_cannot_be_frozen_in_one_role(method, world, models):
-    """``train.train_passage_tower=False`` beside a shared tower would train it through the question
+@pytest.mark.parametrize("method,frozen", [("art", "passage"), ("dpr", "question"), ("emdr2", "passage"),
+                                           ("individual_topk", "question")])
+def test_a_shared_tower_cannot_be_frozen_in_one_role(method, frozen, world, models):
+    """``train.train_{frozen}_tower=False`` beside a shared tower would train it through the other
     role all the same (one parameter group): every method that trains towers refuses it."""
     from art_jax.core.errors import UserError
 
-    shared = {"retriever.shared_towers": True, "train.train_passage_tower": False,
+    shared = {"retriever.shared_towers": True, f"train.train_{frozen}_tower": False,
               "data.dev_questions": world[1], "data.train_examples": world[1], "train.best_metric": ""}
-    with pytest.raises(UserError, match=r"train\.train_passage_tower=False freezes a tower that "
+    with pytest.raises(UserError, match=rf"train\.train_{frozen}_tower=False freezes a tower that "
                                         r"retriever\.shared_towers=True shares"):
         METHODS[method].check_config(_config(_settings(method, world, models, **shared)))
     METHODS[method].check_config(_config(_settings(method, world, models, **{**shared, "retriever.shared_towers":
@@ -412,11 +413,6 @@ def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passag
 
 # ---------------------------------------------------------------- training runs
 
-# 4 steps of 2 micro-batches of 8 questions (every step an epoch: the 16 questions reshuffled,
-# answers drawn again), dropout on in the reader and the towers. No index refresh: the float16
-# index that 1 device and 8 embed (in other batch splits) differs by an ulp here and there, which
-# swapped two of a question's passages 8e-4 apart in score (measured), and with dropout on the
-# passages' order moves the loss; the initial index is the same bits for all
 def test_dev_em_and_f1_sum_the_shares_each_process_decodes(models, monkeypatch):
     """Each process decodes its share of the dev questions: the shares of 2 and 3 processes, their
     sums added (as ``process_sum`` adds them), give the metrics of one process decoding all. Gold
@@ -455,6 +451,31 @@ def test_dev_em_and_f1_sum_the_shares_each_process_decodes(models, monkeypatch):
     monkeypatch.undo()
 
 
+def test_two_processes_decode_their_shares_into_the_one_process_metrics(models, tmp_path):
+    """5 dev questions over 2 processes of 2 devices, batches of 2: shares of 3 and 2 questions,
+    decoded in 2 batches and in 1, and gathered: the EM and F1 of one process decoding all."""
+    from art_jax.evaluation.predict import Retrieved, predict_answers
+    from art_jax.methods.reading import reading_metrics
+    from art_jax.models.hf import load_t5, load_tokenizer
+    from art_jax.models.reader_folder import ReaderSettings
+    from tests.multiprocess import run_two_processes
+
+    reader, tokenizer = load_t5(models[1]), load_tokenizer(models[1])
+    settings = ReaderSettings(max_input_tokens=24, max_answer_tokens=4)
+    items = [Retrieved(f"who is person {i}?", [(f"P{i}", f"person {i} lives in town {j}") for j in range(2)])
+             for i in range(5)]
+    predictions = predict_answers(reader, tokenizer, items, settings, topk=2, mesh=make_mesh(), progress=False)
+    answers = [[p if i in (0, 3) else p + " word" * i] for i, p in enumerate(predictions)]
+    whole = reading_metrics(reader, tokenizer, settings, items, answers, topk=2, batch_size=2)
+    assert whole["em"] == pytest.approx(2 / 5), whole
+    with open(tmp_path / "items.json", "w") as f:
+        json.dump([{"question": r.question, "passages": r.passages, "answers": a} for r, a in zip(items, answers)], f)
+    run_two_processes("read", models[1], str(tmp_path / "items.json"), str(tmp_path / "metrics.json"))
+    with open(tmp_path / "metrics.json") as f:
+        two = json.load(f)
+    assert two == pytest.approx(whole, rel=1e-6)
+
+
 def test_process_shares_cover_every_item_once(monkeypatch):
     from art_jax.core import distributed
 
@@ -482,6 +503,11 @@ def test_joint_topk_searches_one_index_it_never_refreshes(world, models, tmp_pat
     assert resumed.resume() == 1 and resumed.index.version == 0
 
 
+# 4 steps of 2 micro-batches of 8 questions (every step an epoch: the 16 questions reshuffled,
+# answers drawn again), dropout on in the reader and the towers. No index refresh: the float16
+# index that 1 device and 8 embed (in other batch splits) differs by an ulp here and there, which
+# swapped two of a question's passages 8e-4 apart in score (measured), and with dropout on the
+# passages' order moves the loss; the initial index is the same bits for all
 RUN = {"train.batch_size": 16, "train.accumulation": 2, "train.steps": 4, "train.refresh_every": 0,
        "train.checkpoint_every": 2, "train.learning_rate": 1e-3, "reader.dropout": 0.1}
 @pytest.mark.parametrize("name", END_TO_END)

@@ -184,6 +184,27 @@ def test_remat_is_identical(t5_v11_dir):
     assert abs(float(plain[0]) - float(_nll(log_probs, label_mask))) > 1e-2
 
 
+def test_remat_lowers_the_compiled_memory_of_a_training_step():
+    """The compiler's own figure (as benchmarks/reader.py's at T5-base scale): a FiD step's
+    temporaries with remat well under half of those without, for 6 + 6 narrow blocks over 8
+    passages of 128 tokens (where each block's attention tensors dominate). Unrolled remat saved
+    nothing here; the scanned blocks do."""
+    from art_jax.models.hf import abstract_module
+    from art_jax.models.t5 import T5, T5Config
+
+    def temporaries(remat: bool) -> int:
+        cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=6, num_decoder_layers=6,
+                       num_heads=4, dropout_rate=0.1, remat=remat)
+        ids = jax.ShapeDtypeStruct((1, 8, 128), jnp.int32)
+        labels = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+        args = (abstract_module(T5, cfg), ids, ids, labels, labels, jax.ShapeDtypeStruct((1, 8), jnp.float32),
+                jax.random.key(0))
+        return _training_loss_and_grads.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    plain, rematerialised = temporaries(False), temporaries(True)
+    assert rematerialised < plain / 2, (plain, rematerialised)
+
+
 def test_bfloat16_compute_is_close(case):
     bf16 = load_t5(case.folder, dtype="bfloat16")
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))

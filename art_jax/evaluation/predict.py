@@ -12,7 +12,6 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -78,7 +77,7 @@ def _padded(items: list[Retrieved], k: int, size: int) -> tuple[list[Retrieved],
 def predict_answers(model: T5, tokenizer, items: Sequence[Retrieved], settings: ReaderSettings, *, topk: int,
                     mesh, beams: int = 1, batch_size: int = 8, progress: bool = True) -> list[str]:
     """The generated answer of each question over its first ``topk`` passages. ``model`` lives on
-    ``mesh`` (replicated); every process computes all answers and returns them all."""
+    ``mesh`` (replicated); on a mesh over several processes every process returns all answers."""
     template = settings.input_format
     size = round_up(batch_size, mesh.shape["data"])
     sharding = NamedSharding(mesh, P("data"))
@@ -96,7 +95,8 @@ def predict_answers(model: T5, tokenizer, items: Sequence[Retrieved], settings: 
                 bias = from_identical(sharding, joint_memory_bias(scores, present, settings, ids.shape[-1]))
             tokens = generate(model, from_identical(sharding, ids), from_identical(sharding, mask), bias,
                               max_new_tokens=settings.max_answer_tokens, beams=beams)
-            tokens = multihost_utils.process_allgather(tokens, tiled=True) if jax.process_count() > 1 else tokens
+            if not tokens.is_fully_addressable:  # a mesh over several processes: every process gets all rows
+                tokens = multihost_utils.process_allgather(tokens, tiled=True)
             texts = tokenizer.batch_decode(np.asarray(tokens)[:len(chunk)], skip_special_tokens=True)
             predictions += [text.strip() for text in texts]
             bar.update(len(chunk))

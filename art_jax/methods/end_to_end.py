@@ -2,11 +2,11 @@
 Individual top-K (``individual_topk.py``) and Joint top-K (``joint_topk.py``) share everything
 here but their loss.
 
-A step, as ART's: this process's questions -> question tower (the step's dropout) -> exact
-top-K rows from the sharded (stale, refreshed) index -> the rows' retriever tokens, re-embedded
-in the loss by the passage tower (each micro-batch's distinct rows once, as ART), and the reader
-inputs (question + passage k, ``methods/reading.py``) with one gold answer drawn per epoch ->
-the generic update. Questions without answers are counted and left out.
+A step, as ART's: this process's questions -> question tower (the step's dropout) -> exact top-K
+rows from the sharded index (stale, refreshed; joint_topk's never refreshed) -> the rows'
+retriever tokens, re-embedded in the loss by the passage tower (each micro-batch's distinct rows
+once, as ART), and the reader inputs (question + passage k, ``methods/reading.py``) with one gold
+answer drawn per epoch -> the generic update. Questions without answers are counted and left out.
 
 Batch: question_ids/mask [B, Lq], passage_index [B, K] (which of the micro-batch's U passages),
 the reader arrays [B, K, N] and [B, T]; passage_ids/mask [A, U, Lp] per micro-batch.

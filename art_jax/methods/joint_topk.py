@@ -40,6 +40,9 @@ class JointTopK(EndToEnd):
         if cfg.retriever.shared_towers:
             raise UserError("retriever.shared_towers: joint_topk trains the question tower and keeps the passage "
                             "tower frozen, which one shared tower cannot be; set retriever.shared_towers=False")
+        if cfg.train.refresh_mode == "async":
+            raise UserError("train.refresh_mode='async': joint_topk never refreshes its index (its passage tower "
+                            "is frozen), so no refresher has work; set train.refresh_mode='sync'")
         EndToEnd.check_config(cfg)
     always_frozen = ("passage",)
     index_use = "fixed"  # the frozen passage tower's index stays what it was

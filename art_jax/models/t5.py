@@ -249,14 +249,35 @@ class T5Stack(nnx.Module):
         """``x`` through every block (see ``T5Block``; ``cross``: the memory, or one (keys, values)
         per block) -> (hidden states before the final norm, each block's self-attention (keys, values))."""
         keys = KeyStream(dropout_key)
+        block_keys = [keys() for _ in self.blocks]
+        if self.remat and caches is None and not isinstance(cross, tuple) and len(self.blocks) > 1:
+            return self._scanned_blocks(x, self_bias, block_keys, cross, cross_bias)
         call = _rematerialised_block if self.remat else T5Block.__call__
         self_kvs = []
         for i, block in enumerate(self.blocks):
             block_cross = cross[i] if isinstance(cross, tuple) else cross
             block_cache = None if caches is None else caches[i]
-            x, self_kv = call(block, x, self_bias, keys(), block_cross, cross_bias, block_cache, position)
+            x, self_kv = call(block, x, self_bias, block_keys[i], block_cross, cross_bias, block_cache, position)
             self_kvs.append(self_kv)
         return x, tuple(self_kvs)
+
+    def _scanned_blocks(self, x, self_bias, block_keys, cross, cross_bias):
+        """Training under remat: block 0 (it holds the relative-position table) alone, then the others
+        under one ``lax.scan`` of the rematerialised block over their stacked weights. Unrolled, XLA
+        may schedule every block's recomputation before the first backward one, which keeps all their
+        activations alive at once: XLA:CPU does, and its memory analysis of T5-base's FiD step then
+        finds no saving from remat; a loop runs one block's backward at a time."""
+        x, first_kv = _rematerialised_block(self.blocks[0], x, self_bias, block_keys[0], cross, cross_bias)
+        graph, _ = nnx.split(self.blocks[1])
+        weights = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(nnx.split(b)[1] for b in self.blocks[1:]))
+        keys = None if block_keys[0] is None else jnp.stack(block_keys[1:])
+
+        def block(x, inputs):
+            state, key = inputs
+            return T5Block.__call__(nnx.merge(graph, state), x, self_bias, key, cross, cross_bias)
+
+        x, kvs = jax.lax.scan(jax.checkpoint(block, prevent_cse=False), x, (weights, keys))
+        return x, (first_kv, *(jax.tree.map(lambda a, i=i: a[i], kvs) for i in range(len(self.blocks) - 1)))
 
     def __call__(self, x, mask, dropout_key=None, *, memory=None, memory_mask=None, memory_bias=None):
         """The encoder over padded inputs, or the decoder under teacher forcing (``memory_bias``:

@@ -173,7 +173,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         if self.method.index_use == "eval" and self.index.step != step:
             self.index.rebuild(self.passage_tower(), step, replace=True)  # the towers as they are now
-        # each process evaluates on its own devices: process 0's values decide for all
+        # each process evaluates on its own devices (or its share, gathered): process 0's values decide for all
         return lead_floats(self.method.evaluate(self.state, self.index.index if self.index else None))
 
     def train_step(self, step: int) -> dict[str, float]:
