@@ -102,6 +102,9 @@ def default_config() -> ml_collections.ConfigDict:
         # which end of a question longer than question_max_length is cut: "right" keeps its start (BERT's
         # default), "left" its end (a dialogue's latest turns, as DPR-PAQ truncates dialogue contexts)
         question_truncation="right",
+        # the towers' compute in training, as the reader's: "bfloat16" computes in bf16 with float32 parameters,
+        # softmax and embeddings; remat recomputes each layer's activations in the backward pass
+        dtype="float32", remat=False,
         # a Dense + LayerNorm head on [CLS] (DPR-PAQ's RoBERTa towers): True adds a fresh one to a checkpoint
         # without it; a checkpoint that has one keeps it either way
         projection=False,

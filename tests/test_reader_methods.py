@@ -402,6 +402,21 @@ def test_a_shared_tower_cannot_be_frozen_in_one_role(method, frozen, world, mode
                                                                               False})))
 
 
+def test_the_retrievers_compute_policy_reaches_both_towers(world, models, tmp_path):
+    """retriever.dtype and retriever.remat (as reader.dtype and reader.remat): the towers a run trains
+    compute so; another dtype is refused in one line."""
+    from art_jax.core.errors import UserError
+
+    policy = {"retriever.dtype": "bfloat16", "retriever.remat": True}
+    method = METHODS["emdr2"](_config(_settings("emdr2", world, models, **policy)), str(tmp_path),
+                              make_mesh(devices=jax.devices()[:1]))
+    for role in ("question", "passage"):
+        config = method.groups.module(method.params, role).config
+        assert config.dtype == "bfloat16" and config.remat, role
+    with pytest.raises(UserError, match=r"retriever\.dtype: 'float16' is not one of float32, bfloat16"):
+        METHODS["emdr2"].check_config(_config(_settings("emdr2", world, models, **{"retriever.dtype": "float16"})))
+
+
 def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passage_tower(setup, computed):
     methods, _ = setup
     grads = computed["joint_topk"].grads

@@ -15,7 +15,8 @@ from art_jax.core.errors import UserError
 from art_jax.core.sharding import local_replica
 from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.evaluation.answers import metric_name
-from art_jax.models.hf import load_tokenizer
+from art_jax.models.hf import load_tokenizer, with_config
+from art_jax.models.layers import COMPUTE_DTYPES
 from art_jax.retrieval.encoder import (
     DualEncoder,
     load_retriever,
@@ -70,6 +71,8 @@ def epoch_steps(cfg, count: int, what: str) -> tuple[int, int]:
 
 def check_retriever(cfg) -> None:
     """``retriever.*`` keys every method reads."""
+    if cfg.retriever.dtype not in COMPUTE_DTYPES:
+        raise UserError(f"retriever.dtype: {cfg.retriever.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     if cfg.retriever.question_truncation not in ("right", "left"):
         raise UserError(f"retriever.question_truncation: {cfg.retriever.question_truncation!r} is not "
                         "'right' or 'left'")
@@ -162,6 +165,11 @@ class TrainsTowers:
         """The towers, and ``other_modules`` by role (a reader), as the run's parameter groups."""
         question, passage = initial_towers(cfg.retriever.checkpoint, shared=cfg.retriever.shared_towers,
                                            projection=cfg.retriever.projection)
+        # the compute policy every model takes (the reader's reader.dtype / reader.remat alike)
+        policy = dict(dtype=cfg.retriever.dtype, remat=cfg.retriever.remat)
+        shared = passage is question
+        question = with_config(question, **policy)
+        passage = question if shared else with_config(passage, **policy)
         self.groups, self.params = ParamGroups.split({"question": question, "passage": passage, **other_modules})
         self.source = cfg.retriever.checkpoint
         self.max_lengths = {"question": cfg.retriever.question_max_length, "passage": cfg.retriever.passage_max_length}

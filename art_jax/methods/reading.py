@@ -21,6 +21,7 @@ from art_jax.core.sharding import local_replica, make_mesh
 from art_jax.data.reader_inputs import encode_answers, encode_reader_batch, resolve_format, sample_answer
 from art_jax.evaluation.predict import Retrieved, predict_answers
 from art_jax.evaluation.reading import exact_match, f1
+from art_jax.models.layers import COMPUTE_DTYPES
 from art_jax.models.reader import answer_log_probs, fid_encode
 from art_jax.models.reader_folder import ReaderSettings
 from art_jax.models.t5 import T5
@@ -36,8 +37,8 @@ def check_reader(cfg) -> None:
     for key in ("max_input_tokens", "max_answer_tokens", "eval_batch_size"):
         if reader[key] < 1:
             raise UserError(f"reader.{key}={reader[key]} must be at least 1")
-    if reader.dtype not in ("float32", "bfloat16"):
-        raise UserError(f"reader.dtype: {reader.dtype!r} is not 'float32' or 'bfloat16'")
+    if reader.dtype not in COMPUTE_DTYPES:
+        raise UserError(f"reader.dtype: {reader.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     if not 0 <= reader.dropout < 1:
         raise UserError(f"reader.dropout={reader.dropout} is not in [0, 1)")
 

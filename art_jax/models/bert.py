@@ -28,12 +28,14 @@ from flax import nnx
 
 from art_jax.models.layers import (
     KeyStream,
+    PresetKeys,
     attend,
     attention_bias_from_mask,
     dense,
     dropout,
     embed,
     merge_heads,
+    scanned_remat,
     split_heads,
 )
 
@@ -58,6 +60,7 @@ class BertConfig:
     initializer_range: float = 0.02  # std of the random init (Hugging Face's name)
     with_pooler: bool = True  # kept only so exported checkpoints are complete
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False  # recompute each layer's activations in the backward pass (layers.scanned_remat)
     model_type: str = "bert"  # one of MODEL_TYPES: the Hugging Face architecture
     pad_token_id: int = 0  # RoBERTa's padding_idx: its positions count from pad_token_id + 1
     hidden_act: str = "gelu"  # exact erf GELU; "gelu_new" is the tanh form (Megatron's fused bias-GELU)
@@ -135,6 +138,9 @@ class BertEmbeddings(nnx.Module):
         if self.LayerNorm is not None:
             x = self.LayerNorm(x)
         return dropout(x, self.dropout_rate, keys())
+
+
+KEYS_PER_LAYER = 3  # BertLayer's dropout sites: attention probabilities, attention output, MLP output
 
 
 class BertLayer(nnx.Module):
@@ -222,8 +228,17 @@ class Bert(nnx.Module):
         keys = KeyStream(dropout_key)
         x = self.embeddings(input_ids, attention_mask, jnp.zeros_like(input_ids), keys)
         bias = attention_bias_from_mask(attention_mask)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, bias, keys, queries=1 if first_only and i == len(self.layers) - 1 else None)
+        last = len(self.layers) - 1
+        layers = enumerate(self.layers)
+        if self.config.remat and last > 0:
+            # the same keys as unrolled: each layer draws KEYS_PER_LAYER from the stream, in order
+            scanned_keys = None if dropout_key is None else jnp.stack(
+                [jnp.stack([keys() for _ in range(KEYS_PER_LAYER)]) for _ in range(last)])
+            x, _ = scanned_remat(self.layers[:last], lambda layer, x, k: (layer(x, bias, PresetKeys(k)), None), x,
+                                 scanned_keys)
+            layers = [(last, self.layers[last])]
+        for i, layer in layers:
+            x = layer(x, bias, keys, queries=1 if first_only and i == last else None)
         return x if self.final_norm is None else self.final_norm(x)
 
     def embed_cls(self, input_ids, attention_mask, *, dropout_key=None) -> jax.Array:

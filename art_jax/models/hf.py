@@ -444,6 +444,13 @@ def abstract_module(module_cls, cfg):
         return nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
 
 
+def with_config(module, **fields):
+    """``module`` (a Bert or T5) rebuilt with its config's ``fields`` replaced (compute dtype, remat:
+    settings that change no parameter), holding the same parameters."""
+    graph, _ = nnx.split(abstract_module(type(module), dataclasses.replace(module.config, **fields)))
+    return nnx.merge(graph, nnx.state(module))
+
+
 def init_module(module_cls, cfg, seed: int = 0, mesh=None, rules=DEFAULT_RULES):
     """A randomly initialised module, its parameters placed by the mesh's rules."""
     with nnx.use_eager_sharding(False):

@@ -23,6 +23,7 @@ from art_jax.models.layers import (
     dropout,
     embed,
     merge_heads,
+    scanned_remat,
     split_heads,
 )
 
@@ -263,20 +264,11 @@ class T5Stack(nnx.Module):
 
     def _scanned_blocks(self, x, self_bias, block_keys, cross, cross_bias):
         """Training under remat: block 0 (it holds the relative-position table) alone, then the others
-        under one ``lax.scan`` of the rematerialised block over their stacked weights. Unrolled, XLA
-        may schedule every block's recomputation before the first backward one, which keeps all their
-        activations alive at once: XLA:CPU does, and its memory analysis of T5-base's FiD step then
-        finds no saving from remat; a loop runs one block's backward at a time."""
+        as ``scanned_remat``."""
         x, first_kv = _rematerialised_block(self.blocks[0], x, self_bias, block_keys[0], cross, cross_bias)
-        graph, _ = nnx.split(self.blocks[1])
-        weights = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(nnx.split(b)[1] for b in self.blocks[1:]))
-        keys = None if block_keys[0] is None else jnp.stack(block_keys[1:])
-
-        def block(x, inputs):
-            state, key = inputs
-            return T5Block.__call__(nnx.merge(graph, state), x, self_bias, key, cross, cross_bias)
-
-        x, kvs = jax.lax.scan(jax.checkpoint(block, prevent_cse=False), x, (weights, keys))
+        x, kvs = scanned_remat(
+            self.blocks[1:], lambda block, x, key: T5Block.__call__(block, x, self_bias, key, cross, cross_bias), x,
+            None if block_keys[0] is None else jnp.stack(block_keys[1:]))
         return x, (first_kv, *(jax.tree.map(lambda a, i=i: a[i], kvs) for i in range(len(self.blocks) - 1)))
 
     def __call__(self, x, mask, dropout_key=None, *, memory=None, memory_mask=None, memory_bias=None):
