@@ -326,6 +326,7 @@ def test_the_towers_compute_policy_remat_and_bfloat16(tmp_path):
     ids, mask = (jnp.asarray(a) for a in _bert_batch(folder, BERT_TEXTS))
     remat = hf.with_config(plain, remat=True)
     assert remat.config.remat and not plain.config.remat
+    assert "scan" in str(jax.make_jaxpr(lambda: remat.embed_cls(ids, mask))())  # the layers run as one loop
     key = jax.random.key(5)
     want, got = _cls_loss_and_grads(plain, ids, mask, key), _cls_loss_and_grads(remat, ids, mask, key)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from flax import nnx
 
 from art_jax.config import apply_override, default_config
 from art_jax.core.sharding import make_mesh
@@ -406,13 +407,22 @@ def test_the_retrievers_compute_policy_reaches_both_towers(world, models, tmp_pa
     """retriever.dtype and retriever.remat (as reader.dtype and reader.remat): the towers a run trains
     compute so; another dtype is refused in one line."""
     from art_jax.core.errors import UserError
+    from art_jax.models.hf import for_inference
 
     policy = {"retriever.dtype": "bfloat16", "retriever.remat": True}
-    method = METHODS["emdr2"](_config(_settings("emdr2", world, models, **policy)), str(tmp_path),
-                              make_mesh(devices=jax.devices()[:1]))
-    for role in ("question", "passage"):
-        config = method.groups.module(method.params, role).config
-        assert config.dtype == "bfloat16" and config.remat, role
+    for shared in (False, True):
+        method = METHODS["emdr2"](_config(_settings("emdr2", world, models, **policy,
+                                                    **{"retriever.shared_towers": shared})),
+                                  str(tmp_path / str(shared)), make_mesh(devices=jax.devices()[:1]))
+        assert (method.groups.roles["question"] == method.groups.roles["passage"]) == shared  # one module stays one
+        for role in ("question", "passage"):
+            tower = method.groups.module(method.params, role)
+            assert tower.config.dtype == "bfloat16" and tower.config.remat, role
+            # indexes and evaluations embed as the exported tower will: float32, no remat
+            inference = for_inference(tower)
+            assert inference.config.dtype == "float32" and not inference.config.remat
+            assert all(a is b for a, b in zip(jax.tree.leaves(nnx.state(inference, nnx.Param)),
+                                              jax.tree.leaves(nnx.state(tower, nnx.Param))))
     with pytest.raises(UserError, match=r"retriever\.dtype: 'float16' is not one of float32, bfloat16"):
         METHODS["emdr2"].check_config(_config(_settings("emdr2", world, models, **{"retriever.dtype": "float16"})))
 

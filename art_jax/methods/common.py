@@ -15,7 +15,7 @@ from art_jax.core.errors import UserError
 from art_jax.core.sharding import local_replica
 from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.evaluation.answers import metric_name
-from art_jax.models.hf import load_tokenizer, with_config
+from art_jax.models.hf import for_inference, load_tokenizer, with_config
 from art_jax.models.layers import COMPUTE_DTYPES
 from art_jax.retrieval.encoder import (
     DualEncoder,
@@ -138,8 +138,8 @@ def dev_retrieval(cfg, groups: ParamGroups, state: TrainState, tokenizer, dev_qu
     """Top-k answer accuracy of the dev questions over the run's index (DPR's matching), and their
     scores and rows to ``depth`` (at least the largest k). Every process searches all of them
     (process 0 reports), the towers on its own devices."""
-    encoder = DualEncoder(local_replica(groups.module(state.params, "question")),
-                          local_replica(groups.module(state.params, "passage")), tokenizer,
+    encoder = DualEncoder(local_replica(for_inference(groups.module(state.params, "question"))),
+                          local_replica(for_inference(groups.module(state.params, "passage"))), tokenizer,
                           question_max_length=cfg.retriever.question_max_length,
                           question_truncation=cfg.retriever.question_truncation)
     ks = tuple(cfg.train.eval_topk)

@@ -38,6 +38,7 @@ from art_jax.methods.common import (
     epoch_steps,
     open_store,
 )
+from art_jax.models.hf import for_inference
 from art_jax.objectives import contrastive_loss
 from art_jax.retrieval.encoder import load_retriever_tokenizer
 from art_jax.retrieval.proxy import ProxyCorpus
@@ -210,6 +211,7 @@ class Contrastive(TrainsTowers):
                                         self.store))
         if self.proxy is not None:  # every process alone on its own devices (process 0 reports)
             local = make_mesh(devices=jax.local_devices())
-            metrics["mrr"] = self.proxy.mrr(local_replica(self.groups.module(state.params, "question"), local),
-                                            local_replica(self.groups.module(state.params, "passage"), local), local)
+            question, passage = (for_inference(self.groups.module(state.params, role))
+                                 for role in ("question", "passage"))
+            metrics["mrr"] = self.proxy.mrr(local_replica(question, local), local_replica(passage, local), local)
         return metrics

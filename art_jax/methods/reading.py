@@ -21,6 +21,7 @@ from art_jax.core.sharding import local_replica, make_mesh
 from art_jax.data.reader_inputs import encode_answers, encode_reader_batch, resolve_format, sample_answer
 from art_jax.evaluation.predict import Retrieved, predict_answers
 from art_jax.evaluation.reading import exact_match, f1
+from art_jax.models.hf import for_inference
 from art_jax.models.layers import COMPUTE_DTYPES
 from art_jax.models.reader import answer_log_probs, fid_encode
 from art_jax.models.reader_folder import ReaderSettings
@@ -106,8 +107,8 @@ def reading_metrics(reader: T5, tokenizer, settings: ReaderSettings, items: Sequ
     each process decodes its share of the questions on its own devices, the sums are gathered."""
     local = make_mesh(devices=jax.local_devices())
     share = process_share(len(items))
-    predictions = predict_answers(local_replica(reader, local), tokenizer, [items[i] for i in share], settings,
-                                  topk=topk, mesh=local, batch_size=batch_size, progress=False)
+    predictions = predict_answers(local_replica(for_inference(reader), local), tokenizer, [items[i] for i in share],
+                                  settings, topk=topk, mesh=local, batch_size=batch_size, progress=False)
     gold = [answers[i] for i in share]
     em, f1_ = process_sum([sum(exact_match(p, a) for p, a in zip(predictions, gold)),
                            sum(f1(p, a) for p, a in zip(predictions, gold))]) / len(items)

@@ -446,9 +446,16 @@ def abstract_module(module_cls, cfg):
 
 def with_config(module, **fields):
     """``module`` (a Bert or T5) rebuilt with its config's ``fields`` replaced (compute dtype, remat:
-    settings that change no parameter), holding the same parameters."""
+    settings that change no parameter), sharing the source's Variables."""
     graph, _ = nnx.split(abstract_module(type(module), dataclasses.replace(module.config, **fields)))
     return nnx.merge(graph, nnx.state(module))
+
+
+def for_inference(module):
+    """``module`` computing as an exported one does (float32, no remat): an index or evaluation during
+    training gives what the run's checkpoint gives later (shares its Variables)."""
+    cfg = module.config
+    return module if cfg.dtype == "float32" and not cfg.remat else with_config(module, dtype="float32", remat=False)
 
 
 def init_module(module_cls, cfg, seed: int = 0, mesh=None, rules=DEFAULT_RULES):

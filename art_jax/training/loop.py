@@ -21,6 +21,7 @@ from art_jax.core.checkpoints import Checkpoints
 from art_jax.core.distributed import any_process, is_lead, lead_floats
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import from_identical, make_mesh
+from art_jax.models.hf import for_inference
 from art_jax.retrieval.refresh import mark_finished
 from art_jax.training.index import TrainingIndex
 from art_jax.training.metrics import MetricWriter
@@ -122,7 +123,7 @@ class Trainer:
         self.preempted = False
 
     def passage_tower(self):
-        return self.method.groups.module(self.state.params, "passage")
+        return for_inference(self.method.groups.module(self.state.params, "passage"))
 
     # ------------------------------------------------------------------ state on disk
 
