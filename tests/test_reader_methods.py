@@ -438,6 +438,14 @@ def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passag
 
 # ---------------------------------------------------------------- training runs
 
+def _dev_items(count: int):
+    """``count`` dev questions, each with 2 passages of its own."""
+    from art_jax.evaluation.predict import Retrieved
+
+    return [Retrieved(f"who is person {i}?", [(f"P{i}", f"person {i} lives in town {j}") for j in range(2)])
+            for i in range(count)]
+
+
 def test_dev_em_and_f1_sum_the_shares_each_process_decodes(models, monkeypatch):
     """Each process decodes its share of the dev questions: the shares of 2 and 3 processes, their
     sums added (as ``process_sum`` adds them), give the metrics of one process decoding all. Gold
@@ -445,15 +453,14 @@ def test_dev_em_and_f1_sum_the_shares_each_process_decodes(models, monkeypatch):
     prediction and i more words (each question's F1 its own, so a question counted twice or not
     at all would show)."""
     from art_jax.core import distributed
-    from art_jax.evaluation.predict import Retrieved, predict_answers
+    from art_jax.evaluation.predict import predict_answers
     from art_jax.methods import reading
     from art_jax.models.hf import load_t5, load_tokenizer
     from art_jax.models.reader_folder import ReaderSettings
 
     reader, tokenizer = load_t5(models[1]), load_tokenizer(models[1])
     settings = ReaderSettings(max_input_tokens=24, max_answer_tokens=4)
-    items = [Retrieved(f"who is person {i}?", [(f"P{i}", f"person {i} lives in town {j}") for j in range(2)])
-             for i in range(7)]
+    items = _dev_items(7)
     mesh = make_mesh(devices=jax.local_devices())
     predictions = predict_answers(reader, tokenizer, items, settings, topk=2, mesh=mesh, progress=False)
     assert all(predictions), predictions
@@ -479,7 +486,7 @@ def test_dev_em_and_f1_sum_the_shares_each_process_decodes(models, monkeypatch):
 def test_two_processes_decode_their_shares_into_the_one_process_metrics(models, tmp_path):
     """5 dev questions over 2 processes of 2 devices, batches of 2: shares of 3 and 2 questions,
     decoded in 2 batches and in 1, and gathered: the EM and F1 of one process decoding all."""
-    from art_jax.evaluation.predict import Retrieved, predict_answers
+    from art_jax.evaluation.predict import predict_answers
     from art_jax.methods.reading import reading_metrics
     from art_jax.models.hf import load_t5, load_tokenizer
     from art_jax.models.reader_folder import ReaderSettings
@@ -487,8 +494,7 @@ def test_two_processes_decode_their_shares_into_the_one_process_metrics(models, 
 
     reader, tokenizer = load_t5(models[1]), load_tokenizer(models[1])
     settings = ReaderSettings(max_input_tokens=24, max_answer_tokens=4)
-    items = [Retrieved(f"who is person {i}?", [(f"P{i}", f"person {i} lives in town {j}") for j in range(2)])
-             for i in range(5)]
+    items = _dev_items(5)
     predictions = predict_answers(reader, tokenizer, items, settings, topk=2, mesh=make_mesh(), progress=False)
     answers = [[p if i in (0, 3) else p + " word" * i] for i, p in enumerate(predictions)]
     whole = reading_metrics(reader, tokenizer, settings, items, answers, topk=2, batch_size=2)

@@ -229,16 +229,16 @@ class Bert(nnx.Module):
         x = self.embeddings(input_ids, attention_mask, jnp.zeros_like(input_ids), keys)
         bias = attention_bias_from_mask(attention_mask)
         last = len(self.layers) - 1
-        layers = enumerate(self.layers)
+        unrolled = range(len(self.layers))
         if self.config.remat and last > 0:
             # the same keys as unrolled: each layer draws KEYS_PER_LAYER from the stream, in order
             scanned_keys = None if dropout_key is None else jnp.stack(
                 [jnp.stack([keys() for _ in range(KEYS_PER_LAYER)]) for _ in range(last)])
             x, _ = scanned_remat(self.layers[:last], lambda layer, x, k: (layer(x, bias, PresetKeys(k)), None), x,
                                  scanned_keys)
-            layers = [(last, self.layers[last])]
-        for i, layer in layers:
-            x = layer(x, bias, keys, queries=1 if first_only and i == last else None)
+            unrolled = [last]
+        for i in unrolled:
+            x = self.layers[i](x, bias, keys, queries=1 if first_only and i == last else None)
         return x if self.final_norm is None else self.final_norm(x)
 
     def embed_cls(self, input_ids, attention_mask, *, dropout_key=None) -> jax.Array:
