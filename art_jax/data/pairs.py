@@ -26,7 +26,6 @@ The store is a folder of ragged columns (``data/build.py``), like the corpus sto
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -40,7 +39,7 @@ from art_jax.core.fileio import local_file
 from art_jax.core.progress import progress_bar
 from art_jax.core.remote import local_copy
 from art_jax.data.build import Build, Ragged
-from art_jax.data.corpus import CorpusStore, input_key, token_dtype
+from art_jax.data.corpus import CorpusStore, corpus_fingerprint, input_key, token_dtype
 from art_jax.data.tokenization import Tokens, passage_rows, question_rows
 
 PAIR_FORMAT = 1
@@ -55,16 +54,6 @@ def is_pair_store(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("kind") == "pairs" and meta.get("format") == PAIR_FORMAT
-
-
-def corpus_fingerprint(store: CorpusStore) -> str:
-    """What a pair store records of the corpus its references point into: a digest of the
-    store's row keys (``ids.npy``) and text lengths, the same for the same corpus rebuilt."""
-    digest = hashlib.blake2b(digest_size=16)
-    for column in (store.ids, store.texts.offsets):
-        for start in range(0, len(column), _BLOCK):
-            digest.update(np.ascontiguousarray(column[start:start + _BLOCK]))
-    return digest.hexdigest()
 
 
 def corpus_tokens_match(store: CorpusStore, tokenizer) -> bool:

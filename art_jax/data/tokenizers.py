@@ -42,12 +42,13 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):
                              cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
-def train_unigram(texts: Iterable[str], vocab_size: int = 2000):
+def train_unigram(texts: Iterable[str], vocab_size: int = 2000, sentinels: int = 0):
     """A SentencePiece-style Unigram tokenizer with T5's ids, as a ``T5TokenizerFast``.
 
     The vocabulary is built directly, not by the EM trainer (whose result varies from
     run to run): the most frequent whole words, then every character seen, each with its
-    log frequency as the Unigram score. Same texts, same ids, every time.
+    log frequency as the Unigram score. Same texts, same ids, every time. ``sentinels``:
+    T5's mask tokens <extra_id_0> ... appended (special, as T5's 100 are).
     """
     from transformers import T5TokenizerFast
 
@@ -71,5 +72,8 @@ def train_unigram(texts: Iterable[str], vocab_size: int = 2000):
     tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           extra_ids=0)
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)
+    if sentinels:
+        tokenizer.add_special_tokens({"additional_special_tokens": [f"<extra_id_{i}>" for i in range(sentinels)]})
+    return tokenizer

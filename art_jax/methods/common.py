@@ -134,16 +134,18 @@ def _copy(module: nnx.Module) -> nnx.Module:
 
 
 def dev_retrieval(cfg, groups: ParamGroups, state: TrainState, tokenizer, dev_questions, index, store: CorpusStore,
-                  depth: int = 0) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+                  depth: int = 0, exclude=None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Top-k answer accuracy of the dev questions over the run's index (DPR's matching), and their
-    scores and rows to ``depth`` (at least the largest k). Every process searches all of them
-    (process 0 reports), the towers on its own devices."""
+    scores and rows to ``depth`` (at least the largest k); ``exclude``: rows kept out of each
+    question's (``ShardedIndex.search``). Every process searches all of them (process 0
+    reports), the towers on its own devices."""
     encoder = DualEncoder(local_replica(for_inference(groups.module(state.params, "question"))),
                           local_replica(for_inference(groups.module(state.params, "passage"))), tokenizer,
                           question_max_length=cfg.retriever.question_max_length,
                           question_truncation=cfg.retriever.question_truncation)
     ks = tuple(cfg.train.eval_topk)
-    scores, rows = retrieve(encoder, index, dev_questions, min(max(*ks, depth), len(store)), progress=False)
+    scores, rows = retrieve(encoder, index, dev_questions, min(max(*ks, depth), len(store)), progress=False,
+                            exclude=exclude)
     accuracy, _ = dpr_results(dev_questions, scores, rows, store, store.ids, ks=ks)
     return {metric_name(k): accuracy[k] for k in ks}, scores, rows
 

@@ -23,10 +23,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from art_jax.core.batching import round_up
-from art_jax.core.distributed import is_lead
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import from_identical, from_process_rows, process_rows
-from art_jax.data.questions import read_questions
 from art_jax.data.reader_inputs import article_continuation, fill_from_article
 from art_jax.data.shuffle import step_positions
 from art_jax.data.tokenization import tokenize_questions
@@ -44,6 +42,7 @@ from art_jax.methods.common import (
     epoch_steps,
     open_store,
 )
+from art_jax.methods.questions import check_question_sources, training_questions
 from art_jax.methods.reading import (
     READER_ARRAYS,
     READER_METRICS,
@@ -116,8 +115,7 @@ class EndToEnd(TrainsTowers):
 
     @staticmethod
     def check_config(cfg) -> None:
-        if not cfg.data.train_questions:
-            raise UserError(f"method={cfg.method} needs data.train_questions: questions with their answers")
+        check_question_sources(cfg)
         check_topk(cfg)
         check_selection(cfg, "dev_questions")
         check_batch(cfg, accumulation=cfg.train.accumulation)
@@ -129,26 +127,23 @@ class EndToEnd(TrainsTowers):
         self.cfg, self.mesh = cfg, mesh
         train = cfg.train
         self.tokenizer = load_retriever_tokenizer(cfg.retriever.checkpoint)
-        questions = read_questions(cfg.data.train_questions)
-        self.training = [q for q in questions if q.answers]
-        if not self.training:
-            raise UserError(f"data.train_questions: {cfg.data.train_questions} has no question with answers")
-        if len(self.training) < len(questions) and is_lead():
-            print(f"{cfg.data.train_questions}: {len(questions) - len(self.training)} question(s) without answers "
-                  "left out")
-        self.dev = [q for q in read_questions(cfg.data.dev_questions) if q.answers] if cfg.data.dev_questions else []
         self.my_rows = process_rows(mesh, train.batch_size)
         if (self.my_rows.stop - self.my_rows.start) * jax.process_count() != train.batch_size:
             raise UserError(f"train: this process has {jax.local_device_count()} of the {jax.device_count()} devices; "
                             f"every one of the {jax.process_count()} processes needs as many devices")
-        self.steps_per_epoch, self.total_steps = epoch_steps(cfg, len(self.training), "training questions with answers")
         self.store = open_store(cfg, workdir)
         check_store_tokens(self.store, "data.corpus_store" if cfg.data.corpus_store else "data.corpus", self.tokenizer)
-        if train.topk > len(self.store):
-            raise UserError(f"train.topk={train.topk} is larger than the corpus ({len(self.store)} passages)")
+        # a span example's own passage is kept out of its top-K
+        if train.topk + bool(cfg.data.salient_spans) > len(self.store):
+            raise UserError(f"train.topk={train.topk} is larger than the corpus ({len(self.store)} passages"
+                            f"{', one of them excluded per question' if cfg.data.salient_spans else ''})")
 
         reader = initial_reader(cfg)
         self.reader_tokenizer = reader.tokenizer
+        self.training, self.dev = training_questions(cfg, self.store, self.tokenizer, self.reader_tokenizer)
+        self.steps_per_epoch, self.total_steps = epoch_steps(
+            cfg, len(self.training), "salient-span examples" if cfg.data.salient_spans else "training questions with "
+            "answers")
         self.init_towers(cfg, reader=reader.model, **self.other_modules(cfg))
         hidden = self.groups.module(self.params, "question").config.embedding_dim
         self.tau = float(score_scale(hidden, train.temperature_multiplier, train.score_scaling))
@@ -195,16 +190,18 @@ class EndToEnd(TrainsTowers):
     def batch(self, state: TrainState, step: int, index) -> tuple[dict[str, jax.Array], dict[str, float]]:
         cfg, mesh = self.cfg, self.mesh
         start = time.perf_counter()
-        epoch, indices = step_positions(step, steps_per_epoch=self.steps_per_epoch, batch_size=cfg.train.batch_size,
-                                        accumulation=1, rows=self.my_rows, count=len(self.training), seed=cfg.seed)
-        questions = [self.training[i] for i in indices]
-        texts = [q.question for q in questions]
-        q_tokens = tokenize_questions(self.tokenizer, texts, cfg.retriever.question_max_length,
+        # every question of the step (the search is every process's), this process's rows of them
+        epoch, every = step_positions(step, steps_per_epoch=self.steps_per_epoch, batch_size=cfg.train.batch_size,
+                                      accumulation=1, rows=slice(0, cfg.train.batch_size), count=len(self.training),
+                                      seed=cfg.seed)
+        indices = every[self.my_rows]
+        questions = self.training.take(indices)
+        q_tokens = tokenize_questions(self.tokenizer, questions.retriever, cfg.retriever.question_max_length,
                                       truncation_side=cfg.retriever.question_truncation,
                                       pad_to=cfg.retriever.question_max_length)
         question_ids, question_mask = (from_process_rows(mesh, a) for a in (q_tokens.ids, q_tokens.mask))
         queries = self._embed_questions(state, question_ids, question_mask)
-        _, rows = index.search(np.asarray(queries), cfg.train.topk)  # every process: all B x K
+        _, rows = index.search(np.asarray(queries), cfg.train.topk, self.training.excluded(every))  # all B x K
         searched = time.perf_counter()
         unique_rows, positions = unique_passages(rows, cfg.train.accumulation, self._unique_multiple)
         passages = self.store.retriever_tokens(unique_rows.reshape(-1), cfg.retriever.train_passage_max_length,
@@ -212,9 +209,10 @@ class EndToEnd(TrainsTowers):
         micro_batches, unique = unique_rows.shape
         identical = {"passage_index": positions, "passage_ids": passages.ids.reshape(micro_batches, unique, -1),
                      "passage_mask": passages.mask.reshape(micro_batches, unique, -1)}
-        answers = [drawn_answer(q.answers, seed=cfg.seed, epoch=epoch, index=i) for q, i in zip(questions, indices)]
-        local = reader_arrays(self.reader_tokenizer, self.settings, texts, self.passages_of(rows[self.my_rows]),
-                              answers)
+        answers = [drawn_answer(targets, seed=cfg.seed, epoch=epoch, index=i)
+                   for targets, i in zip(questions.targets, indices)]
+        local = reader_arrays(self.reader_tokenizer, self.settings, questions.reader,
+                              self.passages_of(rows[self.my_rows]), answers)
         batch = {"question_ids": question_ids, "question_mask": question_mask,
                  **{name: from_process_rows(mesh, value) for name, value in local.items()},
                  **{name: from_identical(self.batch_shardings[name], value) for name, value in identical.items()}}
@@ -223,15 +221,14 @@ class EndToEnd(TrainsTowers):
     def evaluate(self, state: TrainState, index) -> dict[str, float]:
         if not self.dev:
             return {}
-        k = self.cfg.train.topk
-        metrics, scores, rows = dev_retrieval(self.cfg, self.groups, state, self.tokenizer, self.dev, index,
-                                              self.store, depth=k)
-        items = [Retrieved(q.question, passages, question_scores[:k].tolist())
-                 for q, passages, question_scores in zip(self.dev, self.passages_of(rows[:, :k]), scores)]
+        k, dev = self.cfg.train.topk, self.dev
+        metrics, scores, rows = dev_retrieval(self.cfg, self.groups, state, self.tokenizer, dev.for_retrieval(), index,
+                                              self.store, depth=k, exclude=dev.exclude)
+        items = [Retrieved(question, passages, question_scores[:k].tolist())
+                 for question, passages, question_scores in zip(dev.reader, self.passages_of(rows[:, :k]), scores)]
         settings = self.evaluation_settings(state)
         metrics.update(reading_metrics(self.groups.module(state.params, "reader"), self.reader_tokenizer, settings,
-                                       items, [q.answers for q in self.dev], topk=k,
-                                       batch_size=self.cfg.reader.eval_batch_size))
+                                       items, dev.gold, topk=k, batch_size=self.cfg.reader.eval_batch_size))
         return metrics
 
     def evaluation_settings(self, state: TrainState):

@@ -33,13 +33,15 @@ def open_corpus_for(version: IndexVersion, corpus: str | None) -> CorpusStore:
 
 
 def retrieve(encoder: DualEncoder, index: ShardedIndex, questions: list[Question], k: int, *,
-             batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and index rows [Q, k] of each question's top-k passages."""
+             batch_size: int = 64, progress: bool = True, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and index rows [Q, k] of each question's top-k passages; ``exclude`` [Q] or
+    [Q, E]: index rows kept out of each question's (``ShardedIndex.search``)."""
     scores, rows = [], []
     with progress_bar(total=len(questions), unit="question", desc="search", disable=not progress) as bar:
         for start in range(0, len(questions), batch_size):
             batch = [q.question for q in questions[start:start + batch_size]]
-            s, r = index.search(np.asarray(encoder.embed_questions(batch)), k)
+            excluded = None if exclude is None else exclude[start:start + batch_size]
+            s, r = index.search(np.asarray(encoder.embed_questions(batch)), k, excluded)
             scores.append(s)
             rows.append(r)
             bar.update(len(batch))

@@ -92,9 +92,23 @@ class ShardedIndex:
         """A published ``art_jax.retrieval.index.IndexVersion`` loaded onto ``mesh``."""
         return cls.from_reader(version.read, version.count, version.dim, mesh, **kwargs)
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int, exclude=None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` rows by inner product: float32 scores and int64 row numbers [B, k],
-        best first. ``queries`` [B, dim] must be the same on every process."""
+        best first. ``queries`` [B, dim] must be the same on every process. ``exclude`` [B] or
+        [B, E]: rows kept out of each query's top-k (-1: none), as a masked sentence's own passage
+        (the top k + E are searched and the excluded dropped, which is exact)."""
+        if exclude is None:
+            return self._search(queries, k)
+        exclude = np.asarray(exclude, np.int64).reshape(len(queries), -1)
+        scores, rows = self._search(queries, min(k + exclude.shape[1], self.count))
+        kept = ~(rows[:, :, None] == exclude[:, None, :]).any(-1)
+        order = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # the kept rows first, best first
+        if not np.take_along_axis(kept, order, 1).all():
+            raise UserError(f"search: top-k {k} is larger than the passages left once the excluded are ({self.count} "
+                            "in the index)")
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+    def _search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k < 1:
             raise UserError(f"search: top-k must be positive, got {k}")
         if k > self.count:
