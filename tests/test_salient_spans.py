@@ -268,3 +268,96 @@ def test_search_keeps_the_excluded_rows_out_of_an_exact_top_k(devices):
     np.testing.assert_array_equal(rows, best[:2, 1:11])
     with pytest.raises(UserError, match="larger than the passages left"):
         index.search(queries[:1], 203, exclude[:1])
+
+
+# ---------------------------------------------------------------- a span store as a method's questions
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tok):
+    """A tiny random BERT of ``tok`` and a tiny random T5 whose tokenizer has sentinels."""
+    from art_jax.models.bert import Bert, BertConfig
+    from art_jax.models.hf import export, init_module
+    from art_jax.models.t5 import T5, T5Config
+
+    folder = tmp_path_factory.mktemp("mss_models")
+    bert = BertConfig(vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                      max_position_embeddings=128, initializer_range=0.5)
+    export(init_module(Bert, bert, seed=0), tok, str(folder / "bert"))
+    t5_tok = train_unigram(TEXTS + [f"T{i}" for i in range(5)] + ["question: title: context:"], 400, sentinels=4)
+    t5 = T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                  num_heads=4)
+    export(init_module(T5, t5, seed=0), t5_tok, str(folder / "t5"))
+    return str(folder / "bert"), str(folder / "t5")
+
+
+class RecordingIndex:
+    """A real exact index of the passage tower's embeddings that records what each search excluded."""
+
+    def __init__(self, index):
+        self.index, self.calls = index, []
+
+    def search(self, queries, k, exclude=None):
+        scores, rows = self.index.search(queries, k, exclude)
+        self.calls.append((None if exclude is None else np.asarray(exclude).reshape(-1), rows,
+                           self.index.search(queries, k)[1]))
+        return scores, rows
+
+
+def _source(sentence: str) -> int:
+    """The passage of TEXTS that holds ``sentence`` (spaces aside)."""
+    sentence = "".join(sentence.split())
+    (row,) = [r for r, text in enumerate(TEXTS) if sentence in "".join(text.split())]
+    return row
+
+
+def test_a_sentences_own_passage_never_reaches_its_top_k(corpus, models, tmp_path):
+    """emdr2 on a span store: the reader reads the masked sentence (a sentinel where the span was)
+    with K passages, none of them the one the sentence came from (found by its text, not by the
+    store's record); the question tower reads [MASK]; the target is the span; the held-out dev
+    examples' searches exclude their passages too."""
+    import jax
+    import optax
+
+    from art_jax.config import apply_override, default_config
+    from art_jax.methods import METHODS
+    from art_jax.training.state import init_state
+
+    spans = prepare_salient_spans(corpus.path, str(tmp_path / "spans"), progress=False)
+    cfg = default_config()
+    for key, value in {"method": "emdr2", "retriever.checkpoint": models[0], "reader.checkpoint": models[1],
+                       "data.corpus_store": corpus.path, "data.salient_spans": spans.path, "data.salient_dev": 2,
+                       "retriever.question_max_length": 40, "retriever.passage_max_length": 48,
+                       "retriever.train_passage_max_length": 48, "reader.max_input_tokens": 160,
+                       "reader.max_answer_tokens": 16, "train.batch_size": 4, "train.topk": 3, "train.steps": 1,
+                       "train.best_metric": "", "train.eval_topk": "(1,)"}.items():
+        apply_override(cfg, f"config.{key}={value}")
+    method = METHODS["emdr2"](cfg, str(tmp_path / "run"), make_mesh(devices=jax.devices()[:1]))
+    assert len(method.training) == 4 and len(method.dev) == 2
+    tower = method.groups.module(method.params, "passage")
+    tokens = corpus.retriever_tokens(np.arange(len(corpus)), 48)
+    embeddings = np.asarray(tower.embed_cls(tokens.ids, tokens.mask))
+    index = RecordingIndex(ShardedIndex.from_array(embeddings, make_mesh(devices=jax.devices()[:1])))
+    batch, _ = method.batch(init_state(method.params, optax.identity(), 0), 0, index)
+    (excluded, rows, unexcluded), = index.calls
+    t5 = method.reader_tokenizer
+    sources = []
+    for i in range(4):
+        question = t5.decode(np.asarray(batch["reader_ids"])[i, 0], skip_special_tokens=False)
+        masked = question.split("question:")[1].split("title:")[0]
+        assert "<extra_id_0>" in masked
+        answer = t5.decode(np.asarray(batch["labels"])[i], skip_special_tokens=True).strip()
+        source = _source(masked.replace("<extra_id_0>", answer))
+        sources.append(source)
+        titles = [t5.decode(np.asarray(batch["reader_ids"])[i, k], skip_special_tokens=True).split("title:")[1]
+                  .split("context:")[0].strip() for k in range(3)]
+        assert f"T{source}" not in titles and sorted(titles) == sorted(f"T{r}" for r in rows[i])
+    assert list(excluded) == sources
+    assert any(s in row for s, row in zip(sources, unexcluded))  # informative: a source would be retrieved
+    question_ids = np.asarray(batch["question_ids"])
+    assert ((question_ids == method.tokenizer.mask_token_id).sum(1) == 1).all()
+    index.calls.clear()
+    method.evaluate(init_state(method.params, optax.identity(), 0), index)
+    (excluded, rows, _), = index.calls
+    dev = method.dev
+    assert list(excluded) == [_source(q.replace("<extra_id_0>", a[0])) for q, a in zip(dev.reader, dev.gold)]
+    assert not (rows == excluded[:, None]).any()
