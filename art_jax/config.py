@@ -199,12 +199,15 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     # the reader demos' T5 (jobs/demo.py _prepare_reader): width, Hugging Face T5's initialisation scales times
     # reader_init_scale, and the decoder's cross-attention values and outputs the identity (it copies);
-    # retriever_pretraining: steps of the ART demo that give the end-to-end methods their initial retriever
-    # (0: the random BERT)
+    # retriever_pretraining: steps of the ART demo (or of ICT, pretraining_method="ict") that give the end-to-end
+    # methods their initial retriever (0: the random BERT; a retriever.checkpoint given is used as it is);
+    # restate: every fact stated in two passages (demo_world.make_world); salient_spans: train on the masked
+    # sentences of the world's passages (art-jax prepare-salient-spans) instead of its questions
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
                                               layers=2, heads=4, initializer_range=0.15, dropout=0.1,
                                               reader_d_model=64, reader_init_scale=0.25, reader_copy_init=True,
-                                              retriever_pretraining=0))
+                                              retriever_pretraining=0, pretraining_method="art", restate=False,
+                                              salient_spans=False))
     return cfg
 
 
@@ -214,6 +217,7 @@ def demo_config() -> ml_collections.ConfigDict:
     cfg = default_config()
     cfg.demo.enabled = True
     cfg.data.dataset = "demo"
+    cfg.retriever.checkpoint = ""  # the demo's random BERT, unless one is given
     # a tiny random BERT: dropout noise on it stalls the bootstrap from random to matching names
     cfg.demo.dropout = 0.0
     # A random tiny BERT knows no words: with one shared tower a question and its passage map
@@ -246,6 +250,17 @@ def art_demo_config() -> ml_collections.ConfigDict:
     cfg.train.refresh_every = 25
     cfg.train.eval_every = 100
     cfg.train.checkpoint_every = 100
+    return cfg
+
+
+def ict_demo_config() -> ml_collections.ConfigDict:
+    """ICT on the demo world (configs/ict.py:demo; the MSS demo pre-trains its retriever with it): a
+    passage's sentence finds the rest of its passage among the batch's."""
+    cfg = demo_config()
+    cfg.method = "ict"
+    cfg.train.hard_negatives = 0
+    cfg.train.steps = 150
+    cfg.train.eval_every = cfg.train.checkpoint_every = 50
     return cfg
 
 

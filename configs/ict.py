@@ -6,13 +6,19 @@ warmup 1% of the steps, weight decay 0.01; BERT-base towers, score scaling, in-b
 
 The store: `art-jax prepare-corpus --corpus psgs_w100.tsv --retriever bert-base-uncased`.
 A pseudo-query is one sentence (spaCy's sentencizer), cut at 64 tokens; its context is the
-passage without it (kept in 10% of the examples), at 256 tokens.
+passage without it (kept in 10% of the examples), at 256 tokens. `:demo` (`:demo,smoke`) trains the
+offline demos' tiny BERT on their generated world (the MSS demo's retriever pre-training).
 """
 
-from art_jax.config import default_config
+from art_jax.config import default_config, ict_demo_config
 
 
 def get_config(arg=None):
+    if arg in ("demo", "demo,smoke"):  # the generated world of the offline demos (150 steps; smoke: 10)
+        cfg = ict_demo_config()
+        if arg == "demo,smoke":
+            cfg.train.steps = cfg.train.eval_every = cfg.train.checkpoint_every = 10
+        return cfg
     cfg = default_config()
     cfg.method = "ict"
     cfg.retriever.checkpoint = "bert-base-uncased"

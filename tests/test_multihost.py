@@ -161,6 +161,27 @@ def test_prepare_corpus_as_two_processes_writes_the_same_store(demo_runs, t5_v11
     assert sorted(os.listdir(tmp_path)) == ["cache", "one", "two", "url"]  # no staging, parts or stamps left
 
 
+def test_prepare_salient_spans_as_two_processes_writes_the_same_store(demo_runs, tmp_path):
+    """Each process tags every other chunk of 50 of the demo's 400 passages with spaCy; the merged
+    span store equals the one-process store file for file (meta.json aside from its creation time,
+    process count and tagging rate)."""
+    prepare = ["prepare-salient-spans", f"--corpus={demo_runs[0] / 'one' / 'corpus_store'}", "--chunk-passages=50"]
+    one = _art_jax(*prepare, f"--out={tmp_path / 'one'}", devices=1)
+    two = _art_jax(*prepare, f"--out={tmp_path / 'two'}", devices=1, processes=2)
+    assert two.stdout.count("wrote ") == 1 and "passages/s per process" in two.stdout
+    assert one.stdout.splitlines()[-1].split(": ")[1] == two.stdout.splitlines()[-1].split(": ")[1]
+    files = sorted(os.listdir(tmp_path / "one"))
+    assert files == sorted(os.listdir(tmp_path / "two")) and "query.bin" in files
+    for name in files:
+        first, second = (open(tmp_path / folder / name, "rb").read() for folder in ("one", "two"))
+        if name == "meta.json":
+            first, second = ({**json.loads(m), "created": None, "processes": None,
+                              "passages_per_second_per_process": None} for m in (first, second))
+        assert first == second, name
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["processes"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # no staging left
+
+
 def test_the_refresher_runs_as_a_two_process_job(tmp_path):
     """An async run's last checkpoint indexed by `art-jax refresh` as 2 processes x 2 devices
     and as 1 process: the same embeddings."""

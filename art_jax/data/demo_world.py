@@ -56,6 +56,11 @@ _FACTS = (
      (("in which city did {name} die?", "deathplace"), ("in which year did {name} die?", "died"),
       ("what was the book by {name} about?", "topic"))),
 )
+# restate=True: each passage ends with the entity's facts of its other passages, said briefly (every
+# fact then stands in two passages, as facts do in an encyclopedia: masked-salient-span pre-training
+# learns from that redundancy)
+_RESTATED = ("{name} was born in {birthplace} in {born}.", "{name} played the {instrument}.",
+             "{name} died in {deathplace} in {died}.")
 _MAX_ENTITIES = 2000  # of 5280 possible name words, so drawing unused ones stays quick
 
 
@@ -88,9 +93,12 @@ def _facts(rng: random.Random) -> dict[str, str]:
                 deathplace=rng.choice(CITIES), died=str(born + rng.randint(25, 75)), topic=rng.choice(TOPICS))
 
 
-def make_world(seed: int = 0, entities: int = 200, facts_per_entity: int = 2, dev_fraction: float = 0.2) -> World:
+def make_world(seed: int = 0, entities: int = 200, facts_per_entity: int = 2, dev_fraction: float = 0.2,
+               restate: bool = False) -> World:
     """``entities`` made-up people with ``facts_per_entity`` passages each (kinds drawn per
-    entity) and three questions per passage, split at random into train and dev."""
+    entity) and three questions per passage, split at random into train and dev. ``restate``:
+    each passage also restates the facts of the entity's other passages (the same draws: the same
+    people, facts and questions)."""
     if not 1 <= entities <= _MAX_ENTITIES:
         raise ValueError(f"entities must be in 1..{_MAX_ENTITIES}, got {entities}")
     if not 1 <= facts_per_entity <= len(_FACTS):
@@ -101,9 +109,11 @@ def make_world(seed: int = 0, entities: int = 200, facts_per_entity: int = 2, de
     passages, questions = [], []
     for name in _names(rng, entities):
         facts = _facts(rng)
-        for kind in sorted(rng.sample(range(len(_FACTS)), facts_per_entity)):
+        kinds = sorted(rng.sample(range(len(_FACTS)), facts_per_entity))
+        for kind in kinds:
             text, asks = _FACTS[kind]
-            passages.append((len(passages) + 1, name, text.format(name=name, **facts)))
+            others = [_RESTATED[other] for other in kinds if other != kind] if restate else []
+            passages.append((len(passages) + 1, name, " ".join([text, *others]).format(name=name, **facts)))
             questions += [Question(ask.format(name=name), (facts[slot],)) for ask, slot in asks]
     # A random split, not by entity: dev asks new facts about people that train questions also
     # name, as questions over one evidence corpus do; unseen names would need a bigger model.

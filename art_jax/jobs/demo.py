@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 
+from art_jax.config import art_demo_config, ict_demo_config
 from art_jax.core import storage
 from art_jax.core.distributed import barrier, is_lead
+from art_jax.core.errors import UserError
 from art_jax.data.demo_world import make_world, write_world
 from art_jax.data.tokenizers import train_unigram, train_wordpiece
 from art_jax.models.bert import Bert, BertConfig
@@ -16,6 +18,7 @@ from art_jax.models.hf import export, init_module
 from art_jax.models.t5 import T5, T5Config
 
 READER_METHODS = ("fid", "emdr2", "individual_topk", "joint_topk")
+PRETRAINING = {"art": art_demo_config, "ict": ict_demo_config}  # demo.pretraining_method
 
 
 def prepare_demo(cfg, workdir: str) -> None:
@@ -24,9 +27,11 @@ def prepare_demo(cfg, workdir: str) -> None:
     paths = {name: os.path.join(folder, file) for name, file in
              (("corpus", "corpus.tsv"), ("train", "train.jsonl"), ("dev", "dev.jsonl"))}
     # process 0 writes; config.json of the BERT is written last: the demo is complete
-    if is_lead() and not storage.isfile(os.path.join(bert_dir, "config.json")):
-        world = make_world(seed=cfg.seed, entities=cfg.demo.entities)
-        write_world(world, folder)
+    given = cfg.retriever.checkpoint  # a retriever given (another run's export) is trained from as it is
+    if is_lead() and not storage.isfile(paths["dev"]):
+        write_world(_world(cfg), folder)
+    if is_lead() and not given and not storage.isfile(os.path.join(bert_dir, "config.json")):
+        world = _world(cfg)
         texts = [f"{title} {text}" for _, title, text in world.passages] + [q.question for q in world.train]
         tokenizer = train_wordpiece(texts, cfg.demo.vocab_size)
         bert = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.demo.hidden_size, num_layers=cfg.demo.layers,
@@ -55,12 +60,32 @@ def prepare_demo(cfg, workdir: str) -> None:
                                                         for split in ("train", "dev"))
     if cfg.method == "dpr":
         cfg.data.train_examples = examples
-    cfg.retriever.checkpoint = bert_dir
+    cfg.retriever.checkpoint = given or bert_dir
     cfg.data.corpus = paths["corpus"]
     cfg.data.train_questions = paths["train"]
     cfg.data.dev_questions = paths["dev"]
-    if cfg.method in READER_METHODS and cfg.method != "fid" and cfg.demo.retriever_pretraining:
+    if cfg.method in READER_METHODS and cfg.method != "fid" and cfg.demo.retriever_pretraining and not given:
         cfg.retriever.checkpoint = _pretrained_retriever(cfg, folder)
+    if cfg.demo.salient_spans:
+        _salient_spans(cfg, workdir, folder)
+
+
+def _world(cfg):
+    return make_world(seed=cfg.seed, entities=cfg.demo.entities, restate=cfg.demo.restate)
+
+
+def _salient_spans(cfg, workdir: str, folder: str) -> None:
+    """The run trains on WORKDIR/demo/spans, the masked sentences of the world's passages (every
+    process tags its share), and holds ``data.salient_dev`` of them out as its dev questions."""
+    from art_jax.data.span_store import is_span_store, prepare_salient_spans
+    from art_jax.methods.common import open_store
+
+    store = open_store(cfg, workdir)  # the corpus store the run trains against, WORKDIR/corpus_store
+    spans = os.path.join(folder, "spans")
+    if not is_span_store(spans):
+        prepare_salient_spans(store.path, spans, progress=False)
+    cfg.data.corpus_store, cfg.data.salient_spans = store.path, spans
+    cfg.data.train_questions = cfg.data.dev_questions = ""
 
 
 def _pretrained_retriever(cfg, folder: str) -> str:
@@ -68,21 +93,23 @@ def _pretrained_retriever(cfg, folder: str) -> str:
     demo (the training questions alone, no answers): the end-to-end methods' initial retriever, as
     the papers start theirs from unsupervised pre-training (MSS, ICT). Every process trains (the
     run, WORKDIR/demo/art, resumes if killed); the export is published whole, then used as is."""
-    from art_jax.config import art_demo_config
     from art_jax.methods import make_trainer
     from art_jax.models.export import reads_as_export
     from art_jax.workdir import export_run
 
-    out, run = os.path.join(folder, "retriever"), os.path.join(folder, "art")
+    method = cfg.demo.pretraining_method
+    if method not in PRETRAINING:
+        raise UserError(f"demo.pretraining_method: {method!r} is not one of {', '.join(PRETRAINING)}")
+    out, run = os.path.join(folder, "retriever"), os.path.join(folder, method)
     if not reads_as_export(out):
-        art = art_demo_config()
-        art.seed, art.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
-        art.data.corpus, art.data.train_questions, art.data.dev_questions = (
+        pre = PRETRAINING[method]()
+        pre.seed, pre.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
+        pre.data.corpus, pre.data.train_questions, pre.data.dev_questions = (
             cfg.data.corpus, cfg.data.train_questions, cfg.data.dev_questions)
-        art.train.steps = art.train.eval_every = art.train.checkpoint_every = cfg.demo.retriever_pretraining
+        pre.train.steps = pre.train.eval_every = pre.train.checkpoint_every = cfg.demo.retriever_pretraining
         if is_lead():
-            print(f"the retriever's pre-training: {art.train.steps} steps of the ART demo, in {run}")
-        make_trainer(art, run).run()
+            print(f"the retriever's pre-training: {pre.train.steps} steps of the {method.upper()} demo, in {run}")
+        make_trainer(pre, run).run()
         export_run(run, out)
         barrier("art_jax.demo.retriever")
     return out
@@ -112,11 +139,13 @@ def _prepare_reader(cfg, folder: str, paths: dict[str, str]) -> None:
 
     t5_dir = os.path.join(folder, "t5")
     if not storage.isfile(os.path.join(t5_dir, "config.json")):
-        world = make_world(seed=cfg.seed, entities=cfg.demo.entities)  # the same world, generated again
+        world = _world(cfg)  # the same world, generated again
         texts = ([f"{title} {text}" for _, title, text in world.passages] + [q.question for q in world.train]
                  + [a for q in world.train for a in q.answers] + ["question: title: context:"] * 50)
         closing = re.compile(r"(\w)([,.?!;])(?=\s|$)")  # a word's closing punctuation: a piece of its own
-        tokenizer = train_unigram([closing.sub(r"\1 \2", text) for text in texts], cfg.demo.vocab_size)
+        # T5's sentinels mark the masked spans of the MSS demo's sentences
+        tokenizer = train_unigram([closing.sub(r"\1 \2", text) for text in texts], cfg.demo.vocab_size,
+                                  sentinels=8 if cfg.demo.salient_spans else 0)
         demo = cfg.demo
         t5 = T5Config(vocab_size=len(tokenizer), d_model=demo.reader_d_model, d_kv=demo.reader_d_model // demo.heads,
                       d_ff=4 * demo.reader_d_model, num_layers=demo.layers, num_decoder_layers=demo.layers,

@@ -117,7 +117,7 @@ class EndToEnd(TrainsTowers):
     def check_config(cfg) -> None:
         check_question_sources(cfg)
         check_topk(cfg)
-        check_selection(cfg, "dev_questions")
+        check_selection(cfg, "salient_dev" if cfg.data.salient_dev else "dev_questions")
         check_batch(cfg, accumulation=cfg.train.accumulation)
         check_retriever(cfg)
         check_reader(cfg)

