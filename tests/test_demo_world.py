@@ -2,6 +2,7 @@
 from most others, identified by its rare name tokens, learnable by a bag-of-words
 query-likelihood ranker, and read back unchanged by the corpus and question readers."""
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -102,3 +103,17 @@ def test_write_world_round_trip(tmp_path):
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         make_world(**kwargs)
+
+
+def test_a_restated_world_is_the_same_world_with_each_fact_in_two_passages():
+    """Each passage ends with its person's other passage's facts (place, year, instrument)."""
+    plain, restated = make_world(seed=2, entities=30), make_world(seed=2, entities=30, restate=True)
+    assert (plain.train, plain.dev) == (restated.train, restated.dev)
+    for (pid, title, text), (_, _, again) in zip(plain.passages, restated.passages):
+        assert again.startswith(text + " ")
+        (other,) = [t for i, name, t in plain.passages if name == title and i != pid]  # two passages each
+        added = again[len(text) + 1:]
+        assert added.startswith(title)
+        facts = re.findall(r"\b(?:[A-Z][a-z]+(?: [A-Z][a-z]+)*|\d{4}|[a-z]+)\b", added[len(title):])
+        content = [f for f in facts if f not in ("was", "born", "in", "played", "the", "died")]
+        assert content and all(f in other for f in content), (added, other)

@@ -1,6 +1,7 @@
 """The masked-salient-span pre-training on the user's path: ICT -> MSS -> ART through the CLI on the
 demo world, each stage starting from the export of the one before (`configs/ict.py:demo,smoke`,
-`configs/mss.py:demo,smoke`, `configs/demo.py:smoke`), each its own process on one CPU device."""
+`configs/mss.py:demo,smoke`, `configs/demo.py:smoke`, 4 steps each), each its own process on one CPU
+device; `art-jax export` in this one."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from art_jax import cli
 from art_jax.data.span_store import SpanStore
 from tests.multiprocess import ROOT, child_env
 
@@ -29,11 +31,13 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     outputs = {}
     previous = None
+    four = ["--config.train.steps=4", "--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
     for stage, config in (("ict", "configs/ict.py:demo,smoke"), ("mss", "configs/mss.py:demo,smoke"),
                           ("art", "configs/demo.py:smoke")):
         given = [f"--config.retriever.checkpoint={previous}"] if previous else []
-        outputs[stage] = _art_jax("train", f"--config={config}", f"--workdir={root / stage}", *given)
-        _art_jax("export", "--run", str(root / stage), "--out", str(root / f"{stage}_export"))
+        outputs[stage] = _art_jax("train", f"--config={config}", f"--workdir={root / stage}", *given, *four,
+                                  *(["--config.train.refresh_every=4"] if stage == "art" else []))
+        cli.main(["export", "--run", str(root / stage), "--out", str(root / f"{stage}_export")])
         previous = str(root / f"{stage}_export")
     return root, outputs
 
@@ -66,5 +70,6 @@ def test_the_mss_stage_trains_on_the_worlds_masked_sentences(chain):
         data = json.load(f)["data"]
     assert data["salient_spans"] == str(root / "mss" / "demo" / "spans") and data["salient_dev"] == 200
     assert data["train_questions"] == data["dev_questions"] == ""
+    assert "1 positive + 0 hard negative(s)" in outputs["ict"] and "step 4/4" in outputs["ict"]
     assert "dev EM " in outputs["mss"].splitlines()[-1] and "top-5" in outputs["mss"].splitlines()[-1]
     assert outputs["art"].splitlines()[-1].startswith("dev accuracy:")

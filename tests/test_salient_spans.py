@@ -7,6 +7,7 @@ its top-K."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 
@@ -139,7 +140,8 @@ def test_entity_tokens_mask_that_share_of_the_span_words(tagger, rate):
             a = text.index(sentence)
             inside = [s for s in spans if a <= s.start and s.end <= a + len(sentence)]
             words = sum(len(text[s.start:s.end].split()) for s in inside)
-            assert sum(len(answer.split()) for answer in example.answers) == max(1, round(rate * words))
+            expected = max(1, math.floor(rate * words + 0.5))  # rounded half up, at least one
+            assert sum(len(answer.split()) for answer in example.answers) == expected
             for answer in example.answers:  # each mask lies within one span
                 assert any(answer in text[s.start:s.end] for s in inside)
             if rate == 1.0:  # every word masked: each span is one mask
@@ -149,6 +151,8 @@ def test_entity_tokens_mask_that_share_of_the_span_words(tagger, rate):
 def test_a_mask_reads_as_each_tokenizers_own(tok):
     query = f"{PLACEHOLDER} moved to {PLACEHOLDER} in 1891."
     assert retriever_query(query, tok) == "[MASK] moved to [MASK] in 1891."
+    assert retriever_query(f"By {PLACEHOLDER}, its capital ({PLACEHOLDER}) grew.", tok) == \
+        "By [MASK], its capital ([MASK]) grew."  # the span's place, its spacing kept
     assert tok(retriever_query(query, tok)).input_ids.count(tok.mask_token_id) == 2
     t5 = train_unigram(TEXTS, 120, sentinels=3)
     assert reader_query(query, t5) == "<extra_id_0> moved to <extra_id_1> in 1891."
@@ -165,6 +169,10 @@ def test_a_mask_reads_as_each_tokenizers_own(tok):
 def test_a_tagger_that_is_not_a_spacy_ner_pipeline_is_one_line(tmp_path):
     with pytest.raises(UserError, match="--tagger no_such_pipeline: not a spaCy pipeline that loads"):
         SpacyTagger("no_such_pipeline")
+    with pytest.raises(UserError, match=r"include none of --labels \(PER, MISC\)"):  # CoNLL's labels
+        SpacyTagger(labels=("PER", "MISC"))
+    people = SpacyTagger(labels=("PERSON",))(TEXTS[:1])[0]
+    assert [TEXTS[0][e.start:e.end] for e in people.entities] == ["Fusajiro Yamauchi"]
     spacy.blank("en").to_disk(tmp_path / "blank")
     with pytest.raises(UserError, match="has no 'ner' component"):
         SpacyTagger(str(tmp_path / "blank"))
@@ -329,7 +337,7 @@ def test_a_sentences_own_passage_never_reaches_its_top_k(corpus, models, tmp_pat
                        "retriever.question_max_length": 40, "retriever.passage_max_length": 48,
                        "retriever.train_passage_max_length": 48, "reader.max_input_tokens": 160,
                        "reader.max_answer_tokens": 16, "train.batch_size": 4, "train.topk": 3, "train.steps": 1,
-                       "train.best_metric": "", "train.eval_topk": "(1,)"}.items():
+                       "train.best_metric": "", "train.eval_topk": "(1, 5)"}.items():
         apply_override(cfg, f"config.{key}={value}")
     method = METHODS["emdr2"](cfg, str(tmp_path / "run"), make_mesh(devices=jax.devices()[:1]))
     assert len(method.training) == 4 and len(method.dev) == 2
@@ -356,8 +364,11 @@ def test_a_sentences_own_passage_never_reaches_its_top_k(corpus, models, tmp_pat
     question_ids = np.asarray(batch["question_ids"])
     assert ((question_ids == method.tokenizer.mask_token_id).sum(1) == 1).all()
     index.calls.clear()
-    method.evaluate(init_state(method.params, optax.identity(), 0), index)
+    # top-5 of a 5-passage corpus, one passage kept out of each: the 4 others, all of them
+    metrics = method.evaluate(init_state(method.params, optax.identity(), 0), index)
+    assert set(metrics) >= {"top1", "top5", "em", "f1"}
     (excluded, rows, _), = index.calls
+    assert rows.shape == (2, 4)
     dev = method.dev
     assert list(excluded) == [_source(q.replace("<extra_id_0>", a[0])) for q, a in zip(dev.reader, dev.gold)]
     assert not (rows == excluded[:, None]).any()

@@ -93,6 +93,10 @@ class SpacyTagger:
                             f"{str(err).splitlines()[0]}") from None
         if "ner" not in nlp.pipe_names:
             raise UserError(f"--tagger {pipeline}: the pipeline has no 'ner' component ({', '.join(nlp.pipe_names)})")
+        known = set(nlp.get_pipe("ner").labels)
+        if not known & set(labels):  # another label scheme (CoNLL's PER, LOC...): every entity would be dropped
+            raise UserError(f"--tagger {pipeline}: its entity labels ({', '.join(sorted(known))}) include none of "
+                            f"--labels ({', '.join(labels)})")
         nlp.add_pipe("sentencizer")
         self.nlp, self.labels, self.batch_size = nlp, frozenset(labels), batch_size
         self.name = pipeline
@@ -118,6 +122,11 @@ def salient_examples(text: str, tagged: Tagged, *, masking: str = "span", rate: 
     return examples
 
 
+def masked_words(words: int, rate: float) -> int:
+    """How many of a sentence's ``words`` salient words ``rate`` masks: rounded half up, at least one."""
+    return max(1, int(rate * words + 0.5))
+
+
 def mask_sentence(text: str, start: int, end: int, spans: Sequence[Span], *, masking: str, rate: float,
                   rng: np.random.Generator) -> Example:
     """The sentence ``text[start:end]`` with ``spans`` (inside it, not overlapping) masked:
@@ -129,7 +138,7 @@ def mask_sentence(text: str, start: int, end: int, spans: Sequence[Span], *, mas
     elif masking == "entity-tokens":
         words = [(number, m.start(), m.end())
                  for number, span in enumerate(spans) for m in _WORD.finditer(text, span.start, span.end)]
-        picked = np.sort(rng.choice(len(words), max(1, round(rate * len(words))), replace=False))
+        picked = np.sort(rng.choice(len(words), masked_words(len(words), rate), replace=False))
         cuts = []
         for previous, current in zip([None, *picked[:-1]], picked):
             span, word_start, word_end = words[current]
@@ -150,12 +159,9 @@ def mask_sentence(text: str, start: int, end: int, spans: Sequence[Span], *, mas
 # ---------------------------------------------------------------- rendering per tokenizer
 
 def _render(query: str, mark) -> str:
-    """``query`` with mask i written ``mark(i)``, a space either side."""
+    """``query`` with mask i written ``mark(i)`` where the span stood (its spacing kept)."""
     first, *rest = query.split(PLACEHOLDER)
-    out = first
-    for i, part in enumerate(rest):
-        out = f"{out.rstrip()} {mark(i)} {part.lstrip()}"
-    return out.strip()
+    return first + "".join(mark(i) + part for i, part in enumerate(rest))
 
 
 def retriever_query(query: str, tokenizer) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,9 +35,11 @@ from art_jax.core.remote import local_copy
 from art_jax.data.build import Build, Ragged
 from art_jax.data.corpus import CorpusStore, corpus_fingerprint
 from art_jax.data.salient_spans import (
+    DEFAULT_TAGGER,
     ENTITY_TOKEN_RATE,
     MASKINGS,
     PLACEHOLDER,
+    SALIENT_LABELS,
     SpacyTagger,
     salient_examples,
 )
@@ -88,14 +91,16 @@ class SpanStore:
                             "passages): the passage each came from could not be kept out of its top-K")
 
 
-def prepare_salient_spans(corpus: str, out: str, *, tagger: str | None = None, masking: str = "span",
+def prepare_salient_spans(corpus: str, out: str, *, tagger: str | None = None,
+                          labels: Sequence[str] = SALIENT_LABELS, masking: str = "span",
                           rate: float = ENTITY_TOKEN_RATE, seed: int = 0, chunk_passages: int = 1000,
                           progress: bool = True) -> SpanStore:
     """Tag every passage of the corpus store ``corpus`` and write its masked-salient-span examples
     to a span store at ``out`` (a staged, resumable build of every process of the job: each tags
     its share of the chunks of ``chunk_passages`` passages). ``tagger``: a spaCy pipeline (default
-    ``DEFAULT_TAGGER``); ``masking``/``rate``: as ``salient_spans.mask_sentence``; the masks drawn
-    per passage from ``seed``, so a build resumed or split otherwise writes the same store."""
+    ``DEFAULT_TAGGER``) whose entities of ``labels`` are salient; ``masking``/``rate``: as
+    ``salient_spans.mask_sentence``; the masks drawn per passage from ``seed``, so a build resumed
+    or split otherwise writes the same store."""
     out = out.rstrip("/")
     if masking not in MASKINGS:
         raise UserError(f"--masking {masking!r} is not one of {', '.join(MASKINGS)}")
@@ -105,7 +110,9 @@ def prepare_salient_spans(corpus: str, out: str, *, tagger: str | None = None, m
         raise UserError(f"--chunk-passages={chunk_passages} must be at least 1")
     storage.check_replaceable(out, KIND, is_span_store)
     store = CorpusStore(corpus)
-    tag = SpacyTagger(tagger) if tagger else SpacyTagger()
+    if not labels:
+        raise UserError("--labels: give at least one entity label")
+    tag = SpacyTagger(tagger or DEFAULT_TAGGER, labels)
     corpus_meta = {"path": store.path, "count": len(store), "fingerprint": corpus_fingerprint(store)}
     options = {"masking": masking, "rate": rate if masking == "entity-tokens" else None, "seed": seed}
     key = {"store": "salient_spans", "format": SPAN_FORMAT, "corpus": corpus_meta, "tagger": tag.description,

@@ -22,6 +22,9 @@ PRETRAINING = {"art": art_demo_config, "ict": ict_demo_config}  # demo.pretraini
 
 
 def prepare_demo(cfg, workdir: str) -> None:
+    if cfg.demo.pretraining_method not in PRETRAINING:
+        raise UserError(f"demo.pretraining_method: {cfg.demo.pretraining_method!r} is not one of "
+                        f"{', '.join(PRETRAINING)}")
     folder = os.path.join(workdir, "demo")
     bert_dir = os.path.join(folder, "bert")
     paths = {name: os.path.join(folder, file) for name, file in
@@ -94,14 +97,12 @@ def _pretrained_retriever(cfg, folder: str) -> str:
     the papers start theirs from unsupervised pre-training (MSS, ICT). Every process trains (the
     run, WORKDIR/demo/art, resumes if killed); the export is published whole, then used as is."""
     from art_jax.methods import make_trainer
-    from art_jax.models.export import reads_as_export
+    from art_jax.models.export import read_export, reads_as_export
     from art_jax.workdir import export_run
 
     method = cfg.demo.pretraining_method
-    if method not in PRETRAINING:
-        raise UserError(f"demo.pretraining_method: {method!r} is not one of {', '.join(PRETRAINING)}")
     out, run = os.path.join(folder, "retriever"), os.path.join(folder, method)
-    if not reads_as_export(out):
+    if not (reads_as_export(out) and read_export(out).get("run") == run):  # another method's is replaced
         pre = PRETRAINING[method]()
         pre.seed, pre.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
         pre.data.corpus, pre.data.train_questions, pre.data.dev_questions = (

@@ -144,9 +144,10 @@ def dev_retrieval(cfg, groups: ParamGroups, state: TrainState, tokenizer, dev_qu
                           question_max_length=cfg.retriever.question_max_length,
                           question_truncation=cfg.retriever.question_truncation)
     ks = tuple(cfg.train.eval_topk)
-    scores, rows = retrieve(encoder, index, dev_questions, min(max(*ks, depth), len(store)), progress=False,
-                            exclude=exclude)
-    accuracy, _ = dpr_results(dev_questions, scores, rows, store, store.ids, ks=ks)
+    excluded = 0 if exclude is None else np.asarray(exclude).reshape(len(dev_questions), -1).shape[1]
+    scores, rows = retrieve(encoder, index, dev_questions, min(max(*ks, depth), len(store) - excluded),
+                            progress=False, exclude=exclude)
+    accuracy, _ = dpr_results(dev_questions, scores, rows, store, store.ids, ks=ks, excluded=excluded)
     return {metric_name(k): accuracy[k] for k in ks}, scores, rows
 
 

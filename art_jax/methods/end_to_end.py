@@ -117,7 +117,9 @@ class EndToEnd(TrainsTowers):
     def check_config(cfg) -> None:
         check_question_sources(cfg)
         check_topk(cfg)
-        check_selection(cfg, "salient_dev" if cfg.data.salient_dev else "dev_questions")
+        # a span store's run evaluates on held-out sentences unless dev questions are given
+        check_selection(cfg, "salient_dev" if cfg.data.salient_spans and not cfg.data.dev_questions
+                        else "dev_questions")
         check_batch(cfg, accumulation=cfg.train.accumulation)
         check_retriever(cfg)
         check_reader(cfg)

@@ -62,17 +62,19 @@ def passage_id_of(store: CorpusStore, ids, row) -> str:
 
 
 def dpr_results(questions: list[Question], scores: np.ndarray, rows: np.ndarray, store: CorpusStore, ids,
-                match: str = "string", ks: Iterable[int] | None = None) -> tuple[dict[int, float], list[dict]]:
+                match: str = "string", ks: Iterable[int] | None = None,
+                excluded: int = 0) -> tuple[dict[int, float], list[dict]]:
     """DPR-format results with has_answer computed from each passage's text, and top-k
     accuracy keyed by int k in the order of ``ks`` (default: ``report_ks`` of the retrieved
-    depth K, e.g. 1, 5, 10 for K=10). A k past K is refused, unless K is the whole store:
-    then it is exactly top-K (a small dev corpus under ``train.eval_topk``)."""
+    depth K, e.g. 1, 5, 10 for K=10). A k past K is refused, unless K is the whole store but the
+    ``excluded`` rows kept out of each question's: then it is exactly top-K (a small dev corpus
+    under ``train.eval_topk``)."""
     results = [{
         "qid": qid_of(q, i), "question": q.question, "answers": list(q.answers),
         "ctxs": [{"id": passage_id_of(store, ids, r), "title": store.title(r), "text": store.text(r),
                   "score": float(s)} for s, r in zip(q_scores, q_rows)],
     } for i, (q, q_scores, q_rows) in enumerate(zip(questions, scores, rows))]
-    return evaluate_results(results, match, ks, source="search results", exhaustive=rows.shape[1] >= len(store))
+    return evaluate_results(results, match, ks, source="search results", exhaustive=rows.shape[1] + excluded >= len(store))
 
 
 def check_qids(questions: list[Question]) -> list[str]:
