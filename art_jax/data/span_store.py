@@ -124,7 +124,7 @@ def prepare_salient_spans(corpus: str, out: str, *, tagger: str | None = None,
         # a placeholder in the text would read as a mask
         texts = [store.text(r).replace(PLACEHOLDER, " ") for r in rows]
         examples = [(row, example) for row, text, tagged in zip(rows, texts, tag(texts))
-                    for example in salient_examples(text, tagged, masking=masking, rate=rate,
+                    for example in salient_examples(text, tagged, masking=masking, rate=rate, dates="DATE" in labels,
                                                     rng=np.random.default_rng([seed, row]))]
         clock["seconds"] += time.perf_counter() - start
         clock["passages"] += len(rows)

@@ -101,8 +101,9 @@ def _pretrained_retriever(cfg, folder: str) -> str:
     from art_jax.workdir import export_run
 
     method = cfg.demo.pretraining_method
-    out, run = os.path.join(folder, "retriever"), os.path.join(folder, method)
-    if not (reads_as_export(out) and read_export(out).get("run") == run):  # another method's is replaced
+    out, run = os.path.join(folder, "retriever"), os.path.abspath(os.path.join(folder, method))
+    made_here = reads_as_export(out) and os.path.abspath(read_export(out).get("run", "")) == run
+    if not made_here:  # (another method's export is replaced)
         pre = PRETRAINING[method]()
         pre.seed, pre.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
         pre.data.corpus, pre.data.train_questions, pre.data.dev_questions = (
