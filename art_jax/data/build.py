@@ -177,6 +177,16 @@ class Ragged:
         return np.where(valid, self.data[np.where(valid, starts[:, None] + positions, 0)], pad)
 
 
+def read_meta(path: str) -> dict | None:
+    """The folder ``path``'s meta.json (a store's record of what it holds), or None when it has no
+    readable one: how each store kind recognises its own folders."""
+    try:
+        meta = json.loads(storage.read_text(os.path.join(path, "meta.json")))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 # ---------------------------------------------------------------- the build
 
 class Build:

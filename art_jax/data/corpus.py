@@ -33,7 +33,7 @@ from art_jax.core.fileio import local_file
 from art_jax.core.progress import progress_bar
 from art_jax.core.remote import local_copy
 from art_jax.data.build import HOST as _HOST  # noqa: F401 - the staging folders' host (tests name them)
-from art_jax.data.build import Build, Ragged, RaggedWriter
+from art_jax.data.build import Build, Ragged, RaggedWriter, read_meta
 from art_jax.data.tokenization import Tokens, passage_rows
 
 STORE_FORMAT = 1
@@ -237,11 +237,8 @@ class TokenizerSpec:
 def is_corpus_store(path: str) -> bool:
     """Whether the folder ``path`` holds a corpus store, of this format or the one before (by
     its meta.json: an index version's meta.json has a format too, but no retriever)."""
-    try:
-        meta = json.loads(storage.read_text(os.path.join(path, "meta.json")))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") in (STORE_FORMAT, STORE_FORMAT - 1) and "retriever" in meta
+    meta = read_meta(path) or {}
+    return meta.get("format") in (STORE_FORMAT, STORE_FORMAT - 1) and "retriever" in meta
 
 
 class CorpusStore:

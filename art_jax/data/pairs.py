@@ -38,7 +38,7 @@ from art_jax.core.errors import UserError
 from art_jax.core.fileio import local_file
 from art_jax.core.progress import progress_bar
 from art_jax.core.remote import local_copy
-from art_jax.data.build import Build, Ragged
+from art_jax.data.build import Build, Ragged, read_meta
 from art_jax.data.corpus import CorpusStore, corpus_fingerprint, input_key, token_dtype
 from art_jax.data.tokenization import Tokens, passage_rows, question_rows
 
@@ -49,11 +49,8 @@ _BLOCK = 1 << 23  # values per block when scanning a column
 
 def is_pair_store(path: str) -> bool:
     """Whether the folder ``path`` holds a pair store (by its meta.json)."""
-    try:
-        meta = json.loads(storage.read_text(os.path.join(path, "meta.json")))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("kind") == "pairs" and meta.get("format") == PAIR_FORMAT
+    meta = read_meta(path) or {}
+    return meta.get("kind") == "pairs" and meta.get("format") == PAIR_FORMAT
 
 
 def corpus_tokens_match(store: CorpusStore, tokenizer) -> bool:

@@ -1,6 +1,6 @@
 """The salient-span store: masked-salient-span examples (``data/salient_spans.py``) of a corpus
 store's passages, made once by ``art-jax prepare-salient-spans`` and read memory-mapped by the
-end-to-end methods (``data.train_questions`` may name one: ``methods/questions.py``).
+end-to-end methods (``data.salient_spans`` names one: ``methods/questions.py``).
 
 A folder of ragged columns (``data/build.py``), one row per example, in passage order:
 
@@ -32,7 +32,7 @@ from art_jax.core.distributed import is_lead
 from art_jax.core.errors import UserError
 from art_jax.core.progress import progress_bar
 from art_jax.core.remote import local_copy
-from art_jax.data.build import Build, Ragged
+from art_jax.data.build import Build, Ragged, read_meta
 from art_jax.data.corpus import CorpusStore, corpus_fingerprint
 from art_jax.data.salient_spans import (
     DEFAULT_TAGGER,
@@ -50,11 +50,8 @@ KIND = "a salient-span store (no meta.json of one)"
 
 def is_span_store(path: str) -> bool:
     """Whether the folder ``path`` holds a salient-span store (by its meta.json)."""
-    try:
-        meta = json.loads(storage.read_text(os.path.join(path, "meta.json")))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("kind") == "salient_spans" and meta.get("format") == SPAN_FORMAT
+    meta = read_meta(path) or {}
+    return meta.get("kind") == "salient_spans" and meta.get("format") == SPAN_FORMAT
 
 
 class SpanStore:

@@ -31,10 +31,12 @@ def prepare_demo(cfg, workdir: str) -> None:
              (("corpus", "corpus.tsv"), ("train", "train.jsonl"), ("dev", "dev.jsonl"))}
     # process 0 writes; config.json of the BERT is written last: the demo is complete
     given = cfg.retriever.checkpoint  # a retriever given (another run's export) is trained from as it is
-    if is_lead() and not storage.isfile(paths["dev"]):
-        write_world(_world(cfg), folder)
-    if is_lead() and not given and not storage.isfile(os.path.join(bert_dir, "config.json")):
-        world = _world(cfg)
+    write_files = is_lead() and not storage.isfile(paths["dev"])
+    make_bert = is_lead() and not given and not storage.isfile(os.path.join(bert_dir, "config.json"))
+    world = _world(cfg) if write_files or make_bert else None
+    if write_files:
+        write_world(world, folder)
+    if make_bert:
         texts = [f"{title} {text}" for _, title, text in world.passages] + [q.question for q in world.train]
         tokenizer = train_wordpiece(texts, cfg.demo.vocab_size)
         bert = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.demo.hidden_size, num_layers=cfg.demo.layers,
