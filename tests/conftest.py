@@ -81,19 +81,41 @@ def files(tmp_path_factory):
     return str(corpus), str(questions)
 
 
+def once_per_session(tmp_path_factory, name, build):
+    """build(folder) -> a JSON value, run once for the whole session: pytest-xdist gives each worker
+    its own session fixtures, and a costly run wanted by test files on both workers would otherwise
+    run twice. The first worker to ask builds it under a lock; the other waits and reads it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder all workers' temporary folders are in
+    result = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not result.exists():
+            value = build(root / name)
+            result.write_text(json.dumps(value))
+    return json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The README's quick start, shortened to 100 steps: `art-jax train --config=configs/demo.py`
-    as its own process on one CPU device, as on a fresh machine. Returns (workdir, stdout)."""
-    import subprocess
-    import sys
+    as its own process on one CPU device, as on a fresh machine. Returns (workdir, stdout); tests
+    only read the workdir."""
 
-    from tests.multiprocess import ROOT, child_env
+    def train(folder):
+        import subprocess
+        import sys
 
-    workdir = tmp_path_factory.mktemp("demo") / "run"
-    env = child_env(compile_fast=False)  # one CPU device; it learns for 100 steps: optimised code
-    run = subprocess.run([sys.executable, "-m", "art_jax", "train", "--config=configs/demo.py", f"--workdir={workdir}",
-                          "--config.train.steps=100", "--config.train.eval_every=100"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return str(workdir), run.stdout
+        from tests.multiprocess import ROOT, child_env
+
+        workdir = folder / "run"
+        env = child_env(compile_fast=False)  # one CPU device; it learns for 100 steps: optimised code
+        run = subprocess.run([sys.executable, "-m", "art_jax", "train", "--config=configs/demo.py",
+                              f"--workdir={workdir}", "--config.train.steps=100", "--config.train.eval_every=100"],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return [str(workdir), run.stdout]
+
+    return tuple(once_per_session(tmp_path_factory, "demo_run", train))
