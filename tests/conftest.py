@@ -26,6 +26,25 @@ from tests import hf_fixtures  # noqa: E402
 from tests.hf_fixtures import CORPUS  # noqa: E402
 
 
+# pytest-xdist hands out whole files (the README's --dist loadfile), by default those of most tests first:
+# the longest files (measured in CI) go first instead, so that both workers are busy to the end. test_demo.py
+# early, test_metrics.py and test_user_path.py late: the demo run they share is built by the first to ask.
+LONGEST_FILES = ("test_multihost.py", "test_train.py", "test_checkpoints.py", "test_demo.py", "test_mss.py",
+                 "test_train_step.py", "test_refresh.py", "test_storage.py", "test_answer.py")
+LAST_FILES = ("test_metrics.py", "test_user_path.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(LONGEST_FILES)}
+    order.update({name: len(order) + 1 + i for i, name in enumerate(LAST_FILES)})
+    items.sort(key=lambda item: order.get(item.path.name, len(LONGEST_FILES)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 fake CPU devices; was JAX initialised earlier?"
