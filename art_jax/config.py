@@ -151,6 +151,9 @@ def default_config() -> ml_collections.ConfigDict:
         # (masked-salient-span pre-training); each sentence's own passage is kept out of its top-K
         salient_spans="",
         salient_dev=0,  # examples of data.salient_spans held out of training as the dev questions
+        # each masked sentence read with the passage it came from instead of retrieved ones (train.topk=1): span
+        # filling from context, what a pre-trained T5 brings; a reader warm-up (one passage: no retriever gradient)
+        salient_source_passage=False,
         # dpr: training examples, DPR's training JSON (question, answers, positive_ctxs, hard_negative_ctxs;
         # `art-jax mine` writes it) or Tevatron JSONL (query, positive_passages, negative_passages)
         train_examples="",
@@ -202,12 +205,13 @@ def default_config() -> ml_collections.ConfigDict:
     # retriever_pretraining: steps of the ART demo (or of ICT, pretraining_method="ict") that give the end-to-end
     # methods their initial retriever (0: the random BERT; a retriever.checkpoint given is used as it is);
     # restate: every fact stated in two passages (demo_world.make_world); salient_spans: train on the masked
-    # sentences of the world's passages (art-jax prepare-salient-spans) instead of its questions
+    # sentences of the world's passages (art-jax prepare-salient-spans) instead of its questions, the reader
+    # first trained reader_pretraining steps to fill them in from their own passages (data.salient_source_passage)
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
                                               layers=2, heads=4, initializer_range=0.15, dropout=0.1,
                                               reader_d_model=64, reader_init_scale=0.25, reader_copy_init=True,
                                               retriever_pretraining=0, pretraining_method="art", restate=False,
-                                              salient_spans=False))
+                                              salient_spans=False, reader_pretraining=0))
     return cfg
 
 

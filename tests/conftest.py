@@ -25,7 +25,6 @@ import pytest  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 from tests.hf_fixtures import CORPUS  # noqa: E402
 
-
 # pytest-xdist hands out whole files (the README's --dist loadfile), by default those of most tests first:
 # the longest files (measured in CI) go first instead, so that both workers are busy to the end. test_demo.py
 # early, test_metrics.py and test_user_path.py late: the demo run they share is built by the first to ask.

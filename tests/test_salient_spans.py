@@ -325,6 +325,27 @@ def _source(sentence: str) -> int:
     return row
 
 
+def _span_method(corpus, models, tmp_path, **overrides):
+    """emdr2 on the span store of ``corpus`` (4 training examples, 2 held out), on one device."""
+    import jax
+
+    from art_jax.config import apply_override, default_config
+    from art_jax.methods import METHODS
+    from art_jax.methods.questions import check_question_sources
+
+    spans = prepare_salient_spans(corpus.path, str(tmp_path / "spans"), progress=False)
+    cfg = default_config()
+    for key, value in {"method": "emdr2", "retriever.checkpoint": models[0], "reader.checkpoint": models[1],
+                       "data.corpus_store": corpus.path, "data.salient_spans": spans.path, "data.salient_dev": 2,
+                       "retriever.question_max_length": 40, "retriever.passage_max_length": 48,
+                       "retriever.train_passage_max_length": 48, "reader.max_input_tokens": 160,
+                       "reader.max_answer_tokens": 16, "train.batch_size": 4, "train.steps": 1,
+                       "train.best_metric": "", "train.eval_topk": "(1, 5)", **overrides}.items():
+        apply_override(cfg, f"config.{key}={value}")
+    check_question_sources(cfg)  # the method's data checks (the others expect 8 devices)
+    return METHODS["emdr2"](cfg, str(tmp_path / "run"), make_mesh(devices=jax.devices()[:1]))
+
+
 def test_a_sentences_own_passage_never_reaches_its_top_k(corpus, models, tmp_path):
     """emdr2 on a span store: the reader reads the masked sentence (a sentinel where the span was)
     with K passages, none of them the one the sentence came from (found by its text, not by the
@@ -333,20 +354,9 @@ def test_a_sentences_own_passage_never_reaches_its_top_k(corpus, models, tmp_pat
     import jax
     import optax
 
-    from art_jax.config import apply_override, default_config
-    from art_jax.methods import METHODS
     from art_jax.training.state import init_state
 
-    spans = prepare_salient_spans(corpus.path, str(tmp_path / "spans"), progress=False)
-    cfg = default_config()
-    for key, value in {"method": "emdr2", "retriever.checkpoint": models[0], "reader.checkpoint": models[1],
-                       "data.corpus_store": corpus.path, "data.salient_spans": spans.path, "data.salient_dev": 2,
-                       "retriever.question_max_length": 40, "retriever.passage_max_length": 48,
-                       "retriever.train_passage_max_length": 48, "reader.max_input_tokens": 160,
-                       "reader.max_answer_tokens": 16, "train.batch_size": 4, "train.topk": 3, "train.steps": 1,
-                       "train.best_metric": "", "train.eval_topk": "(1, 5)"}.items():
-        apply_override(cfg, f"config.{key}={value}")
-    method = METHODS["emdr2"](cfg, str(tmp_path / "run"), make_mesh(devices=jax.devices()[:1]))
+    method = _span_method(corpus, models, tmp_path, **{"train.topk": 3})
     assert len(method.training) == 4 and len(method.dev) == 2
     tower = method.groups.module(method.params, "passage")
     tokens = corpus.retriever_tokens(np.arange(len(corpus)), 48)
@@ -379,3 +389,37 @@ def test_a_sentences_own_passage_never_reaches_its_top_k(corpus, models, tmp_pat
     dev = method.dev
     assert list(excluded) == [_source(q.replace("<extra_id_0>", a[0])) for q, a in zip(dev.reader, dev.gold)]
     assert not (rows == excluded[:, None]).any()
+
+
+def test_a_reader_warm_up_reads_each_sentence_with_its_own_passage_and_trains_the_reader_alone(corpus, models,
+                                                                                              tmp_path):
+    """data.salient_source_passage (train.topk=1): the one passage read is the sentence's own (by its
+    text), nothing is searched; the loss's gradient reaches the reader and not the towers (a softmax over
+    one passage). Set otherwise, one line."""
+    import jax
+    import optax
+
+    from art_jax.training.state import init_state
+
+    with pytest.raises(UserError, match="train.topk=3 must be 1"):
+        _span_method(corpus, models, tmp_path, **{"data.salient_source_passage": True, "train.topk": 3})
+    with pytest.raises(UserError, match="data.salient_source_passage reads the masked sentences of "
+                                        "data.salient_spans, which is not set"):
+        _span_method(corpus, models, tmp_path, **{"data.salient_source_passage": True, "train.topk": 1,
+                                                  "data.salient_spans": "", "data.salient_dev": 0,
+                                                  "data.train_questions": "q.jsonl"})
+    method = _span_method(corpus, models, tmp_path, **{"data.salient_source_passage": True, "train.topk": 1})
+    state = init_state(method.params, optax.identity(), 0)
+    batch, _ = method.batch(state, 0, index=None)  # nothing to search
+    t5 = method.reader_tokenizer
+    for i in range(4):
+        text = t5.decode(np.asarray(batch["reader_ids"])[i, 0], skip_special_tokens=False)
+        masked = text.split("question:")[1].split("title:")[0]
+        answer = t5.decode(np.asarray(batch["labels"])[i], skip_special_tokens=True).strip()
+        title = text.split("title:")[1].split("context:")[0].strip()
+        assert title == f"T{_source(masked.replace('<extra_id_0>', answer))}"
+    micro = {name: value[0] for name, value in method.objective.split(batch, 1).items()}
+    grads = jax.jit(jax.grad(lambda params: method.loss(params, micro, (None,) * 4)[0]))(state.params)  # no dropout
+    norms = {role: sum(float(np.abs(leaf).sum()) for leaf in jax.tree.leaves(grads[method.groups.roles[role]]))
+             for role in ("question", "passage", "reader")}
+    assert norms["question"] == norms["passage"] == 0.0 and norms["reader"] > 0, norms

@@ -5,6 +5,7 @@ written once into WORKDIR/demo; the config is pointed at them."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 from art_jax.config import art_demo_config, ict_demo_config
@@ -73,6 +74,8 @@ def prepare_demo(cfg, workdir: str) -> None:
         cfg.retriever.checkpoint = _pretrained_retriever(cfg, folder)
     if cfg.demo.salient_spans:
         _salient_spans(cfg, workdir, folder)
+        if cfg.demo.reader_pretraining:
+            cfg.reader.checkpoint = _pretrained_reader(cfg, folder)
 
 
 def _world(cfg):
@@ -96,26 +99,45 @@ def _salient_spans(cfg, workdir: str, folder: str) -> None:
 def _pretrained_retriever(cfg, folder: str) -> str:
     """WORKDIR/demo/retriever: the demo's BERT after ``demo.retriever_pretraining`` steps of the ART
     demo (the training questions alone, no answers): the end-to-end methods' initial retriever, as
-    the papers start theirs from unsupervised pre-training (MSS, ICT). Every process trains (the
-    run, WORKDIR/demo/art, resumes if killed); the export is published whole, then used as is."""
+    the papers start theirs from unsupervised pre-training (MSS, ICT)."""
+    method = cfg.demo.pretraining_method
+    pre = PRETRAINING[method]()
+    pre.seed, pre.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
+    pre.data.corpus, pre.data.train_questions, pre.data.dev_questions = (
+        cfg.data.corpus, cfg.data.train_questions, cfg.data.dev_questions)
+    pre.train.steps = pre.train.eval_every = pre.train.checkpoint_every = cfg.demo.retriever_pretraining
+    return _pretrained(pre, os.path.join(folder, method), os.path.join(folder, "retriever"),
+                       f"the retriever's pre-training: {pre.train.steps} steps of the {method.upper()} demo")
+
+
+def _pretrained_reader(cfg, folder: str) -> str:
+    """WORKDIR/demo/reader/reader: the demo's T5 after ``demo.reader_pretraining`` steps of filling in
+    the run's masked sentences each from its own passage (``data.salient_source_passage``), what the
+    papers' pre-trained T5 brings to MSS: a reader that can fill a span in from a passage gives the
+    retriever a signal from the first step (from the random T5, measured, MSS first loses top-5)."""
+    pre = copy.deepcopy(cfg)
+    pre.data.salient_source_passage, pre.train.topk, pre.train.refresh_every = True, 1, 0
+    pre.train.steps = pre.train.eval_every = pre.train.checkpoint_every = cfg.demo.reader_pretraining
+    out = _pretrained(pre, os.path.join(folder, "mss_reader"), os.path.join(folder, "reader"),
+                      f"the reader's pre-training: {pre.train.steps} steps filling in masked sentences from their "
+                      "own passages")
+    return os.path.join(out, "reader")
+
+
+def _pretrained(pre, run: str, out: str, what: str) -> str:
+    """``out``: the export of ``pre`` trained in ``run``. Every process trains (the run resumes if
+    killed); the export is published whole, then used as is (one of another run is replaced)."""
     from art_jax.methods import make_trainer
     from art_jax.models.export import read_export, reads_as_export
     from art_jax.workdir import export_run
 
-    method = cfg.demo.pretraining_method
-    out, run = os.path.join(folder, "retriever"), os.path.abspath(os.path.join(folder, method))
-    made_here = reads_as_export(out) and os.path.abspath(read_export(out).get("run", "")) == run
-    if not made_here:  # (another method's export is replaced)
-        pre = PRETRAINING[method]()
-        pre.seed, pre.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
-        pre.data.corpus, pre.data.train_questions, pre.data.dev_questions = (
-            cfg.data.corpus, cfg.data.train_questions, cfg.data.dev_questions)
-        pre.train.steps = pre.train.eval_every = pre.train.checkpoint_every = cfg.demo.retriever_pretraining
+    run = os.path.abspath(run)
+    if not (reads_as_export(out) and os.path.abspath(read_export(out).get("run", "")) == run):
         if is_lead():
-            print(f"the retriever's pre-training: {pre.train.steps} steps of the {method.upper()} demo, in {run}")
+            print(f"{what}, in {run}")
         make_trainer(pre, run).run()
         export_run(run, out)
-        barrier("art_jax.demo.retriever")
+        barrier(f"art_jax.demo.{os.path.basename(out)}")
     return out
 
 

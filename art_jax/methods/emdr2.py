@@ -35,7 +35,7 @@ class Emdr2(EndToEnd):
         EndToEnd.check_config(cfg)
 
     def loss(self, params, batch, keys):
-        log_retriever = self.retriever_log_probs(params, batch, keys)
+        log_retriever = self.log_p_retrieved(params, batch, keys)
         reader = self.groups.module(params, "reader")
         answer, memory, memory_mask = fid_log_probs(reader, batch, keys[2:])
         per_passage = per_passage_log_probs(reader, jax.lax.stop_gradient(memory), memory_mask, batch["labels"],

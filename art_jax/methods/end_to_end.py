@@ -168,10 +168,10 @@ class EndToEnd(TrainsTowers):
         """ReaderSettings' Joint top-K fields (joint_topk alone has them)."""
         return {}
 
-    def retriever_log_probs(self, params, batch, keys, *, frozen_passages: bool = False) -> jax.Array:
-        """log p(z_k | q) [B, K]: softmax over the K of q.z / tau (``retriever_scores``)."""
-        scores = retriever_scores(self.groups, params, batch, keys, frozen_passages=frozen_passages)
-        return retriever_log_probs(scores, self.tau)
+    def log_p_retrieved(self, params, batch, keys) -> jax.Array:
+        """log p(z_k | q) [B, K] (``objectives.retriever_log_probs`` of ``retriever_scores``, both towers
+        trained)."""
+        return retriever_log_probs(retriever_scores(self.groups, params, batch, keys), self.tau)
 
     def describe(self) -> str:
         train = self.cfg.train
@@ -202,8 +202,11 @@ class EndToEnd(TrainsTowers):
                                       truncation_side=cfg.retriever.question_truncation,
                                       pad_to=cfg.retriever.question_max_length)
         question_ids, question_mask = (from_process_rows(mesh, a) for a in (q_tokens.ids, q_tokens.mask))
-        queries = self._embed_questions(state, question_ids, question_mask)
-        _, rows = index.search(np.asarray(queries), cfg.train.topk, self.training.excluded(every))  # all B x K
+        if cfg.data.salient_source_passage:  # each sentence with its own passage, nothing searched
+            rows = self.training.excluded(every)[:, None]
+        else:
+            queries = self._embed_questions(state, question_ids, question_mask)
+            _, rows = index.search(np.asarray(queries), cfg.train.topk, self.training.excluded(every))  # all B x K
         searched = time.perf_counter()
         unique_rows, positions = unique_passages(rows, cfg.train.accumulation, self._unique_multiple)
         passages = self.store.retriever_tokens(unique_rows.reshape(-1), cfg.retriever.train_passage_max_length,

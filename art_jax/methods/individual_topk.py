@@ -21,7 +21,7 @@ class IndividualTopK(EndToEnd):
     log_labels = {"retriever_entropy": "H(retriever)", **EndToEnd.log_labels}
 
     def loss(self, params, batch, keys):
-        log_retriever = self.retriever_log_probs(params, batch, keys)
+        log_retriever = self.log_p_retrieved(params, batch, keys)
         reader = self.groups.module(params, "reader")
         encoder_key, decoder_key = keys[2:]
         memory, memory_mask = fid_encode(reader, batch["reader_ids"], batch["reader_mask"], dropout_key=encoder_key)

@@ -6,7 +6,8 @@ which ``data.salient_dev`` held-out examples can be the dev questions.
 A span example reads differently per model: the question tower sees [MASK] where a span was, the
 reader T5's sentinels; the reader's target is the span (several spans each after its sentinel),
 a greedy answer is matched against the spans in order, and retrieval's answer match looks for any
-span. The passage the sentence came from is kept out of the example's top-K (``exclude``).
+span. The passage the sentence came from is kept out of the example's top-K (``exclude``), or, with
+``data.salient_source_passage``, is the one passage the reader reads (a reader warm-up).
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ def check_question_sources(cfg) -> None:
         raise UserError("data.salient_dev holds out examples of data.salient_spans, which is not set")
     if data.salient_dev and data.dev_questions:
         raise UserError("data.salient_dev and data.dev_questions are both set; evaluate on one of them")
+    if data.salient_source_passage and not data.salient_spans:
+        raise UserError("data.salient_source_passage reads the masked sentences of data.salient_spans, which is not "
+                        "set")
+    if data.salient_source_passage and cfg.train.topk != 1:
+        raise UserError(f"data.salient_source_passage reads each sentence with one passage, its own: train.topk="
+                        f"{cfg.train.topk} must be 1")
 
 
 def _file_dev(cfg) -> Questions | None:
