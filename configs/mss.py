@@ -83,5 +83,5 @@ def _demo(method, smoke):
     cfg.train.best_metric = "top5"
     if smoke:
         cfg.train.steps = cfg.train.refresh_every = cfg.train.eval_every = cfg.train.checkpoint_every = 4
-        cfg.demo.retriever_pretraining, cfg.demo.reader_pretraining = 4, 0
+        cfg.demo.retriever_pretraining, cfg.demo.reader_pretraining = 4, 2
     return cfg

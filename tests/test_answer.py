@@ -473,7 +473,8 @@ def test_reader_only_export(exports, capsys, tmp_path):
 
 def test_end_to_end_demo_starts_from_its_pretrained_retriever(exports):
     """The reader demo's emdr2 run starts its towers from WORKDIR/demo/retriever, the export of the
-    ART demo's run it made first (smoke: 4 steps), whose towers moved away from the random BERT."""
+    ART demo's run it made first (smoke: 4 steps, in WORKDIR/demo/art-4), whose towers moved away from the
+    random BERT."""
     from safetensors.numpy import load_file
 
     workdir = exports["emdr2"]["workdir"]
@@ -483,7 +484,7 @@ def test_end_to_end_demo_starts_from_its_pretrained_retriever(exports):
         assert json.load(f)["retriever"]["checkpoint"] == pretrained
     with open(os.path.join(pretrained, "art_jax_export.json")) as f:
         record = json.load(f)
-    assert (record["run"], record["step"], record["source"]) == (os.path.join(demo, "art"), 4,
+    assert (record["run"], record["step"], record["source"]) == (os.path.join(demo, "art-4"), 4,
                                                                  os.path.join(demo, "bert"))
     trained = load_file(os.path.join(pretrained, "question_encoder", "model.safetensors"))
     random = load_file(os.path.join(demo, "bert", "model.safetensors"))

@@ -61,6 +61,13 @@ def test_each_stage_starts_from_the_export_before_it(chain):
         assert any(not np.array_equal(first[name], second[name]) for name in first)
     assert not os.path.exists(root / "mss" / "demo" / "retriever")  # a retriever given: no pre-training of its own
     assert os.path.isfile(root / "mss_export" / "reader" / "config.json")  # MSS trains a reader too
+    # ... from the demo T5 after its warm-up on the sentences' own passages (smoke: 2 steps), which it moved
+    with open(root / "mss" / "config.json") as f:
+        assert json.load(f)["reader"]["checkpoint"] == str(root / "mss" / "demo" / "reader" / "reader")
+    assert "the reader's pre-training: 2 steps filling in masked sentences" in outputs["mss"]
+    warmed = load_file(str(root / "mss" / "demo" / "reader" / "reader" / "model.safetensors"))
+    random = load_file(str(root / "mss" / "demo" / "t5" / "model.safetensors"))
+    assert warmed.keys() == random.keys() and any(not np.array_equal(warmed[k], random[k]) for k in warmed)
 
 
 def test_the_mss_stage_trains_on_the_worlds_masked_sentences(chain):

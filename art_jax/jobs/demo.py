@@ -26,6 +26,9 @@ def prepare_demo(cfg, workdir: str) -> None:
     if cfg.demo.pretraining_method not in PRETRAINING:
         raise UserError(f"demo.pretraining_method: {cfg.demo.pretraining_method!r} is not one of "
                         f"{', '.join(PRETRAINING)}")
+    if cfg.demo.reader_pretraining and not cfg.demo.salient_spans:
+        raise UserError("demo.reader_pretraining trains the reader on the masked sentences of demo.salient_spans, "
+                        "which is off")
     folder = os.path.join(workdir, "demo")
     bert_dir = os.path.join(folder, "bert")
     paths = {name: os.path.join(folder, file) for name, file in
@@ -105,19 +108,22 @@ def _pretrained_retriever(cfg, folder: str) -> str:
     pre.seed, pre.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
     pre.data.corpus, pre.data.train_questions, pre.data.dev_questions = (
         cfg.data.corpus, cfg.data.train_questions, cfg.data.dev_questions)
-    pre.train.steps = pre.train.eval_every = pre.train.checkpoint_every = cfg.demo.retriever_pretraining
+    pre.train.steps = pre.train.eval_every = cfg.demo.retriever_pretraining
     return _pretrained(pre, os.path.join(folder, method), os.path.join(folder, "retriever"),
                        f"the retriever's pre-training: {pre.train.steps} steps of the {method.upper()} demo")
 
 
 def _pretrained_reader(cfg, folder: str) -> str:
     """WORKDIR/demo/reader/reader: the demo's T5 after ``demo.reader_pretraining`` steps of filling in
-    the run's masked sentences each from its own passage (``data.salient_source_passage``), what the
-    papers' pre-trained T5 brings to MSS: a reader that can fill a span in from a passage gives the
-    retriever a signal from the first step (from the random T5, measured, MSS first loses top-5)."""
+    the run's masked sentences each from its own passage (``data.salient_source_passage``; no retriever
+    gradient), what the papers' pre-trained T5 brings to MSS: a reader whose answer likelihoods tell
+    the passages apart, so that the retriever learns from them (measured: from the random T5 MSS
+    lowers top-5, from this one it raises it)."""
     pre = copy.deepcopy(cfg)
-    pre.data.salient_source_passage, pre.train.topk, pre.train.refresh_every = True, 1, 0
-    pre.train.steps = pre.train.eval_every = pre.train.checkpoint_every = cfg.demo.reader_pretraining
+    pre.data.salient_source_passage, pre.train.topk = True, 1
+    pre.train.refresh_every, pre.train.refresh_mode = 0, "sync"  # (its index serves the dev evaluation alone)
+    pre.train.best_metric = ""  # no retriever metric to pick by: the last step's reader is the one
+    pre.train.steps = pre.train.eval_every = cfg.demo.reader_pretraining
     out = _pretrained(pre, os.path.join(folder, "mss_reader"), os.path.join(folder, "reader"),
                       f"the reader's pre-training: {pre.train.steps} steps filling in masked sentences from their "
                       "own passages")
@@ -125,13 +131,15 @@ def _pretrained_reader(cfg, folder: str) -> str:
 
 
 def _pretrained(pre, run: str, out: str, what: str) -> str:
-    """``out``: the export of ``pre`` trained in ``run``. Every process trains (the run resumes if
-    killed); the export is published whole, then used as is (one of another run is replaced)."""
+    """``out``: the export of ``pre`` trained in ``run``-STEPS. Every process trains (the run checkpoints
+    every quarter and resumes from there if killed); the export is published whole, then used as is
+    (one of another run, or of another step count, is replaced)."""
     from art_jax.methods import make_trainer
     from art_jax.models.export import read_export, reads_as_export
     from art_jax.workdir import export_run
 
-    run = os.path.abspath(run)
+    pre.train.checkpoint_every = max(1, pre.train.steps // 4)
+    run = os.path.abspath(f"{run}-{pre.train.steps}")
     if not (reads_as_export(out) and os.path.abspath(read_export(out).get("run", "")) == run):
         if is_lead():
             print(f"{what}, in {run}")

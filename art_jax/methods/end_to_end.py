@@ -229,6 +229,8 @@ class EndToEnd(TrainsTowers):
         k, dev = self.cfg.train.topk, self.dev
         metrics, scores, rows = dev_retrieval(self.cfg, self.groups, state, self.tokenizer, dev.for_retrieval(), index,
                                               self.store, depth=k, exclude=dev.exclude)
+        if self.cfg.data.salient_source_passage and dev.exclude is not None:  # read as trained: its own passage
+            scores, rows = np.zeros((len(dev), 1), np.float32), dev.exclude[:, None]
         items = [Retrieved(question, passages, question_scores[:k].tolist())
                  for question, passages, question_scores in zip(dev.reader, self.passages_of(rows[:, :k]), scores)]
         settings = self.evaluation_settings(state)
