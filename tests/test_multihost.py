@@ -60,14 +60,15 @@ def demo_runs(t5_sharp_dir, tmp_path_factory):
     """The demo trained 4 steps (its index refreshed after the last, chunks of 128 of its 400 passages)
     with a T5 teacher as 1 process x 4 devices and as 2 processes x 2 devices; data.shards=2 in both.
     Under 2 processes each scores its own questions' prompts (of other lengths than the other
-    process's) inside one global batch."""
+    process's) inside one global batch, through the teacher-score cache (scorer.cache: each process
+    scores its misses, the processes agreeing on how many), which the 1-process run does without."""
     root = tmp_path_factory.mktemp("multihost")
     common = ["train", "--config=configs/demo.py:smoke", "--config.train.steps=4", "--config.train.refresh_every=4",
               "--config.train.eval_every=4", "--config.index.chunk_rows=128", "--config.scorer.kind=t5",
               f"--config.scorer.checkpoint={t5_sharp_dir}", "--config.scorer.dtype=float32",
               "--config.scorer.batch_size=16"]
     alone = _art_jax(*common, f"--workdir={root / 'one'}", "--config.data.shards=2", devices=4)
-    together = _art_jax(*common, f"--workdir={root / 'two'}", devices=2, processes=2)
+    together = _art_jax(*common, f"--workdir={root / 'two'}", "--config.scorer.cache=100000", devices=2, processes=2)
     return root, alone.stdout, together.stdout
 
 

@@ -22,7 +22,7 @@ from art_jax.core.batching import round_up
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import from_identical, from_process_rows, process_rows
 from art_jax.data.corpus import CorpusStore
-from art_jax.data.prompts import PromptBuilder
+from art_jax.data.prompts import PromptBuilder, PromptConfig
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
 from art_jax.data.tokenization import passage_rows, tokenize_questions
@@ -39,6 +39,7 @@ from art_jax.methods.common import (
 from art_jax.models.hf import load_tokenizer
 from art_jax.objectives import art_loss
 from art_jax.retrieval.encoder import load_retriever_tokenizer
+from art_jax.teachers.cache import ScoreCache
 from art_jax.training.loop import check_total_steps
 from art_jax.training.state import ParamGroups, TrainState
 from art_jax.training.update import Objective, split_evenly, step_key
@@ -126,13 +127,21 @@ def check_store_tokens(store: CorpusStore, key: str, retriever_tokenizer, scorer
                         "which differ from scorer.checkpoint's tokenizer; prepare the store with the run's scorer")
 
 
+def teacher_identity(cfg) -> str:
+    """What makes the teacher's scores what they are: kind, checkpoint, dtype, prompt (T5) or mu and
+    scale (query likelihood)."""
+    if cfg.scorer.kind == "query_likelihood":
+        return (f"query_likelihood mu={cfg.scorer.mu} scale={cfg.scorer.scale} "
+                f"question_max_length={cfg.retriever.question_max_length}")
+    return f"t5 {cfg.scorer.checkpoint} {cfg.scorer.dtype} {PromptConfig()}"
+
+
 def make_teacher(cfg, tokenizer, store, mesh):
     if cfg.scorer.kind == "query_likelihood":
         from art_jax.teachers.query_likelihood import QueryLikelihoodScorer
 
         return QueryLikelihoodScorer(tokenizer, store, mu=cfg.scorer.mu, scale=cfg.scorer.scale,
                                      max_length=cfg.retriever.question_max_length)
-    from art_jax.data.prompts import PromptConfig
     from art_jax.teachers.t5 import T5Scorer
 
     return T5Scorer.from_pretrained(cfg.scorer.checkpoint, dtype=cfg.scorer.dtype, prompt=PromptConfig(), mesh=mesh)
@@ -154,6 +163,8 @@ class Art(TrainsTowers):
     def check_config(cfg) -> None:
         if cfg.scorer.kind not in ("t5", "query_likelihood"):
             raise UserError(f"scorer.kind: {cfg.scorer.kind!r} is not 't5' or 'query_likelihood'")
+        if cfg.scorer.cache < 0:
+            raise UserError(f"scorer.cache={cfg.scorer.cache} is negative (0: no teacher-score cache)")
         check_topk(cfg)
         check_batch(cfg, accumulation=cfg.train.accumulation)
         check_retriever(cfg)
@@ -182,6 +193,8 @@ class Art(TrainsTowers):
         if train.topk > len(self.store):
             raise UserError(f"train.topk={train.topk} is larger than the corpus ({len(self.store)} passages)")
         self.teacher = make_teacher(cfg, self.tokenizer, self.store, mesh)
+        self.cache = (ScoreCache(self.teacher, teacher_identity(cfg), cfg.scorer.cache) if cfg.scorer.cache
+                      else None)
 
         self.init_towers(cfg)
         self.objective = objective(self.groups, temperature_multiplier=train.temperature_multiplier,
@@ -201,7 +214,7 @@ class Art(TrainsTowers):
     def batch(self, state: TrainState, step: int, index) -> tuple[dict[str, jax.Array], dict[str, float]]:
         cfg, mesh = self.cfg, self.mesh
         start = time.perf_counter()
-        _, texts = self.stream.batch(step)  # this process's questions: rows my_rows of the global batch
+        indices, texts = self.stream.batch(step)  # this process's questions: rows my_rows of the global batch
         q_tokens = tokenize_questions(self.tokenizer, texts, cfg.retriever.question_max_length,
                                       truncation_side=cfg.retriever.question_truncation,
                                       pad_to=cfg.retriever.question_max_length)
@@ -209,8 +222,13 @@ class Art(TrainsTowers):
         queries = self._embed_questions(state, question_ids, question_mask)
         _, rows = index.search(np.asarray(queries), cfg.train.topk)  # every process: all B x K
         searched = time.perf_counter()
-        teacher_scores = np.asarray(self.teacher.score_retrieved(texts, rows[self.my_rows], self.store,
-                                                                 batch_size=cfg.scorer.batch_size))
+        cached = {}
+        if self.cache:
+            teacher_scores, cached["teacher_cache_hits"] = self.cache.score_retrieved(
+                texts, indices, rows[self.my_rows], self.store, batch_size=cfg.scorer.batch_size)
+        else:
+            teacher_scores = np.asarray(self.teacher.score_retrieved(texts, rows[self.my_rows], self.store,
+                                                                     batch_size=cfg.scorer.batch_size))
         scored = time.perf_counter()
         # the same on every process (all hold every row): the global dedupe and its tokens
         unique_rows, positions = unique_passages(rows, cfg.train.accumulation, self._unique_multiple)
@@ -222,7 +240,7 @@ class Art(TrainsTowers):
         batch = {"question_ids": question_ids, "question_mask": question_mask,
                  "teacher_scores": from_process_rows(mesh, teacher_scores.astype(np.float32)),
                  **{name: from_identical(self.batch_shardings[name], value) for name, value in identical.items()}}
-        return batch, {"time_search": searched - start, "time_scorer": scored - searched}
+        return batch, {"time_search": searched - start, "time_scorer": scored - searched, **cached}
 
     def evaluate(self, state: TrainState, index) -> dict[str, float]:
         if not self.dev_questions:
