@@ -127,15 +127,6 @@ def check_store_tokens(store: CorpusStore, key: str, retriever_tokenizer, scorer
                         "which differ from scorer.checkpoint's tokenizer; prepare the store with the run's scorer")
 
 
-def teacher_identity(cfg) -> str:
-    """What makes the teacher's scores what they are: kind, checkpoint, dtype, prompt (T5) or mu and
-    scale (query likelihood)."""
-    if cfg.scorer.kind == "query_likelihood":
-        return (f"query_likelihood mu={cfg.scorer.mu} scale={cfg.scorer.scale} "
-                f"question_max_length={cfg.retriever.question_max_length}")
-    return f"t5 {cfg.scorer.checkpoint} {cfg.scorer.dtype} {PromptConfig()}"
-
-
 def make_teacher(cfg, tokenizer, store, mesh):
     if cfg.scorer.kind == "query_likelihood":
         from art_jax.teachers.query_likelihood import QueryLikelihoodScorer
@@ -193,8 +184,7 @@ class Art(TrainsTowers):
         if train.topk > len(self.store):
             raise UserError(f"train.topk={train.topk} is larger than the corpus ({len(self.store)} passages)")
         self.teacher = make_teacher(cfg, self.tokenizer, self.store, mesh)
-        self.cache = (ScoreCache(self.teacher, teacher_identity(cfg), cfg.scorer.cache) if cfg.scorer.cache
-                      else None)
+        self.cache = ScoreCache(self.teacher, cfg.scorer.cache) if cfg.scorer.cache else None
 
         self.init_towers(cfg)
         self.objective = objective(self.groups, temperature_multiplier=train.temperature_multiplier,
@@ -223,8 +213,8 @@ class Art(TrainsTowers):
         _, rows = index.search(np.asarray(queries), cfg.train.topk)  # every process: all B x K
         searched = time.perf_counter()
         cached = {}
-        if self.cache:
-            teacher_scores, cached["teacher_cache_hits"] = self.cache.score_retrieved(
+        if self.cache is not None:
+            teacher_scores, cached["teacher_cache_hit_rate"] = self.cache.score_retrieved(
                 texts, indices, rows[self.my_rows], self.store, batch_size=cfg.scorer.batch_size)
         else:
             teacher_scores = np.asarray(self.teacher.score_retrieved(texts, rows[self.my_rows], self.store,

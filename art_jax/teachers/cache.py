@@ -1,14 +1,14 @@
 """Teacher-score reuse (beyond the reference): a frozen teacher gives a (question, passage) pair the
 same score whenever it is asked, and ART asks again for every pair a question retrieves again in a
-later epoch. ``ScoreCache`` keeps the scores of one teacher (``identity``: checkpoint, prompt,
-dtype) in host memory, keyed by (global question index, corpus row), and scores only the pairs it
-does not hold; ``scorer.cache`` pairs at most, the oldest dropped first. It lives in the process:
-a resumed run starts empty.
+later epoch. ``ScoreCache`` keeps the run's teacher's scores in host memory, keyed by (global question
+index, corpus row), and scores only the pairs it does not hold; ``scorer.cache`` pairs at most, the
+least recently asked dropped first. It lives in the process: a resumed run starts empty.
 
 Each process asks for its own questions. A T5 teacher scores in batches every process runs together
 (its params sharded over all devices), so the processes agree on how many pairs they score: the
-most any of them misses, the others padding with their first pair. The count is also rounded up
-to a power of two, so that a teacher compiled per shape (query likelihood) compiles a few shapes.
+most any of them misses, the others padding with their first pair, rounded up to a multiple of the
+teacher's batch (its batches are full anyway) or, below one batch, to a power of two (a teacher
+compiled per shape, query likelihood, then compiles a few shapes); never more than a step's pairs.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from jax.experimental import multihost_utils
 
 
 class ScoreCache:
-    def __init__(self, teacher, identity: str, capacity: int):
-        self.teacher, self.identity, self.capacity = teacher, identity, capacity
+    def __init__(self, teacher, capacity: int):
+        self.teacher, self.capacity = teacher, capacity
         self.scores: collections.OrderedDict[tuple[int, int], float] = collections.OrderedDict()
 
     def score_retrieved(self, questions: list[str], question_ids: np.ndarray, rows: np.ndarray, store, *,
@@ -38,7 +38,8 @@ class ScoreCache:
         counts = counts.reshape(-1, 3)
         fresh = {}
         if counts[:, 0].max():
-            asked = missing + [keys[0]] * (_power_of_two(int(counts[:, 0].max())) - len(missing))
+            asked = missing + [keys[0]] * (_padded(int(counts[:, 0].max()), batch_size, int(counts[:, 2].max()))
+                                           - len(missing))
             text = dict(zip((int(q) for q in question_ids), questions))
             scores = self.teacher.score_retrieved([text[q] for q, _ in asked], np.array([[r] for _, r in asked]),
                                                   store, batch_size=batch_size)
@@ -53,5 +54,7 @@ class ScoreCache:
         return found.reshape(rows.shape), float(counts[:, 1].sum() / counts[:, 2].sum())
 
 
-def _power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+def _padded(misses: int, batch_size: int, pairs: int) -> int:
+    """How many pairs every process asks the teacher for (see the module's docstring)."""
+    padded = 1 << (misses - 1).bit_length() if misses < batch_size else -(-misses // batch_size) * batch_size
+    return min(padded, pairs)
