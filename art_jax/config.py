@@ -117,7 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
         mu=50.0,  # query_likelihood: Dirichlet prior
         scale=1.0,  # query_likelihood: multiplies the mean log-likelihood (sharpens the teacher)
         # art: the (question, passage) scores kept in host memory and reused when a question retrieves a passage
-        # again (teachers/cache.py), at most this many pairs (250 bytes each), the oldest dropped; 0: none
+        # again (teachers/cache.py), at most this many pairs (250 bytes each), least recently asked dropped; 0: none
         cache=0,
     ))
     cfg.reader = ml_collections.ConfigDict(dict(

@@ -22,7 +22,7 @@ from art_jax.core.batching import round_up
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import from_identical, from_process_rows, process_rows
 from art_jax.data.corpus import CorpusStore
-from art_jax.data.prompts import PromptBuilder, PromptConfig
+from art_jax.data.prompts import PromptBuilder
 from art_jax.data.questions import read_questions
 from art_jax.data.tasks import question_stream
 from art_jax.data.tokenization import passage_rows, tokenize_questions
@@ -133,6 +133,7 @@ def make_teacher(cfg, tokenizer, store, mesh):
 
         return QueryLikelihoodScorer(tokenizer, store, mu=cfg.scorer.mu, scale=cfg.scorer.scale,
                                      max_length=cfg.retriever.question_max_length)
+    from art_jax.data.prompts import PromptConfig
     from art_jax.teachers.t5 import T5Scorer
 
     return T5Scorer.from_pretrained(cfg.scorer.checkpoint, dtype=cfg.scorer.dtype, prompt=PromptConfig(), mesh=mesh)

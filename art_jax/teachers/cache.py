@@ -30,7 +30,8 @@ class ScoreCache:
         """(scores [B, K] of each question with its K corpus rows, the share of every process's
         pairs served from the cache)."""
         keys = [(int(q), int(r)) for q, question_rows in zip(question_ids, rows) for r in question_rows]
-        missing = [key for key in dict.fromkeys(keys) if key not in self.scores]
+        distinct = list(dict.fromkeys(keys))
+        missing = [key for key in distinct if key not in self.scores]
         new = set(missing)
         counts = np.array([len(missing), sum(key not in new for key in keys), len(keys)], np.int64)
         if jax.process_count() > 1:
@@ -45,7 +46,7 @@ class ScoreCache:
                                                   store, batch_size=batch_size)
             fresh = dict(zip(missing, np.asarray(scores, np.float32).reshape(-1).tolist()))
         found = np.array([fresh[key] if key in fresh else self.scores[key] for key in keys], np.float32)
-        for key in dict.fromkeys(keys):  # the least recently asked go first
+        for key in distinct:  # the least recently asked go first
             if key in self.scores:
                 self.scores.move_to_end(key)
         self.scores.update(fresh)
