@@ -174,6 +174,18 @@ def default_config() -> ml_collections.ConfigDict:
         # against from step 0, instead of the trainer embedding the corpus before the first step
         initial_index="",
     ))
+    # how a run lays out on its devices (training/layout.py): the ('data', 'model') mesh and the train state's sharding
+    cfg.mesh = ml_collections.ConfigDict(dict(
+        # devices per teacher replica: a T5 teacher's heads, FFN width and vocabulary split over them; 0: the fewest
+        # that keep the teacher's share under half a device's memory (1 when that memory is unknown)
+        model=0,
+        # the train state (parameters, optimizer state) split over every device, gathered where a layer uses it:
+        # "on", "off", or "auto": on when the replicated state and the teacher's share would pass half a device
+        fsdp="auto",
+        # one device's memory in GB; 0: known for A100 40/80 GB, H100, H200 and TPU v4/v5e/v5p/v6e, else the
+        # allocator's limit; CPU devices have none unless given (what a dry run sizes an accelerator run with)
+        device_memory_gb=0.0,
+    ))
     cfg.index = ml_collections.ConfigDict(dict(
         dtype="float16", chunk_rows=8192, embed_batch_size=128, rows_per_device=0, progress=True,
     ))

@@ -25,16 +25,19 @@ def _brute_force(x, q, k):
     return np.take_along_axis(scores, rows, 1), rows
 
 
-def _mesh(devices):
-    return make_mesh(devices=jax.devices()[:devices])
+def _mesh(devices, model=1):
+    return make_mesh(model=model, devices=jax.devices()[:devices])
 
 
-@pytest.mark.parametrize("devices", [1, 2, 8])
+@pytest.mark.parametrize("devices", [1, 2, 8, (8, 4)])
 @pytest.mark.parametrize("n,rows_per_device", [(1000, None), (1001, 40), (203, 8)])
 def test_search_equals_brute_force_and_faiss(devices, n, rows_per_device):
     x, q = _data(n)
     k = 50
-    index = ShardedIndex.from_array(x, _mesh(devices), rows_per_device=rows_per_device)
+    # (8, 4): a 2 x 4 mesh of a teacher split over `model`, the index over all 8 devices
+    mesh = _mesh(*devices) if isinstance(devices, tuple) else _mesh(devices)
+    index = ShardedIndex.from_array(x, mesh, rows_per_device=rows_per_device)
+    assert len({shard.index[0].start for shard in index.blocks[0].addressable_shards}) == mesh.size  # no copies
     assert index.block_rows * len(index.blocks) >= n  # padded to the mesh; several blocks when small
     scores, rows = index.search(q, k)
     want_scores, want_rows = _brute_force(x, q, k)

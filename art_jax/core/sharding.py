@@ -103,11 +103,23 @@ def to_process_rows(array: jax.Array) -> np.ndarray:
 
 
 def local_replica(module: nnx.Module, mesh: Mesh | None = None) -> nnx.Module:
-    """A copy of a module whose parameters are replicated over every process's devices, held
-    by this process's devices alone (``mesh``: a local mesh; default its first device), for work
-    each process does on its own: embedding its chunks of the corpus, the dev questions."""
+    """A copy of a module whose parameters span every process's devices (replicated, or split
+    by FSDP: then gathered first, which every process must ask for together), held by this
+    process's devices alone (``mesh``: a local mesh; default its first device), for work each
+    process does on its own: embedding its chunks of the corpus, the dev questions."""
     graphdef, state = nnx.split(module)
+    state = _replicated(state)
     target = NamedSharding(mesh, P()) if mesh is not None else jax.local_devices()[0]
     state = jax.tree.map(lambda x: jax.device_put(x.addressable_data(0) if isinstance(x, jax.Array) else x, target),
                          state)
     return nnx.merge(graphdef, state)
+
+
+def _replicated(state):
+    """``state`` with its split arrays gathered (one collective for all of them)."""
+    split = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array) and not x.is_fully_replicated]
+    if not split:
+        return state
+    gathered = iter(jax.jit(lambda xs: xs, out_shardings=NamedSharding(split[0].sharding.mesh, P()))(split))
+    return jax.tree.map(lambda x: next(gathered) if isinstance(x, jax.Array) and not x.is_fully_replicated else x,
+                        state)

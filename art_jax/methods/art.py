@@ -194,7 +194,8 @@ class Art(TrainsTowers):
         self.batch_shardings = batch_shardings(mesh)
         replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
-                                        in_shardings=(replicated, rows, rows), out_shardings=replicated)
+                                        in_shardings=(None, rows, rows), out_shardings=replicated)  # None: the
+        # state as the trainer placed it (replicated, or split by FSDP)
         # U is padded to a multiple of an eighth of the micro-batch's B x K: at most 8 shapes to compile
         micro_batch = train.batch_size // train.accumulation
         self._unique_multiple = round_up(max(8, micro_batch * train.topk // 8), mesh.size)

@@ -159,7 +159,8 @@ class EndToEnd(TrainsTowers):
                                 **{name: passages for name in PASSAGE_ARRAYS}}
         replicated = NamedSharding(mesh, P())
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
-                                        in_shardings=(replicated, questions, questions), out_shardings=replicated)
+                                        in_shardings=(None, questions, questions),  # None: the state as placed
+                                        out_shardings=replicated)
         # U padded to the micro-batch's B x K, one shape to compile: the reader's K x N tokens per
         # question cost far more than re-embedding the few passages deduplication would save
         self._unique_multiple = round_up(train.batch_size // train.accumulation * train.topk, mesh.size)

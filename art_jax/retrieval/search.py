@@ -1,7 +1,9 @@
 """Exact maximum-inner-product top-K over an index sharded across every device.
 
 The index is a list of blocks, each a global array of ``rows_per_device x devices``
-contiguous rows sharded P('data', None), so every device holds a slice of every block.
+contiguous rows sharded over every device of the mesh (both its `data` and `model` axes: a
+teacher split over `model` does not multiply the index), so every device holds a slice of
+every block.
 Searching dispatches one ``shard_map`` step per block - a local matmul (index dtype
 inputs, float32 accumulation) and top-k, merged into each device's running top-K -
 then one all_gather of every device's K candidates and a global top-K. Scratch memory
@@ -29,7 +31,9 @@ from jax.sharding import PartitionSpec as P
 from art_jax.core.batching import round_up
 from art_jax.core.errors import UserError
 
-ROWS = P("data", None)
+# every device of the ('data', 'model') mesh, in row-major order
+DEVICES = ("data", "model")
+ROWS = P(DEVICES, None)
 
 
 def default_rows_per_device() -> int:
@@ -60,7 +64,7 @@ class ShardedIndex:
                     rows_per_device: int | None = None, dtype=None) -> "ShardedIndex":
         """Build the blocks from ``read(start, stop)`` (rows, zero-padded past ``count``). Each
         process reads only the rows of its own devices."""
-        devices = mesh.shape["data"]
+        devices = mesh.size
         limit = rows_per_device or default_rows_per_device()
         num_blocks = -(-count // (devices * limit))
         per_device = round_up(-(-count // (num_blocks * devices)), 8)
@@ -128,7 +132,7 @@ class ShardedIndex:
 @functools.lru_cache(maxsize=None)
 def _empty_candidates(mesh: Mesh, batch: int, k: int):
     """Makes each device's starting top-k (fresh arrays per search: the steps donate them)."""
-    rows = mesh.shape["data"] * batch
+    rows = mesh.size * batch
     sharding = NamedSharding(mesh, ROWS)
     return jax.jit(lambda: (jnp.full((rows, k), -jnp.inf, jnp.float32), jnp.full((rows, k), -1, jnp.int32)),
                    out_shardings=(sharding, sharding))
@@ -140,7 +144,7 @@ def _block_step(mesh: Mesh, k: int, masked: bool):
 
     def local(q, block, best_scores, best_rows, start, count):
         rows_here = block.shape[0]
-        first = start + lax.axis_index("data") * rows_here
+        first = start + lax.axis_index(DEVICES) * rows_here
         scores = lax.dot_general(q, block, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if masked:  # only the last block holds padding; the others skip this pass
             scores = jnp.where(first + jnp.arange(rows_here)[None, :] < count, scores, -jnp.inf)
@@ -157,8 +161,8 @@ def _merge_devices(mesh: Mesh, k: int):
     """all_gather every device's K candidates, keep the global top-K (replicated)."""
 
     def local(scores, rows):
-        scores = lax.all_gather(scores, "data", axis=1, tiled=True)
-        rows = lax.all_gather(rows, "data", axis=1, tiled=True)
+        scores = lax.all_gather(scores, DEVICES, axis=1, tiled=True)
+        rows = lax.all_gather(rows, DEVICES, axis=1, tiled=True)
         return _top_k(scores, rows, k)
 
     # all_gather's result is the same everywhere but not typed as such, hence check_vma=False

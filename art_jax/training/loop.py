@@ -6,24 +6,22 @@ supplies its state, its batch for a step, its loss and its evaluation; the jitte
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import time
 
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from art_jax.config import write_config
 from art_jax.core import storage
 from art_jax.core.checkpoints import Checkpoints
 from art_jax.core.distributed import any_process, is_lead, lead_floats
 from art_jax.core.errors import UserError
-from art_jax.core.sharding import from_identical, make_mesh
+from art_jax.core.sharding import from_identical
 from art_jax.models.hf import for_inference
 from art_jax.retrieval.refresh import mark_finished
 from art_jax.training.index import TrainingIndex
+from art_jax.training.layout import check_mesh_config, plan_layout, state_shardings
 from art_jax.training.metrics import MetricWriter
 from art_jax.training.state import init_state, learning_rate_schedule, make_optimizer
 from art_jax.training.update import jit_update
@@ -81,6 +79,7 @@ class Trainer:
     def __init__(self, cfg, workdir: str, method_class):
         self.cfg, self.workdir = cfg, workdir
         check_loop_config(cfg, method_class.eval_metrics(cfg))
+        check_mesh_config(cfg)
         method_class.check_config(cfg)
         created = not storage.exists(workdir)
         try:
@@ -93,7 +92,8 @@ class Trainer:
     def _build(self, method_class) -> None:
         cfg, workdir = self.cfg, self.workdir
         storage.makedirs(workdir)
-        self.mesh = make_mesh()
+        self.layout = plan_layout(cfg)
+        self.mesh = self.layout.mesh
         self.method = method = method_class(cfg, workdir, self.mesh)
         self.total_steps = method.total_steps
         if is_lead():
@@ -101,11 +101,12 @@ class Trainer:
             copy_initial_models(workdir, method.source, method.groups.roles, method.max_lengths, method.initial_reader)
         optim = method.optim_config()
         optimizer = make_optimizer(optim, method.groups, method.params)
-        replicated = NamedSharding(self.mesh, P())
-        self.state = jax.tree.map(functools.partial(from_identical, replicated),
-                                  init_state(method.params, optimizer, cfg.seed))
+        state = init_state(method.params, optimizer, cfg.seed)
+        self.fsdp = self.layout.shards_state(state)
+        shardings = state_shardings(state, self.mesh, self.fsdp)
+        self.state = jax.tree.map(from_identical, shardings, state)
         self._update = jit_update(method.objective, optimizer, learning_rate_schedule(optim), self.mesh,
-                                  method.batch_shardings)
+                                  method.batch_shardings, shardings)
         self.index = (TrainingIndex(cfg, workdir, method.store, self.mesh, watch=method.index_use == "train")
                       if method.index_use else None)
         # index_use "train": searched in every step, refreshed on the cadence; "fixed": searched in every step,
@@ -217,7 +218,8 @@ class Trainer:
         start = self.resume()
         if is_lead():
             print(f"training on {jax.device_count()} devices ({jax.process_count()} process(es)), "
-                  f"{self.method.describe()}, {self.total_steps} steps", flush=True)
+                  f"{self.method.describe()}, {self.total_steps} steps; {self.layout.describe(self.fsdp)}",
+                  flush=True)
         first = self.evaluate(0) if start == 0 else {}
         self.metric_writer = MetricWriter(self.workdir, self.total_steps, start=start, log_every=cfg.train.log_every,
                                           labels=self.method.log_labels)

@@ -4,7 +4,7 @@
 objective says (by default: the loss's gradient, summed over ``accumulation`` micro-batches
 with ``lax.scan`` and averaged; a method may bring its own scheme, e.g. a two-pass cached
 gradient), skips a step whose loss or gradients are not finite (counted in
-``state.skipped``), and applies the optimizer. The state is replicated and donated.
+``state.skipped``), and applies the optimizer. The state is donated.
 """
 
 from __future__ import annotations
@@ -90,9 +90,12 @@ def update(objective: Objective, optimizer: optax.GradientTransformation, schedu
 
 
 def jit_update(objective: Objective, optimizer: optax.GradientTransformation, schedule: optax.Schedule, mesh,
-               batch_shardings: dict[str, NamedSharding]):
-    """``update`` compiled over ``mesh``: the state replicated and donated, each batch array
-    placed as ``batch_shardings`` says (the method's data parallelism)."""
+               batch_shardings: dict[str, NamedSharding], state_shardings=None):
+    """``update`` compiled over ``mesh``: the state placed as ``state_shardings`` says (default
+    replicated; training/layout.py's FSDP splits it) and donated, each batch array placed as
+    ``batch_shardings`` says (the method's data parallelism)."""
     replicated = NamedSharding(mesh, P())
+    state_shardings = state_shardings or replicated
     return jax.jit(functools.partial(update, objective, optimizer, schedule),
-                   in_shardings=(replicated, batch_shardings), out_shardings=replicated, donate_argnums=0)
+                   in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
+                   donate_argnums=0)
