@@ -230,6 +230,14 @@ def _train(args) -> None:
     from art_jax.methods import make_trainer
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from art_jax.training.dry_run import print_dry_run
+
+        if not print_dry_run(cfg):
+            raise SystemExit(1)
+        return
+    if not args.workdir:
+        raise UserError("--workdir is required (except with --dry-run)")
     if cfg.demo.enabled:
         from art_jax.jobs.demo import prepare_demo
 
@@ -496,7 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command("train", help="train the dual encoder and/or a reader (configs/*.py; cfg.method: art, dpr, ict, "
                     "pairs, fid, emdr2, individual_topk, joint_topk)")
     p.add_argument("--config", required=True, help="config file defining get_config(), optionally FILE.py:ARG")
-    p.add_argument("--workdir", required=True, help="checkpoints, indexes, metrics and the resolved config")
+    p.add_argument("--workdir", help="checkpoints, indexes, metrics and the resolved config")
+    p.add_argument("--dry-run", action="store_true", help="compile the step for the config's mesh with abstract "
+                   "shapes and print the memory per device and the FLOPs; loads and writes nothing (exit 1: it does "
+                   "not fit mesh.device_memory_gb)")
     p.set_defaults(run=_train)
 
     p = add_command("refresh", help="build indexes from a training run's checkpoints as they appear "

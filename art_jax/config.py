@@ -316,4 +316,7 @@ def paper_config(dataset: str, teacher: str = "t0-3b") -> ml_collections.ConfigD
     if teacher == "t5-xxl-lm-adapt":
         cfg.train.batch_size, cfg.train.topk = 32, 16
     cfg.train.refresh_every = cfg.train.eval_every = cfg.train.checkpoint_every = interval
+    # the reference trains the towers in fp16 with Megatron's activation checkpointing: bf16 compute and per-layer
+    # remat are what fit 64 x 32 passages of 512 tokens (`art-jax train --dry-run` on 16 A100 40GB)
+    cfg.retriever.dtype, cfg.retriever.remat = "bfloat16", True
     return cfg

@@ -82,7 +82,7 @@ def run_root(spec: str) -> str | None:
     return None
 
 
-def _source_folders(spec: str) -> dict[str, str]:
+def source_folders(spec: str) -> dict[str, str]:
     """Local folders of the Hugging Face config and tokenizer each role starts from."""
     root = run_root(spec)
     if root:
@@ -110,7 +110,7 @@ def copy_initial_models(workdir: str, source: str | None, roles: dict[str, str],
     target = os.path.join(workdir, MODELS)
     if storage.isfile(os.path.join(target, "models.json")):
         return
-    folders = _source_folders(source) if source else {}
+    folders = source_folders(source) if source else {}
     if reader:
         folders[READER] = _reader_source_folder(reader[0])
     for role, folder in folders.items():

@@ -1,0 +1,260 @@
+"""`art-jax train --dry-run`: whether a config fits its devices, before anything is loaded.
+
+Every jitted function of an ART step is lowered and compiled for the run's mesh with abstract
+shapes (no weights, data or workdir: the models' shapes come from their config.json or
+``models/shapes.py``), and the compiler's own memory analysis is read per device:
+- resident arrays: the index shard, the teacher's share of its parameters, the train state's;
+- each function's temporaries (the update's activations, the teacher's, a search block's);
+- resident + the largest temporaries against ``mesh.device_memory_gb``.
+On CPU devices the figures come from XLA:CPU's compiler, which approximate an accelerator's:
+same program, same shapes, same sharding, but another compiler's fusion and scheduling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from art_jax.core.batching import round_up
+from art_jax.core.errors import UserError
+from art_jax.core.sharding import batch_sharding, make_mesh
+from art_jax.core.sharding import state_shardings as logical_shardings
+from art_jax.data.prompts import PromptConfig
+from art_jax.models.shapes import abstract_bert, hf_config, parameter_bytes
+from art_jax.training.layout import GB, Layout, plan_layout, state_shardings, teacher_shapes
+from art_jax.training.state import OptimConfig, ParamGroups, init_state, learning_rate_schedule, make_optimizer
+from art_jax.training.update import jit_update
+
+# DPR's Wikipedia (psgs_w100.tsv): the index a paper config trains against
+WIKIPEDIA_PASSAGES = 21_015_324
+# rows one accelerator scores per search block (retrieval/search.py's default off CPU)
+ACCELERATOR_ROWS_PER_DEVICE = 1 << 20
+
+
+WIDTH = 72  # the report's name column
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One jitted function's per-device figures from its compiled executable."""
+
+    name: str
+    temporaries: int  # bytes per device
+    flops: float  # per call, all devices together
+    calls: int  # per training step
+
+    @classmethod
+    def of(cls, name: str, lowered, calls: int = 1, *, unrolled=None, copies: int = 1) -> "Compiled":
+        """``unrolled``: the same function lowered without remat. FLOPs are counted on the lowered,
+        not yet partitioned program (the whole step's model FLOPs; a shard_map's body is one
+        device's: ``copies`` of it run); XLA counts a loop's body once, and remat runs the layers
+        as one loop."""
+        memory = lowered.compile().memory_analysis()
+        cost = (unrolled or lowered).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return cls(name, int(memory.temp_size_in_bytes), copies * float((cost or {}).get("flops", 0.0)), calls)
+
+
+@dataclasses.dataclass
+class Report:
+    layout: Layout
+    fsdp: bool
+    resident: dict[str, int]  # what stays on a device all run: name -> bytes per device
+    functions: list[Compiled]
+
+    @property
+    def peak(self) -> int:
+        return sum(self.resident.values()) + max(f.temporaries for f in self.functions)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.layout.memory
+
+    @property
+    def flops_per_step(self) -> float:
+        return sum(f.flops * f.calls for f in self.functions if f.calls)
+
+    def lines(self) -> list[str]:
+        memory = self.layout.memory
+        out = [f"dry run: {self.layout.describe(self.fsdp)}", f"{'per device, resident':<{WIDTH + 2}}     GB"]
+        out += [f"  {name:<{WIDTH}}{size / GB:7.2f}" for name, size in self.resident.items()]
+        out.append(f"  {'all resident':<{WIDTH}}{sum(self.resident.values()) / GB:7.2f}")
+        out.append(f"{'temporaries of each compiled function':<{WIDTH + 2}}     GB   TFLOP a call (all devices) "
+                   "x calls a step")
+        out += [f"  {f.name:<{WIDTH}}{f.temporaries / GB:7.2f}   {f.flops / 1e12:9.4f} x {f.calls}"
+                for f in self.functions]
+        largest = max(self.functions, key=lambda f: f.temporaries)
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        out.append(f"resident + largest temporaries ({largest.name.split(' (')[0]}): {self.peak / GB:.2f} GB of "
+                   f"{memory / GB:.2f} GB: {verdict}")
+        devices = self.layout.mesh.size
+        out.append(f"model FLOPs per training step: {self.flops_per_step / 1e15:.3f} PFLOP on {devices} devices, "
+                   f"{self.flops_per_step / devices / 1e12:.2f} TFLOP per device")
+        return out
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of ``tree`` (ShapeDtypeStructs with shardings)."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _placed(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _spec(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def tower_config(spec: str) -> dict:
+    """The towers' config.json: a Hugging Face checkpoint's (a known hub id's shipped shapes), or
+    the question tower's of an export or a run."""
+    from art_jax.retrieval.encoder import retriever_kind
+    from art_jax.workdir import source_folders
+
+    if retriever_kind(spec) == "hf":
+        return hf_config(spec)
+    return hf_config(spec, source_folders(spec)["question"])
+
+
+def corpus_passages(cfg) -> tuple[int, str]:
+    from art_jax.core import storage
+    from art_jax.data.corpus import CorpusStore
+
+    if cfg.data.corpus_store and storage.isdir(cfg.data.corpus_store):
+        return len(CorpusStore.open(cfg.data.corpus_store)), cfg.data.corpus_store
+    return WIKIPEDIA_PASSAGES, "DPR's Wikipedia; no data.corpus_store to count"
+
+
+def dry_run(cfg) -> Report:
+    """Compile ``cfg``'s ART step on its mesh with abstract shapes; nothing is loaded or written."""
+    if cfg.method != "art":
+        raise UserError(f"--dry-run: sizes ART runs (method=art) so far, not method={cfg.method!r}")
+    if cfg.scorer.kind != "t5":
+        raise UserError("--dry-run: sizes a T5 teacher (scorer.kind=t5); a query-likelihood teacher has no weights")
+    layout = plan_layout(cfg)
+    if layout.memory is None:
+        raise UserError(f"mesh.device_memory_gb: the dry run needs one device's memory to size against "
+                        f"({layout.memory_source}); e.g. 40 for an A100 40GB")
+    mesh, train = layout.mesh, cfg.train
+    from art_jax.methods import art
+
+    # the towers and their train state
+    tower_hf = tower_config(cfg.retriever.checkpoint)
+
+    def towers(remat: bool) -> tuple[ParamGroups, dict]:
+        question = abstract_bert(tower_hf, projection=cfg.retriever.projection, dtype=cfg.retriever.dtype, remat=remat)
+        passage = question if cfg.retriever.shared_towers else abstract_bert(
+            tower_hf, projection=cfg.retriever.projection, dtype=cfg.retriever.dtype, remat=remat)
+        return ParamGroups.split({"question": question, "passage": passage})
+
+    groups, params = towers(cfg.retriever.remat)
+    dim = groups.module(params, "question").config.embedding_dim
+    optim = OptimConfig(learning_rate=train.learning_rate, total_steps=max(1, train.steps))
+    optimizer = make_optimizer(optim, groups, params)
+    state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed), params)
+    fsdp = layout.shards_state(state)
+    state = _placed(state, state_shardings(state, mesh, fsdp))
+
+    # the teacher, split over `model` as the trainer loads it
+    teacher = teacher_shapes(cfg)
+    graph, teacher_state = nnx.split(teacher)
+    teacher = nnx.merge(graph, _placed(teacher_state, logical_shardings(teacher_state, mesh)))
+
+    # the index: blocks of rows_per_device x every device
+    passages, passages_source = corpus_passages(cfg)
+    index_dtype = jnp.dtype(cfg.index.dtype)
+    per_block = cfg.index.rows_per_device or ACCELERATOR_ROWS_PER_DEVICE
+    blocks = -(-passages // (mesh.size * per_block))
+    per_device = round_up(-(-passages // (blocks * mesh.size)), 8)
+
+    resident = {
+        f"index shard ({passages:,} x {dim} {cfg.index.dtype}: {passages_source})":
+            blocks * per_device * dim * index_dtype.itemsize,
+        f"teacher parameters ({cfg.scorer.checkpoint}, {cfg.scorer.dtype})": per_device_bytes(nnx.state(teacher)),
+        f"train state ({'FSDP' if fsdp else 'replicated'}: parameters, AdamW moments)": per_device_bytes(state),
+    }
+
+    # the update
+    micro = train.batch_size // train.accumulation
+    unique = round_up(micro * train.topk, mesh.size)  # every retrieved passage distinct: the most
+    rows, passage_rows = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+    lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
+    batch = {"question_ids": _spec((train.batch_size, lq), jnp.int32, rows),
+             "question_mask": _spec((train.batch_size, lq), jnp.int32, rows),
+             "passage_index": _spec((train.batch_size, train.topk), jnp.int32, rows),
+             "teacher_scores": _spec((train.batch_size, train.topk), jnp.float32, rows),
+             "passage_ids": _spec((train.accumulation, unique, lp), jnp.int32, passage_rows),
+             "passage_mask": _spec((train.accumulation, unique, lp), jnp.int32, passage_rows)}
+
+    def lowered_update(groups: ParamGroups):
+        objective = art.objective(groups, temperature_multiplier=train.temperature_multiplier,
+                                  score_scaling=train.score_scaling, accumulation=train.accumulation)
+        update = jit_update(objective, optimizer, learning_rate_schedule(optim), mesh,
+                            {name: spec.sharding for name, spec in batch.items()},
+                            jax.tree.map(lambda x: x.sharding, state))
+        return update.lower(state, batch)
+
+    functions = [Compiled.of(f"update (batch {train.batch_size}, K={train.topk}, {unique} passages)",
+                             lowered_update(groups), unrolled=cfg.retriever.remat and lowered_update(towers(False)[0]))]
+
+    # the step's question embedding and search
+    embed_questions = jax.jit(functools.partial(art.embed_questions, groups), in_shardings=(None, rows, rows),
+                              out_shardings=NamedSharding(mesh, P()))
+    functions.append(Compiled.of("question embedding", embed_questions.lower(state, batch["question_ids"],
+                                                                           batch["question_mask"])))
+    from art_jax.retrieval.search import ROWS, _block_step
+
+    every = NamedSharding(mesh, ROWS)
+    search = _block_step(mesh, train.topk, True).lower(
+        _spec((train.batch_size, dim), index_dtype, NamedSharding(mesh, P())),
+        _spec((per_device * mesh.size, dim), index_dtype, every),
+        _spec((mesh.size * train.batch_size, train.topk), jnp.float32, every),
+        _spec((mesh.size * train.batch_size, train.topk), jnp.int32, every),
+        _spec((), jnp.int32, NamedSharding(mesh, P())), _spec((), jnp.int32, NamedSharding(mesh, P())))
+    functions.append(Compiled.of(f"search, one block ({per_device:,} rows a device)", search, calls=blocks,
+                                 copies=mesh.size))
+
+    # the teacher: the step's B x K pairs in batches of scorer.batch_size (as one process)
+    from art_jax.teachers.t5 import _teacher_scores
+
+    prompt = PromptConfig()
+    pairs = round_up(cfg.scorer.batch_size, mesh.shape["data"])
+    scorer_rows = batch_sharding(mesh, 2)
+    teacher_batch = (_spec((pairs, prompt.max_encoder_tokens), jnp.int32, scorer_rows),
+                     _spec((pairs, prompt.max_encoder_tokens), jnp.int32, scorer_rows),
+                     _spec((pairs, prompt.max_decoder_tokens), jnp.int32, scorer_rows),
+                     _spec((pairs, prompt.max_decoder_tokens), jnp.int32, scorer_rows))
+    functions.append(Compiled.of(
+        f"teacher ({pairs} pairs, {prompt.max_encoder_tokens}+{prompt.max_decoder_tokens} tokens)",
+        _teacher_scores.lower(teacher, *teacher_batch, sharding=batch_sharding(mesh, 1)),
+        calls=-(-train.batch_size * train.topk // pairs)))
+
+    # the refresh: each process embeds its chunks with a replica of the passage tower on its devices
+    from art_jax.retrieval.embed import _embed_as
+
+    local = make_mesh(devices=jax.local_devices())
+    group = groups.roles["passage"]
+    replica = nnx.merge(groups.graphs[group], jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())),
+                                                           state.params[group]))
+    size = round_up(cfg.index.embed_batch_size, local.shape["data"])
+    tokens = _spec((size, cfg.retriever.passage_max_length), jnp.int32, batch_sharding(local, 2))
+    embedding = Compiled.of(f"passage embedding at refresh ({size} passages; + the tower)",
+                            _embed_as.lower(replica, tokens, tokens, dtype=cfg.index.dtype), calls=0)
+    embedding.temporaries += parameter_bytes(nnx.state(replica))  # the tower's replica, held while it embeds
+    functions.append(embedding)
+    return Report(layout, fsdp, resident, functions)
+
+
+def print_dry_run(cfg) -> bool:
+    report = dry_run(cfg)
+    print("\n".join(report.lines()), flush=True)
+    return report.fits

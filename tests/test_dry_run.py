@@ -1,0 +1,93 @@
+"""`art-jax train --dry-run`: the step compiled on the mesh with abstract shapes, its figures
+against the parameters counted from the real tiny checkpoints; the paper configs fit 16 devices."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from art_jax.cli import main
+from art_jax.config import apply_override, paper_config
+from art_jax.models.hf import load_bert, load_t5
+from art_jax.training.dry_run import WIKIPEDIA_PASSAGES, dry_run
+from tests.multiprocess import child_env
+
+TINY = {"train.batch_size": 8, "train.topk": 4, "retriever.question_max_length": 16,
+        "retriever.passage_max_length": 32, "retriever.train_passage_max_length": 32, "scorer.batch_size": 16,
+        "scorer.dtype": "float32", "retriever.dtype": "float32", "retriever.remat": False,
+        "mesh.device_memory_gb": 1.0}
+
+
+def _tiny(bert_dir, t5_dir, **overrides):
+    cfg = paper_config("nq")
+    for key, value in {"retriever.checkpoint": bert_dir, "scorer.checkpoint": t5_dir, **TINY, **overrides}.items():
+        apply_override(cfg, f"config.{key}={value}")
+    return cfg
+
+
+def _bytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_the_figures_are_the_real_models_sizes(bert_dir, t5_v11_dir):
+    tower = jax.tree.leaves(nnx.state(load_bert(bert_dir), nnx.Param))
+    bert = _bytes(tower)
+    # FSDP over 8 devices: an array of 2048 elements or more with a dimension 8 divides is split 8 ways
+    bert_split = sum(x.nbytes // 8 if x.size >= 2048 and any(d % 8 == 0 for d in x.shape) else x.nbytes for x in tower)
+    t5 = _bytes(nnx.state(load_t5(t5_v11_dir), nnx.Param))
+    replicated = dry_run(_tiny(bert_dir, t5_v11_dir, **{"mesh.model": 1, "mesh.fsdp": "off"}))
+    split = dry_run(_tiny(bert_dir, t5_v11_dir, **{"mesh.model": 2, "mesh.fsdp": "on"}))
+    (state_1, teacher_1, index_1), (state_8, teacher_2, index_8) = (
+        [next(size for name, size in report.resident.items() if name.startswith(what))
+         for what in ("train state", "teacher", "index")] for report in (replicated, split))
+    # two towers' parameters and AdamW's two moments, float32, plus a few scalars (step, key, counts)
+    assert 2 * 3 * bert <= state_1 <= 2 * 3 * bert + 64
+    assert 2 * 3 * bert_split <= state_8 <= 2 * 3 * bert_split + 64 and bert_split < 0.8 * bert
+    assert teacher_1 == t5 and t5 / 2 <= teacher_2 < 0.8 * t5  # heads, FFN and vocabulary split over model=2
+    # no store to count: DPR's Wikipedia, 32 float16 numbers a passage, spread over all 8 devices
+    assert index_1 == index_8 and WIKIPEDIA_PASSAGES * 32 * 2 / 8 <= index_1 < 1.01 * WIKIPEDIA_PASSAGES * 32 * 2 / 8
+    assert dict(split.layout.mesh.shape) == {"data": 4, "model": 2} and split.fsdp and not replicated.fsdp
+    update = replicated.functions[0]
+    assert update.name.startswith("update") and update.temporaries > 0 and update.flops > 0
+    assert replicated.fits and replicated.peak == sum(replicated.resident.values()) + max(
+        f.temporaries for f in replicated.functions)
+
+
+def test_the_dry_run_says_whether_it_fits_and_writes_nothing(bert_dir, t5_v11_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--config=" + os.path.join(os.path.dirname(__file__), "..", "configs", "art_nq_base.py"),
+            "--dry-run", f"--config.retriever.checkpoint={bert_dir}", f"--config.scorer.checkpoint={t5_v11_dir}",
+            *(f"--config.{key}={value}" for key, value in TINY.items())]
+    main(args)
+    out = capsys.readouterr().out
+    assert "fits" in out and "DOES NOT FIT" not in out and "model FLOPs per training step" in out
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--config.mesh.device_memory_gb=0.01"])
+    assert exit_.value.code == 1 and "DOES NOT FIT" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []
+    for bad, message in (("--config.mesh.device_memory_gb=0.0", "mesh.device_memory_gb: the dry run needs"),
+                         ("--config.method=dpr", "sizes ART runs")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["t0-3b", "t5-xxl-lm-adapt"])
+def test_the_paper_configs_fit_sixteen_a100s(teacher):
+    """The paper's NQ runs (BERT-base towers, 64 questions x 32 passages, the 3B and 11B teachers)
+    compiled for 16 devices of 40 GB with the shipped model shapes: no weights, no download."""
+    env = child_env(16)
+    run = subprocess.run([sys.executable, "-m", "art_jax", "train", f"--config=configs/art_nq_base.py:nq,{teacher}",
+                          "--dry-run", "--config.mesh.device_memory_gb=40"], env=env, capture_output=True, text=True,
+                         timeout=1200, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert ": fits" in run.stdout
+    figures = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("  teacher parameters")]
+    total = {"t0-3b": 5.70, "t5-xxl-lm-adapt": 22.27}[teacher]
+    assert np.isclose(figures[0] * int(run.stdout.split("model=")[1].split(",")[0]), total, rtol=0.02)
