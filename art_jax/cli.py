@@ -234,7 +234,7 @@ def _train(args) -> None:
         from art_jax.training.dry_run import print_dry_run
 
         if not print_dry_run(cfg):
-            raise SystemExit(1)
+            raise SystemExit(3)
         return
     if not args.workdir:
         raise UserError("--workdir is required (except with --dry-run)")
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="config file defining get_config(), optionally FILE.py:ARG")
     p.add_argument("--workdir", help="checkpoints, indexes, metrics and the resolved config")
     p.add_argument("--dry-run", action="store_true", help="compile the step for the config's mesh with abstract "
-                   "shapes and print the memory per device and the FLOPs; loads and writes nothing (exit 1: it does "
+                   "shapes and print the memory per device and the FLOPs; loads and writes nothing (exit 3: it does "
                    "not fit mesh.device_memory_gb)")
     p.set_defaults(run=_train)
 

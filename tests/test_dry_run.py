@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from art_jax.cli import main
 from art_jax.config import apply_override, paper_config
@@ -67,10 +68,11 @@ def test_the_dry_run_says_whether_it_fits_and_writes_nothing(bert_dir, t5_v11_di
     assert "fits" in out and "DOES NOT FIT" not in out and "model FLOPs per training step" in out
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--config.mesh.device_memory_gb=0.01"])
-    assert exit_.value.code == 1 and "DOES NOT FIT" in capsys.readouterr().out
+    assert exit_.value.code == 3 and "DOES NOT FIT" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
     for bad, message in (("--config.mesh.device_memory_gb=0.0", "mesh.device_memory_gb: the dry run needs"),
-                         ("--config.method=dpr", "sizes ART runs")):
+                         ("--config.method=dpr", "sizes ART runs"),
+                         ("--config.train.batch_size=7", "train.batch_size")):
         with pytest.raises(SystemExit) as exit_:
             main([*args, bad])
         err = capsys.readouterr().err
@@ -88,6 +90,24 @@ def test_the_paper_configs_fit_sixteen_a100s(teacher):
                          timeout=1200, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert run.returncode == 0, run.stdout + run.stderr
     assert ": fits" in run.stdout
+    # the 11B teacher (22 GB) passes half a device: split over the fewest devices that bring it under
+    assert f"model={ {'t0-3b': 1, 't5-xxl-lm-adapt': 2}[teacher]}," in run.stdout
     figures = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("  teacher parameters")]
     total = {"t0-3b": 5.70, "t5-xxl-lm-adapt": 22.27}[teacher]
     assert np.isclose(figures[0] * int(run.stdout.split("model=")[1].split(",")[0]), total, rtol=0.02)
+
+
+def test_the_layout_choices():
+    from art_jax.models.shapes import KNOWN_CONFIGS, abstract_t5
+    from art_jax.training.layout import choose_model_axis, fsdp_spec, known_memory_gb
+
+    kinds = {"NVIDIA A100-SXM4-40GB": 40, "NVIDIA A100-SXM4-80GB": 80, "NVIDIA A100 80GB PCIe": 80,
+             "NVIDIA H100 80GB HBM3": 80, "NVIDIA H100 NVL": 94, "NVIDIA H200": 141, "NVIDIA GH200 480GB": 96,
+             "TPU v4": 32, "TPU v4 lite": 8, "TPU v5 lite": 16, "TPU v5p": 95, "TPU v6 lite": 32, "Tesla T4": None}
+    assert {kind: known_memory_gb(kind) for kind in kinds} == kinds
+    xxl = abstract_t5(KNOWN_CONFIGS["google/t5-xxl-lm-adapt"], dtype="bfloat16", param_dtype="bfloat16")  # 22.3 GB
+    assert [choose_model_axis(8, xxl, gb * 1e9) for gb in (80, 40, 16, 8, 1)] == [1, 2, 4, 8, 8]
+    assert choose_model_axis(8, xxl, None) == 1 and choose_model_axis(8, None, 40e9) == 1
+    assert fsdp_spec((30522, 768), 8) == P(None, ("data", "model"))  # the dimension 8 divides
+    assert fsdp_spec((3072, 768), 8) == P(("data", "model"), None)  # the largest of those
+    assert fsdp_spec((768,), 8) == P() and fsdp_spec((7, 1001), 8) == P() and fsdp_spec((4096, 64), 1) == P()

@@ -7,6 +7,7 @@ the dimension, otherwise the dimension is replicated (tiny test configs, odd voc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -115,11 +116,16 @@ def local_replica(module: nnx.Module, mesh: Mesh | None = None) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
+@functools.lru_cache(maxsize=None)
+def _gather(mesh: Mesh):
+    return jax.jit(lambda xs: xs, out_shardings=NamedSharding(mesh, P()))
+
+
 def _replicated(state):
     """``state`` with its split arrays gathered (one collective for all of them)."""
     split = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array) and not x.is_fully_replicated]
     if not split:
         return state
-    gathered = iter(jax.jit(lambda xs: xs, out_shardings=NamedSharding(split[0].sharding.mesh, P()))(split))
+    gathered = iter(_gather(split[0].sharding.mesh)(split))
     return jax.tree.map(lambda x: next(gathered) if isinstance(x, jax.Array) and not x.is_fully_replicated else x,
                         state)

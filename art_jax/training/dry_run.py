@@ -95,8 +95,8 @@ class Report:
         out.append(f"resident + largest temporaries ({largest.name.split(' (')[0]}): {self.peak / GB:.2f} GB of "
                    f"{memory / GB:.2f} GB: {verdict}")
         devices = self.layout.mesh.size
-        out.append(f"model FLOPs per training step: {self.flops_per_step / 1e15:.3f} PFLOP on {devices} devices, "
-                   f"{self.flops_per_step / devices / 1e12:.2f} TFLOP per device")
+        out.append(f"model FLOPs per training step: {self.flops_per_step / 1e15:.3f} PFLOP on {devices} devices "
+                   f"({self.flops_per_step / devices / 1e12:.2f} TFLOP each if evenly spread)")
         return out
 
 
@@ -135,11 +135,16 @@ def corpus_passages(cfg) -> tuple[int, str]:
 
 
 def dry_run(cfg) -> Report:
-    """Compile ``cfg``'s ART step on its mesh with abstract shapes; nothing is loaded or written."""
+    """Compile ``cfg``'s ART step on its mesh with abstract shapes; nothing is loaded or written.
+    The teacher's batch is one process's (a job of P processes sends P times the pairs per call)."""
     if cfg.method != "art":
         raise UserError(f"--dry-run: sizes ART runs (method=art) so far, not method={cfg.method!r}")
     if cfg.scorer.kind != "t5":
         raise UserError("--dry-run: sizes a T5 teacher (scorer.kind=t5); a query-likelihood teacher has no weights")
+    from art_jax.methods.common import check_batch, check_topk
+
+    check_topk(cfg)
+    check_batch(cfg, accumulation=cfg.train.accumulation)
     layout = plan_layout(cfg)
     if layout.memory is None:
         raise UserError(f"mesh.device_memory_gb: the dry run needs one device's memory to size against "
@@ -158,7 +163,8 @@ def dry_run(cfg) -> Report:
 
     groups, params = towers(cfg.retriever.remat)
     dim = groups.module(params, "question").config.embedding_dim
-    optim = OptimConfig(learning_rate=train.learning_rate, total_steps=max(1, train.steps))
+    frozen = tuple(role for role in ("question", "passage") if not train[f"train_{role}_tower"])
+    optim = OptimConfig(learning_rate=train.learning_rate, total_steps=max(1, train.steps), frozen_roles=frozen)
     optimizer = make_optimizer(optim, groups, params)
     state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed), params)
     fsdp = layout.shards_state(state)
@@ -204,7 +210,8 @@ def dry_run(cfg) -> Report:
         return update.lower(state, batch)
 
     functions = [Compiled.of(f"update (batch {train.batch_size}, K={train.topk}, {unique} passages)",
-                             lowered_update(groups), unrolled=cfg.retriever.remat and lowered_update(towers(False)[0]))]
+                             lowered_update(groups), unrolled=cfg.retriever.remat and lowered_update(towers(False)[0]),
+                             copies=train.accumulation)]  # the micro-batches' scan body is counted once
 
     # the step's question embedding and search
     embed_questions = jax.jit(functools.partial(art.embed_questions, groups), in_shardings=(None, rows, rows),
@@ -227,24 +234,25 @@ def dry_run(cfg) -> Report:
     from art_jax.teachers.t5 import _teacher_scores
 
     prompt = PromptConfig()
-    pairs = round_up(cfg.scorer.batch_size, mesh.shape["data"])
+    pairs = round_up(cfg.scorer.batch_size, mesh.shape["data"])  # one process's call; P processes send P x as many
     scorer_rows = batch_sharding(mesh, 2)
     teacher_batch = (_spec((pairs, prompt.max_encoder_tokens), jnp.int32, scorer_rows),
                      _spec((pairs, prompt.max_encoder_tokens), jnp.int32, scorer_rows),
                      _spec((pairs, prompt.max_decoder_tokens), jnp.int32, scorer_rows),
                      _spec((pairs, prompt.max_decoder_tokens), jnp.int32, scorer_rows))
     functions.append(Compiled.of(
-        f"teacher ({pairs} pairs, {prompt.max_encoder_tokens}+{prompt.max_decoder_tokens} tokens)",
+        f"teacher ({pairs} pairs as one process, {prompt.max_encoder_tokens}+{prompt.max_decoder_tokens} tokens)",
         _teacher_scores.lower(teacher, *teacher_batch, sharding=batch_sharding(mesh, 1)),
         calls=-(-train.batch_size * train.topk // pairs)))
 
     # the refresh: each process embeds its chunks with a replica of the passage tower on its devices
     from art_jax.retrieval.embed import _embed_as
 
+    # (as for_inference: float32, no remat)
     local = make_mesh(devices=jax.local_devices())
-    group = groups.roles["passage"]
-    replica = nnx.merge(groups.graphs[group], jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())),
-                                                           state.params[group]))
+    passage = abstract_bert(tower_hf, projection=cfg.retriever.projection)
+    graph, params = nnx.split(passage, nnx.Param)
+    replica = nnx.merge(graph, jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())), params))
     size = round_up(cfg.index.embed_batch_size, local.shape["data"])
     tokens = _spec((size, cfg.retriever.passage_max_length), jnp.int32, batch_sharding(local, 2))
     embedding = Compiled.of(f"passage embedding at refresh ({size} passages; + the tower)",

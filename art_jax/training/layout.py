@@ -30,9 +30,9 @@ EVERY_DEVICE = ("data", "model")
 # worth a collective
 MIN_ELEMENTS_PER_DEVICE = 256
 # (words in jax's device_kind, GB): the first match wins
-KNOWN_MEMORY_GB = ((("A100", "80GB"), 80), (("A100",), 40), (("H100", "NVL"), 94), (("H100",), 80), (("H200",), 141),
-                   (("TPU v4",), 32), (("TPU v5 lite",), 16), (("TPU v5e",), 16), (("TPU v5",), 95),
-                   (("TPU v6 lite",), 32))
+KNOWN_MEMORY_GB = ((("GH200",), 96), (("A100", "80GB"), 80), (("A100",), 40), (("H100", "NVL"), 94), (("H100",), 80),
+                   (("H200",), 141), (("TPU v4 lite",), 8), (("TPU v4",), 32), (("TPU v5 lite",), 16),
+                   (("TPU v5e",), 16), (("TPU v5",), 95), (("TPU v6 lite",), 32))
 GB = 1e9
 
 
@@ -40,8 +40,9 @@ def check_mesh_config(cfg) -> None:
     mesh = cfg.mesh
     if mesh.model < 0:
         raise UserError(f"mesh.model={mesh.model} is negative (0 chooses from the device memory)")
-    if mesh.model and jax.device_count() % mesh.model:
-        raise UserError(f"mesh.model={mesh.model} does not divide the {jax.device_count()} devices")
+    if mesh.model and jax.local_device_count() % mesh.model:
+        raise UserError(f"mesh.model={mesh.model} does not divide the {jax.local_device_count()} devices of a process "
+                        "(a teacher replica stays within one process)")
     if mesh.fsdp not in FSDP_CHOICES:
         raise UserError(f"mesh.fsdp: {mesh.fsdp!r} is not one of {', '.join(FSDP_CHOICES)}")
     if mesh.device_memory_gb < 0:
@@ -65,11 +66,12 @@ def device_memory(cfg, device: jax.Device | None = None) -> tuple[float | None, 
     if device.platform == "cpu":
         return None, "CPU devices: set mesh.device_memory_gb to size for an accelerator"
     known = known_memory_gb(device.device_kind)
+    # the allocator's limit when it has one: a GPU's default preallocation leaves it a part of the memory
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit and (not known or limit < known * GB):
+        return float(limit), f"{device.device_kind} (its allocator's limit)"
     if known:
         return known * GB, device.device_kind
-    stats = device.memory_stats() or {}
-    if "bytes_limit" in stats:
-        return float(stats["bytes_limit"]), f"{device.device_kind} (its allocator's limit)"
     return None, f"{device.device_kind}: memory unknown; set mesh.device_memory_gb"
 
 
@@ -81,7 +83,8 @@ def teacher_shapes(cfg):
 
 
 def choose_model_axis(devices: int, teacher, memory: float | None) -> int:
-    """The fewest devices per teacher replica (dividing the devices and the teacher's heads) whose
+    """The fewest devices per teacher replica (dividing a process's ``devices``: a replica stays
+    within a process; and the teacher's heads) whose
     share of the teacher stays under half of ``memory``; the most there can be when none does."""
     if teacher is None or memory is None:
         return 1
@@ -123,7 +126,7 @@ def plan_layout(cfg, devices=None) -> Layout:
     memory, source = device_memory(cfg, devices[0])
     # (nothing to choose without a memory figure: the teacher's config is not even read)
     teacher = teacher_shapes(cfg) if memory is not None and (not cfg.mesh.model or cfg.mesh.fsdp == "auto") else None
-    model = cfg.mesh.model or choose_model_axis(len(devices), teacher, memory)
+    model = cfg.mesh.model or choose_model_axis(jax.local_device_count(), teacher, memory)
     mesh = make_mesh(model=model, devices=devices)
     return Layout(mesh, cfg.mesh.fsdp, memory, source, parameter_bytes(teacher) if teacher is not None else 0)
 
