@@ -34,12 +34,20 @@ from art_jax.core.errors import UserError
 # every device of the ('data', 'model') mesh, in row-major order
 DEVICES = ("data", "model")
 ROWS = P(DEVICES, None)
+ACCELERATOR_ROWS_PER_DEVICE = 1 << 20
 
 
 def default_rows_per_device() -> int:
     """Rows one device scores per block: small enough that the [B, rows] scores stay in
     cache-friendly scratch on CPU, large enough to amortise a dispatch on accelerators."""
-    return 65536 if jax.default_backend() == "cpu" else 1 << 20
+    return 65536 if jax.default_backend() == "cpu" else ACCELERATOR_ROWS_PER_DEVICE
+
+
+def block_layout(count: int, devices: int, rows_per_device: int) -> tuple[int, int]:
+    """(blocks, rows per device in each) of an index of ``count`` rows over ``devices``, at most
+    ``rows_per_device`` a device and block, as few blocks as that allows."""
+    num_blocks = -(-count // (devices * rows_per_device))
+    return num_blocks, round_up(-(-count // (num_blocks * devices)), 8)
 
 
 @dataclasses.dataclass
@@ -65,9 +73,7 @@ class ShardedIndex:
         """Build the blocks from ``read(start, stop)`` (rows, zero-padded past ``count``). Each
         process reads only the rows of its own devices."""
         devices = mesh.size
-        limit = rows_per_device or default_rows_per_device()
-        num_blocks = -(-count // (devices * limit))
-        per_device = round_up(-(-count // (num_blocks * devices)), 8)
+        num_blocks, per_device = block_layout(count, devices, rows_per_device or default_rows_per_device())
         block_rows = per_device * devices
         sharding = NamedSharding(mesh, ROWS)
 

@@ -34,8 +34,6 @@ from art_jax.training.update import jit_update
 
 # DPR's Wikipedia (psgs_w100.tsv): the index a paper config trains against
 WIKIPEDIA_PASSAGES = 21_015_324
-# rows one accelerator scores per search block (retrieval/search.py's default off CPU)
-ACCELERATOR_ROWS_PER_DEVICE = 1 << 20
 
 
 WIDTH = 72  # the report's name column
@@ -178,9 +176,9 @@ def dry_run(cfg) -> Report:
     # the index: blocks of rows_per_device x every device
     passages, passages_source = corpus_passages(cfg)
     index_dtype = jnp.dtype(cfg.index.dtype)
-    per_block = cfg.index.rows_per_device or ACCELERATOR_ROWS_PER_DEVICE
-    blocks = -(-passages // (mesh.size * per_block))
-    per_device = round_up(-(-passages // (blocks * mesh.size)), 8)
+    from art_jax.retrieval.search import ACCELERATOR_ROWS_PER_DEVICE, block_layout
+
+    blocks, per_device = block_layout(passages, mesh.size, cfg.index.rows_per_device or ACCELERATOR_ROWS_PER_DEVICE)
 
     resident = {
         f"index shard ({passages:,} x {dim} {cfg.index.dtype}: {passages_source})":
@@ -192,14 +190,15 @@ def dry_run(cfg) -> Report:
     # the update
     micro = train.batch_size // train.accumulation
     unique = round_up(micro * train.topk, mesh.size)  # every retrieved passage distinct: the most
-    rows, passage_rows = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+    placed = art.batch_shardings(mesh)
+    rows = placed["question_ids"]
     lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
-    batch = {"question_ids": _spec((train.batch_size, lq), jnp.int32, rows),
-             "question_mask": _spec((train.batch_size, lq), jnp.int32, rows),
-             "passage_index": _spec((train.batch_size, train.topk), jnp.int32, rows),
-             "teacher_scores": _spec((train.batch_size, train.topk), jnp.float32, rows),
-             "passage_ids": _spec((train.accumulation, unique, lp), jnp.int32, passage_rows),
-             "passage_mask": _spec((train.accumulation, unique, lp), jnp.int32, passage_rows)}
+    shapes = {"question_ids": ((train.batch_size, lq), jnp.int32), "question_mask": ((train.batch_size, lq), jnp.int32),
+              "passage_index": ((train.batch_size, train.topk), jnp.int32),
+              "teacher_scores": ((train.batch_size, train.topk), jnp.float32),
+              "passage_ids": ((train.accumulation, unique, lp), jnp.int32),
+              "passage_mask": ((train.accumulation, unique, lp), jnp.int32)}
+    batch = {name: _spec(shape, dtype, placed[name]) for name, (shape, dtype) in shapes.items()}
 
     def lowered_update(groups: ParamGroups):
         objective = art.objective(groups, temperature_multiplier=train.temperature_multiplier,

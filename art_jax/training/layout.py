@@ -23,9 +23,9 @@ from jax.sharding import PartitionSpec as P
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import make_mesh
 from art_jax.models.shapes import abstract_t5, hf_config, parameter_bytes
+from art_jax.retrieval.search import DEVICES as EVERY_DEVICE
 
 FSDP_CHOICES = ("auto", "on", "off")
-EVERY_DEVICE = ("data", "model")
 # arrays whose piece per device would be smaller stay replicated: splitting a bias or a LayerNorm saves nothing
 # worth a collective
 MIN_ELEMENTS_PER_DEVICE = 256
