@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 
 from art_jax.core.checkpoints import Checkpoints
-from art_jax.methods import make_trainer
 from tests.multiprocess import ROOT, child_env
-from tests.test_train import _config
 
 CONFIG = """
-from tests.test_train import _config
 
 
 def get_config():
@@ -94,17 +91,14 @@ def uninterrupted(train, tmp_path_factory):
     return workdir
 
 
-@pytest.fixture(scope="module")
-def like(files, bert_dir, tmp_path_factory):
-    """A train state of the run's shape: what a checkpoint is restored into."""
-    trainer = make_trainer(_config(files, bert_dir), str(tmp_path_factory.mktemp("like")))
-    trainer.checkpoints.close()
-    return trainer.state
-
-
-def _restore(workdir, step, like):
-    """The state and record of checkpoint ``step``; the record's index path relative to the workdir."""
-    state, record = Checkpoints(workdir, read_only=True).restore(step, like)
+def _restore(workdir, step):
+    """The state (nested dicts, as saved: read by its own metadata) and record of checkpoint
+    ``step``; the record's index path relative to the workdir."""
+    checkpoints = Checkpoints(workdir, read_only=True)
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=one_device),
+                        checkpoints.state_metadata(step))
+    state, record = checkpoints.restore(step, like)
     return jax.device_get(state), {**record, "index_path": os.path.relpath(record["index_path"], workdir)}
 
 
@@ -118,8 +112,8 @@ def _assert_same_state(got, want):
 
 
 @pytest.mark.parametrize("point", ["arrays", "rename"])
-def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_the_rerun_resumes(train, uninterrupted, like,
-                                                                                    tmp_path, point):
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_the_rerun_resumes(train, uninterrupted, tmp_path,
+                                                                                    point):
     workdir = str(tmp_path / "run")
     checkpoints = os.path.join(workdir, "checkpoints")
     killed = train(workdir, kill_at=point)
@@ -140,8 +134,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_the_rerun_resum
     assert as_the_trainer_opens_it.latest_step() == 2
     as_the_trainer_opens_it.close()
     assert os.path.isdir(half_written)  # left for the rerun to cope with
-    state, record = _restore(workdir, 2, like)
-    want_state, want_record = _restore(uninterrupted, 2, like)
+    state, record = _restore(workdir, 2)
+    want_state, want_record = _restore(uninterrupted, 2)
     _assert_same_state(state, want_state)
     assert record == want_record and record["index_path"] == os.path.join("index", "v000000")
 
@@ -152,12 +146,12 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_the_rerun_resum
     assert "resumed from step 2 " in rerun.stdout, rerun.stdout
     assert Checkpoints(workdir, read_only=True).steps() == [2, 4, 6]
     assert not os.path.exists(half_written)
-    state, record = _restore(workdir, 6, like)
-    want_state, want_record = _restore(uninterrupted, 6, like)
-    assert int(state.step) == 6
+    state, record = _restore(workdir, 6)
+    want_state, want_record = _restore(uninterrupted, 6)
+    assert int(state["step"]) == 6
     _assert_same_state(state, want_state)
-    step_2 = jax.tree.leaves(_restore(uninterrupted, 2, like)[0].params)  # steps 3-6 did train
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want_state.params), step_2))
+    step_2 = jax.tree.leaves(_restore(uninterrupted, 2)[0]["params"])  # steps 3-6 did train
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want_state["params"]), step_2))
     # same data position and index age; the version numbers differ (the killed run published some too)
     assert {k: record[k] for k in ("step", "data_position", "index_step")} == \
         {k: want_record[k] for k in ("step", "data_position", "index_step")}

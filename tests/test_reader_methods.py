@@ -350,8 +350,11 @@ def test_emdr2_trains_the_reader_by_fid_alone_and_both_towers(computed, name):
     gradient is the FiD term's."""
     grads = computed[name].grads
     assert set(grads) == {"question", "passage", "reader"}
-    for a, b in zip(grads["reader"], computed["fid_term"].grads["reader"]):  # bitwise equal, measured
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    # equal to float32 rounding of the two programs' different fusions (bitwise with XLA:CPU's fusion
+    # emitters; measured with the suite's elemental ones: 1e-8 at most, of gradients up to ~5e-2)
+    reader = computed["fid_term"].grads["reader"]
+    for a, b in zip(grads["reader"], reader):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * _max(reader))
     assert _max(grads["question"]) > 1e-4 and _max(grads["passage"]) > 1e-4
 
 

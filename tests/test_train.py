@@ -188,8 +188,11 @@ def test_a_two_dimensional_mesh_and_an_fsdp_state_train_as_the_replicated_run(fi
     split = make_trainer(_config(files, bert_dir, **settings, **{"mesh.model": 2, "mesh.fsdp": "on"}),
                          str(tmp_path / "split"))
     assert dict(split.mesh.shape) == {"data": 4, "model": 2} and not split.layout.memory  # CPU: no figure
-    sharded = [x.shape for x in jax.tree.leaves(split.state.params) if ("data", "model") in tuple(x.sharding.spec)]
-    assert sharded and all(x.sharding.spec == P() for x in jax.tree.leaves(plain.state.params))  # FSDP: split 8 ways
+    # FSDP: parameters and AdamW moments split 8 ways (the moments made so, never whole on one device)
+    for part in (split.state.params, split.state.opt_state):
+        assert any(("data", "model") in tuple(x.sharding.spec) for x in jax.tree.leaves(part))
+    assert all(x.sharding.spec == P() for x in jax.tree.leaves(plain.state))
+    assert split.method.params is None  # the loaded copy let go
     plain.run(), split.run()
     assert len({shard.index[0].start for shard in split.index.index.blocks[0].addressable_shards}) == 8
     read = lambda run: [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]  # noqa: E731

@@ -6,6 +6,7 @@ supplies its state, its batch for a step, its loss and its evaluation; the jitte
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -101,10 +102,15 @@ class Trainer:
             copy_initial_models(workdir, method.source, method.groups.roles, method.max_lengths, method.initial_reader)
         optim = method.optim_config()
         optimizer = make_optimizer(optim, method.groups, method.params)
-        state = init_state(method.params, optimizer, cfg.seed)
-        self.fsdp = self.layout.shards_state(state)
-        shardings = state_shardings(state, self.mesh, self.fsdp)
-        self.state = jax.tree.map(from_identical, shardings, state)
+        start = functools.partial(init_state, optimizer=optimizer, seed=cfg.seed)
+        shapes = jax.eval_shape(start, method.params)
+        self.fsdp = self.layout.shards_state(shapes)
+        shardings = state_shardings(shapes, self.mesh, self.fsdp)
+        # the loaded parameters placed as the state holds them, the rest of the state made in place (under
+        # FSDP, AdamW's moments are never whole on one device), and the loaded copy let go
+        params = jax.tree.map(from_identical, shardings.params, method.params)
+        self.state = jax.jit(start, out_shardings=shardings, donate_argnums=0)(params)
+        method.params = None  # the state holds the parameters from here
         self._update = jit_update(method.objective, optimizer, learning_rate_schedule(optim), self.mesh,
                                   method.batch_shardings, shardings)
         self.index = (TrainingIndex(cfg, workdir, method.store, self.mesh, watch=method.index_use == "train")
