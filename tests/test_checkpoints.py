@@ -15,6 +15,7 @@ from art_jax.core.checkpoints import Checkpoints
 from tests.multiprocess import ROOT, child_env
 
 CONFIG = """
+from tests.test_train import _config
 
 
 def get_config():

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from art_jax.cli import main
-from art_jax.config import apply_override, paper_config
+from art_jax.config import apply_override, load_config, paper_config
 from art_jax.models.hf import load_bert, load_t5
 from art_jax.training.dry_run import WIKIPEDIA_PASSAGES, dry_run
 from tests.multiprocess import child_env
@@ -71,12 +71,46 @@ def test_the_dry_run_says_whether_it_fits_and_writes_nothing(bert_dir, t5_v11_di
     assert exit_.value.code == 3 and "DOES NOT FIT" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
     for bad, message in (("--config.mesh.device_memory_gb=0.0", "mesh.device_memory_gb: the dry run needs"),
-                         ("--config.method=dpr", "sizes ART runs"),
+                         ("--config.method=emdr2", "sizes method=art, dpr, ict, pairs, fid so far"),
                          ("--config.train.batch_size=7", "train.batch_size")):
         with pytest.raises(SystemExit) as exit_:
             main([*args, bad])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def _preset(name, **overrides):
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+    for key, value in {"mesh.device_memory_gb": 1.0, **overrides}.items():
+        apply_override(cfg, f"config.{key}={value}")
+    return cfg
+
+
+def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir):
+    """DPR: the two towers' state and the index its evaluations search (DPR's Wikipedia at the tiny
+    tower's width); FiD: the reader's state alone. FLOPs count every micro-batch: DPR's cached
+    gradients over 2 add a forward pass without gradient (forward + forward + backward against
+    forward + backward: about 4/3; were the micro-batches' loop counted once, about 2/3)."""
+    bert = _bytes(nnx.state(load_bert(bert_dir), nnx.Param))
+    t5 = _bytes(nnx.state(load_t5(t5_v10_dir), nnx.Param))
+    tiny_towers = {"retriever.checkpoint": bert_dir, "retriever.question_max_length": 16,
+                   "retriever.train_passage_max_length": 32, "retriever.passage_max_length": 32,
+                   "train.batch_size": 16}
+    dpr = dry_run(_preset("dpr_nq.py", **tiny_towers))
+    state = next(size for name, size in dpr.resident.items() if name.startswith("train state"))
+    index = next(size for name, size in dpr.resident.items() if name.startswith("index shard, for evaluations"))
+    assert 2 * 3 * bert <= state <= 2 * 3 * bert + 64 and not dpr.fsdp
+    assert WIKIPEDIA_PASSAGES * 32 * 2 / 8 <= index < 1.01 * WIKIPEDIA_PASSAGES * 32 * 2 / 8
+    assert [f.name.split(" (")[0] for f in dpr.functions] == ["update", "passage embedding at evaluation"]
+    accumulated = dry_run(_preset("dpr_nq.py", **tiny_towers, **{"train.accumulation": 2, "data.dev_questions": ""}))
+    assert [f.name.split(" (")[0] for f in accumulated.functions] == ["update"]  # no evaluation, no index
+    assert 1.2 < accumulated.flops_per_step / dpr.flops_per_step < 1.45
+
+    fid = dry_run(_preset("fid.py", **{"reader.checkpoint": t5_v10_dir, "reader.max_input_tokens": 32,
+                                       "reader.max_answer_tokens": 8, "train.batch_size": 8, "train.topk": 4}))
+    ((name, state),) = fid.resident.items()
+    assert name.startswith("train state") and 3 * t5 <= state <= 3 * t5 + 64
+    assert fid.fits and fid.functions[0].temporaries > 0 and fid.functions[0].flops > 0
 
 
 @pytest.mark.slow
@@ -111,3 +145,37 @@ def test_the_layout_choices():
     assert fsdp_spec((30522, 768), 8) == P(None, ("data", "model"))  # the dimension 8 divides
     assert fsdp_spec((3072, 768), 8) == P(("data", "model"), None)  # the largest of those
     assert fsdp_spec((768,), 8) == P() and fsdp_spec((7, 1001), 8) == P() and fsdp_spec((4096, 64), 1) == P()
+
+
+def test_the_shipped_shapes_count_the_hub_models_parameters():
+    """``models/shapes.py``'s configs against the parameter counts transformers reports for the hub
+    checkpoints (``num_parameters()``; BERT and RoBERTa with their pooler, T5 with its head)."""
+    from art_jax.models.shapes import KNOWN_CONFIGS, abstract_bert, abstract_t5
+
+    counts = {"bert-base-uncased": 109_482_240, "bert-large-uncased": 335_141_888,
+              "roberta-base": 124_645_632, "roberta-large": 355_359_744,
+              "t5-base": 222_903_552, "t5-large": 737_668_096,
+              "bigscience/T0_3B": 2_849_757_184, "google/t5-xl-lm-adapt": 2_849_757_184,
+              "google/t5-xxl-lm-adapt": 11_135_332_352}
+    assert set(counts) == set(KNOWN_CONFIGS)
+    for name, count in counts.items():
+        hf = KNOWN_CONFIGS[name]
+        module = abstract_t5(hf) if hf["model_type"] == "t5" else abstract_bert(hf)
+        assert sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param))) == count, name
+
+
+def test_sizing_a_hub_model_downloads_its_config_alone(bert_dir, monkeypatch):
+    """A hub id the package does not ship shapes for: its config.json is fetched, not its weights."""
+    import huggingface_hub
+
+    from art_jax.models.shapes import hf_config
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return bert_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert hf_config("someone/a-bert")["model_type"] == "bert"
+    assert asked == [("someone/a-bert", ["config.json"])]

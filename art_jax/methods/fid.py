@@ -52,6 +52,14 @@ def loss(groups: ParamGroups, params, batch, keys):
     return fid_nll(log_probs, batch["label_mask"])
 
 
+def objective(groups: ParamGroups, *, accumulation: int = 1) -> Objective:
+    return Objective(functools.partial(loss, groups), keys=reader_keys, accumulation=accumulation)
+
+
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
+    return {name: NamedSharding(mesh, P("data")) for name in READER_ARRAYS}
+
+
 def read_answered(path: str, key: str):
     """(questions with their ctxs, their answers, how many were left out) of a results file: a
     question without answers or without ctxs has nothing to train or score."""
@@ -105,9 +113,8 @@ class Fid(TrainsTowers):
         self.groups, self.params = ParamGroups.split({"reader": reader.model})
         self.initial_reader = (cfg.reader.checkpoint, self.settings)
         self.max_lengths = {"reader": self.settings.max_input_tokens}
-        self.objective = Objective(functools.partial(loss, self.groups), keys=reader_keys,
-                                   accumulation=train.accumulation)
-        self.batch_shardings = {name: NamedSharding(mesh, P("data")) for name in READER_ARRAYS}
+        self.objective = objective(self.groups, accumulation=train.accumulation)
+        self.batch_shardings = batch_shardings(mesh)
 
     def describe(self) -> str:
         train = self.cfg.train

@@ -45,8 +45,9 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 
-def resolve_checkpoint(name: str) -> str:
-    """Local folder for a folder path, gs:// folder or hub id (downloads are cached)."""
+def resolve_checkpoint(name: str, *, config_only: bool = False) -> str:
+    """Local folder for a folder path, gs:// folder or hub id (downloads are cached; of a hub id,
+    only its config.json when ``config_only``: what sizing a model needs)."""
     if is_remote(name):  # gs://
         folder = local_copy(name)
         if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -59,15 +60,18 @@ def resolve_checkpoint(name: str) -> str:
         raise CheckpointError(f"checkpoint {name!r} is a file; expected a folder with config.json")
     if name.startswith(_LOCAL_PREFIXES) or name.count("/") > 1:
         raise CheckpointError(f"checkpoint folder not found: {name}")
-    return _download_hub(name)
+    return _download_hub(name, ["config.json"] if config_only else CHECKPOINT_FILES)
 
 
-def _download_hub(repo_id: str) -> str:
+# a checkpoint's files on the hub (a projection head's modules: 2_Dense/*, 3_LayerNorm/*)
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "pytorch_model.bin", "*/pytorch_model.bin", "*.model", "*.txt"]
+
+
+def _download_hub(repo_id: str, patterns: list[str]) -> str:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return snapshot_download(repo_id, allow_patterns=[  # (a projection head's modules: 2_Dense/*, 3_LayerNorm/*)
-            "*.json", "*.safetensors", "pytorch_model.bin", "*/pytorch_model.bin", "*.model", "*.txt"])
+        return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as err:  # offline, unknown repo, auth: one line (the hub's own texts run to several)
         offline = " (HF_HUB_OFFLINE is set: only the local hub cache was looked in)" if constants.HF_HUB_OFFLINE else ""
         raise CheckpointError(

@@ -17,6 +17,8 @@ from art_jax.models.hf import abstract_module, bert_config_from_hf, read_config,
 from art_jax.models.t5 import T5
 
 _BERT = dict(model_type="bert", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2)
+_ROBERTA = dict(model_type="roberta", vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                pad_token_id=1, layer_norm_eps=1e-5)
 _T5_V11 = dict(model_type="t5", vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 
 # the config.json fields that decide parameter shapes, as the hub's configs hold them
@@ -29,6 +31,10 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "bigscience/T0_3B": dict(_T5_V11, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
     "google/t5-xl-lm-adapt": dict(_T5_V11, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
     "google/t5-xxl-lm-adapt": dict(_T5_V11, d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
+    "roberta-base": dict(_ROBERTA, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072),
+    "roberta-large": dict(_ROBERTA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                          intermediate_size=4096),
     "t5-base": dict(model_type="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
     "t5-large": dict(model_type="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24,
                      num_heads=16),
@@ -37,10 +43,11 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 
 def hf_config(name: str, folder: str | None = None) -> dict[str, Any]:
     """The config.json of checkpoint ``name`` (its local ``folder`` when already known); a known
-    hub id that is no local folder gives the shipped shapes without downloading."""
+    hub id that is no local folder gives the shipped shapes without downloading, another hub id
+    downloads its config.json alone."""
     if folder is None and name in KNOWN_CONFIGS and not os.path.isdir(os.path.expanduser(name)):
         return dict(KNOWN_CONFIGS[name])
-    return read_config(folder or resolve_checkpoint(name))
+    return read_config(folder or resolve_checkpoint(name, config_only=True))
 
 
 def abstract_t5(hf: dict[str, Any], **overrides) -> T5:

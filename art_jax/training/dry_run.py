@@ -1,11 +1,16 @@
 """`art-jax train --dry-run`: whether a config fits its devices, before anything is loaded.
 
-Every jitted function of an ART step is lowered and compiled for the run's mesh with abstract
+Every jitted function of a training step is lowered and compiled for the run's mesh with abstract
 shapes (no weights, data or workdir: the models' shapes come from their config.json or
 ``models/shapes.py``), and the compiler's own memory analysis is read per device:
-- resident arrays: the index shard, the teacher's share of its parameters, the train state's;
-- each function's temporaries (the update's activations, the teacher's, a search block's);
+- resident arrays: the train state's, and as the method has them the index shard and the teacher's
+  share of its parameters;
+- each function's temporaries (the update's activations, the teacher's, a search block's, the
+  passage embedding's at a refresh or evaluation);
 - resident + the largest temporaries against ``mesh.device_memory_gb``.
+Sized so far: ART (update, question embedding, search, teacher, refresh), DPR / ICT / pairs
+(the cached-gradient update; the evaluation index with data.dev_questions) and FiD (the reader's
+update). The end-to-end methods (EMDR2, Individual and Joint top-K) are not yet.
 On CPU devices the figures come from XLA:CPU's compiler, which approximate an accelerator's:
 same program, same shapes, same sharding, but another compiler's fusion and scheduling.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +33,7 @@ from art_jax.core.errors import UserError
 from art_jax.core.sharding import batch_sharding, make_mesh
 from art_jax.core.sharding import state_shardings as logical_shardings
 from art_jax.data.prompts import PromptConfig
-from art_jax.models.shapes import abstract_bert, hf_config, parameter_bytes
+from art_jax.models.shapes import abstract_bert, abstract_t5, hf_config, parameter_bytes
 from art_jax.training.layout import GB, Layout, plan_layout, state_shardings, teacher_shapes
 from art_jax.training.state import OptimConfig, ParamGroups, init_state, learning_rate_schedule, make_optimizer
 from art_jax.training.update import jit_update
@@ -132,60 +138,112 @@ def corpus_passages(cfg) -> tuple[int, str]:
     return WIKIPEDIA_PASSAGES, "DPR's Wikipedia; no data.corpus_store to count"
 
 
-def dry_run(cfg) -> Report:
-    """Compile ``cfg``'s ART step on its mesh with abstract shapes; nothing is loaded or written.
-    The teacher's batch is one process's (a job of P processes sends P times the pairs per call)."""
-    if cfg.method != "art":
-        raise UserError(f"--dry-run: sizes ART runs (method=art) so far, not method={cfg.method!r}")
+@dataclasses.dataclass
+class TrainShapes:
+    """A run's train state as placed shapes, and how to lower its update."""
+
+    groups: ParamGroups
+    unrolled: ParamGroups | None  # the same modules without remat (FLOPs); None when nothing is rematerialised
+    optim: OptimConfig
+    optimizer: object
+    state: object
+    fsdp: bool
+
+    @classmethod
+    def of(cls, cfg, layout: Layout, modules, *, remat: bool, frozen: tuple[str, ...] = ()) -> "TrainShapes":
+        """``modules(unrolled)``: the run's modules by role as abstract shapes (without remat when
+        ``unrolled``); ``remat``: whether any of them rematerialises."""
+        groups, params = ParamGroups.split(modules(False))
+        optim = OptimConfig(learning_rate=cfg.train.learning_rate, total_steps=max(1, cfg.train.steps),
+                            frozen_roles=frozen)
+        optimizer = make_optimizer(optim, groups, params)
+        state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed), params)
+        fsdp = layout.shards_state(state)
+        state = _placed(state, state_shardings(state, layout.mesh, fsdp))
+        unrolled = ParamGroups.split(modules(True))[0] if remat else None
+        return cls(groups, unrolled, optim, optimizer, state, fsdp)
+
+    def resident(self) -> tuple[str, int]:
+        return (f"train state ({'FSDP' if self.fsdp else 'replicated'}: parameters, AdamW moments)",
+                per_device_bytes(self.state))
+
+    def update(self, name: str, mesh, objective_of, batch: dict, *, micro_batches: int) -> Compiled:
+        """The jitted update of ``objective_of(groups)`` on ``batch`` (placed shapes); its FLOPs
+        times ``micro_batches`` (the update's scan over them is counted once)."""
+
+        def lowered(groups: ParamGroups):
+            update = jit_update(objective_of(groups), self.optimizer, learning_rate_schedule(self.optim), mesh,
+                                {key: spec.sharding for key, spec in batch.items()},
+                                jax.tree.map(lambda x: x.sharding, self.state))
+            return update.lower(self.state, batch)
+
+        return Compiled.of(name, lowered(self.groups), unrolled=self.unrolled and lowered(self.unrolled),
+                           copies=micro_batches)
+
+
+def _towers(cfg, tower_hf: dict, unrolled: bool) -> dict:
+    remat = cfg.retriever.remat and not unrolled
+    question = abstract_bert(tower_hf, projection=cfg.retriever.projection, dtype=cfg.retriever.dtype, remat=remat)
+    passage = question if cfg.retriever.shared_towers else abstract_bert(
+        tower_hf, projection=cfg.retriever.projection, dtype=cfg.retriever.dtype, remat=remat)
+    return {"question": question, "passage": passage}
+
+
+def _frozen_towers(cfg) -> tuple[str, ...]:
+    return tuple(role for role in ("question", "passage") if not cfg.train[f"train_{role}_tower"])
+
+
+def _index(cfg, layout: Layout, dim: int, use: str) -> tuple[tuple[str, int], int, int]:
+    """The index shard a device holds ((name, bytes)), the blocks a search runs and the rows of each."""
+    from art_jax.retrieval.search import ACCELERATOR_ROWS_PER_DEVICE, block_layout
+
+    passages, source = corpus_passages(cfg)
+    blocks, per_device = block_layout(passages, layout.mesh.size,
+                                      cfg.index.rows_per_device or ACCELERATOR_ROWS_PER_DEVICE)
+    size = blocks * per_device * dim * jnp.dtype(cfg.index.dtype).itemsize
+    return (f"index shard, {use} ({passages:,} x {dim} {cfg.index.dtype}: {source})", size), blocks, per_device
+
+
+def _passage_embedding(cfg, tower_hf: dict, when: str) -> Compiled:
+    """Each process embeds its chunks of the corpus with a replica of the passage tower on its own
+    devices (as ``for_inference``: float32, no remat); the replica counts among the temporaries."""
+    from art_jax.retrieval.embed import _embed_as
+
+    local = make_mesh(devices=jax.local_devices())
+    passage = abstract_bert(tower_hf, projection=cfg.retriever.projection)
+    graph, params = nnx.split(passage, nnx.Param)
+    replica = nnx.merge(graph, jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())), params))
+    size = round_up(cfg.index.embed_batch_size, local.shape["data"])
+    tokens = _spec((size, cfg.retriever.passage_max_length), jnp.int32, batch_sharding(local, 2))
+    embedding = Compiled.of(f"passage embedding at {when} ({size} passages; + the tower)",
+                            _embed_as.lower(replica, tokens, tokens, dtype=cfg.index.dtype), calls=0)
+    embedding.temporaries += parameter_bytes(nnx.state(replica))  # the tower's replica, held while it embeds
+    return embedding
+
+
+def _art(cfg, layout: Layout) -> Report:
+    """ART: the towers' update, the step's question embedding, search and teacher, the refresh."""
     if cfg.scorer.kind != "t5":
         raise UserError("--dry-run: sizes a T5 teacher (scorer.kind=t5); a query-likelihood teacher has no weights")
-    from art_jax.methods.common import check_batch, check_topk
+    from art_jax.methods import art
+    from art_jax.methods.common import check_topk
 
     check_topk(cfg)
-    check_batch(cfg, accumulation=cfg.train.accumulation)
-    layout = plan_layout(cfg)
-    if layout.memory is None:
-        raise UserError(f"mesh.device_memory_gb: the dry run needs one device's memory to size against "
-                        f"({layout.memory_source}); e.g. 40 for an A100 40GB")
     mesh, train = layout.mesh, cfg.train
-    from art_jax.methods import art
-
-    # the towers and their train state
     tower_hf = tower_config(cfg.retriever.checkpoint)
-
-    def towers(remat: bool) -> tuple[ParamGroups, dict]:
-        question = abstract_bert(tower_hf, projection=cfg.retriever.projection, dtype=cfg.retriever.dtype, remat=remat)
-        passage = question if cfg.retriever.shared_towers else abstract_bert(
-            tower_hf, projection=cfg.retriever.projection, dtype=cfg.retriever.dtype, remat=remat)
-        return ParamGroups.split({"question": question, "passage": passage})
-
-    groups, params = towers(cfg.retriever.remat)
-    dim = groups.module(params, "question").config.embedding_dim
-    frozen = tuple(role for role in ("question", "passage") if not train[f"train_{role}_tower"])
-    optim = OptimConfig(learning_rate=train.learning_rate, total_steps=max(1, train.steps), frozen_roles=frozen)
-    optimizer = make_optimizer(optim, groups, params)
-    state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed), params)
-    fsdp = layout.shards_state(state)
-    state = _placed(state, state_shardings(state, mesh, fsdp))
+    shapes = TrainShapes.of(cfg, layout, functools.partial(_towers, cfg, tower_hf), remat=cfg.retriever.remat,
+                            frozen=_frozen_towers(cfg))
+    dim = shapes.groups.module(shapes.state.params, "question").config.embedding_dim
 
     # the teacher, split over `model` as the trainer loads it
     teacher = teacher_shapes(cfg)
     graph, teacher_state = nnx.split(teacher)
     teacher = nnx.merge(graph, _placed(teacher_state, logical_shardings(teacher_state, mesh)))
 
-    # the index: blocks of rows_per_device x every device
-    passages, passages_source = corpus_passages(cfg)
+    index, blocks, per_device = _index(cfg, layout, dim, "searched every step")
     index_dtype = jnp.dtype(cfg.index.dtype)
-    from art_jax.retrieval.search import ACCELERATOR_ROWS_PER_DEVICE, block_layout
-
-    blocks, per_device = block_layout(passages, mesh.size, cfg.index.rows_per_device or ACCELERATOR_ROWS_PER_DEVICE)
-
-    resident = {
-        f"index shard ({passages:,} x {dim} {cfg.index.dtype}: {passages_source})":
-            blocks * per_device * dim * index_dtype.itemsize,
-        f"teacher parameters ({cfg.scorer.checkpoint}, {cfg.scorer.dtype})": per_device_bytes(nnx.state(teacher)),
-        f"train state ({'FSDP' if fsdp else 'replicated'}: parameters, AdamW moments)": per_device_bytes(state),
-    }
+    resident = dict([index, (f"teacher parameters ({cfg.scorer.checkpoint}, {cfg.scorer.dtype})",
+                             per_device_bytes(nnx.state(teacher))), shapes.resident()])
 
     # the update
     micro = train.batch_size // train.accumulation
@@ -193,29 +251,22 @@ def dry_run(cfg) -> Report:
     placed = art.batch_shardings(mesh)
     rows = placed["question_ids"]
     lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
-    shapes = {"question_ids": ((train.batch_size, lq), jnp.int32), "question_mask": ((train.batch_size, lq), jnp.int32),
+    arrays = {"question_ids": ((train.batch_size, lq), jnp.int32),
+              "question_mask": ((train.batch_size, lq), jnp.int32),
               "passage_index": ((train.batch_size, train.topk), jnp.int32),
               "teacher_scores": ((train.batch_size, train.topk), jnp.float32),
               "passage_ids": ((train.accumulation, unique, lp), jnp.int32),
               "passage_mask": ((train.accumulation, unique, lp), jnp.int32)}
-    batch = {name: _spec(shape, dtype, placed[name]) for name, (shape, dtype) in shapes.items()}
-
-    def lowered_update(groups: ParamGroups):
-        objective = art.objective(groups, temperature_multiplier=train.temperature_multiplier,
-                                  score_scaling=train.score_scaling, accumulation=train.accumulation)
-        update = jit_update(objective, optimizer, learning_rate_schedule(optim), mesh,
-                            {name: spec.sharding for name, spec in batch.items()},
-                            jax.tree.map(lambda x: x.sharding, state))
-        return update.lower(state, batch)
-
-    functions = [Compiled.of(f"update (batch {train.batch_size}, K={train.topk}, {unique} passages)",
-                             lowered_update(groups), unrolled=cfg.retriever.remat and lowered_update(towers(False)[0]),
-                             copies=train.accumulation)]  # the micro-batches' scan body is counted once
+    batch = {name: _spec(shape, dtype, placed[name]) for name, (shape, dtype) in arrays.items()}
+    objective_of = functools.partial(art.objective, temperature_multiplier=train.temperature_multiplier,
+                                     score_scaling=train.score_scaling, accumulation=train.accumulation)
+    functions = [shapes.update(f"update (batch {train.batch_size}, K={train.topk}, {unique} passages)", mesh,
+                               objective_of, batch, micro_batches=train.accumulation)]
 
     # the step's question embedding and search
-    embed_questions = jax.jit(functools.partial(art.embed_questions, groups), in_shardings=(None, rows, rows),
+    embed_questions = jax.jit(functools.partial(art.embed_questions, shapes.groups), in_shardings=(None, rows, rows),
                               out_shardings=NamedSharding(mesh, P()))
-    functions.append(Compiled.of("question embedding", embed_questions.lower(state, batch["question_ids"],
+    functions.append(Compiled.of("question embedding", embed_questions.lower(shapes.state, batch["question_ids"],
                                                                            batch["question_mask"])))
     from art_jax.retrieval.search import ROWS, _block_step
 
@@ -243,22 +294,93 @@ def dry_run(cfg) -> Report:
         f"teacher ({pairs} pairs as one process, {prompt.max_encoder_tokens}+{prompt.max_decoder_tokens} tokens)",
         _teacher_scores.lower(teacher, *teacher_batch, sharding=batch_sharding(mesh, 1)),
         calls=-(-train.batch_size * train.topk // pairs)))
+    functions.append(_passage_embedding(cfg, tower_hf, "refresh"))
+    return Report(layout, shapes.fsdp, resident, functions)
 
-    # the refresh: each process embeds its chunks with a replica of the passage tower on its devices
-    from art_jax.retrieval.embed import _embed_as
 
-    # (as for_inference: float32, no remat)
-    local = make_mesh(devices=jax.local_devices())
-    passage = abstract_bert(tower_hf, projection=cfg.retriever.projection)
-    graph, params = nnx.split(passage, nnx.Param)
-    replica = nnx.merge(graph, jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())), params))
-    size = round_up(cfg.index.embed_batch_size, local.shape["data"])
-    tokens = _spec((size, cfg.retriever.passage_max_length), jnp.int32, batch_sharding(local, 2))
-    embedding = Compiled.of(f"passage embedding at refresh ({size} passages; + the tower)",
-                            _embed_as.lower(replica, tokens, tokens, dtype=cfg.index.dtype), calls=0)
-    embedding.temporaries += parameter_bytes(nnx.state(replica))  # the tower's replica, held while it embeds
-    functions.append(embedding)
-    return Report(layout, fsdp, resident, functions)
+def _contrastive(cfg, layout: Layout) -> Report:
+    """DPR, ICT, pairs: the towers' update over the whole batch's passages (cached gradients across
+    micro-batches); with data.dev_questions, the index evaluations build."""
+    from art_jax.methods import contrastive
+
+    train = cfg.train
+    if train.hard_negatives < 0:
+        raise UserError(f"train.hard_negatives={train.hard_negatives} must be 0 or more")
+    mesh = layout.mesh
+    tower_hf = tower_config(cfg.retriever.checkpoint)
+    shapes = TrainShapes.of(cfg, layout, functools.partial(_towers, cfg, tower_hf), remat=cfg.retriever.remat,
+                            frozen=_frozen_towers(cfg))
+    micro = train.batch_size // train.accumulation
+    per_question = 1 + (0 if cfg.method == "ict" else train.hard_negatives)  # ICT: in-batch negatives only
+    lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
+    arrays = {"question_ids": (micro, lq), "question_mask": (micro, lq),
+              "passage_ids": (micro * per_question, lp), "passage_mask": (micro * per_question, lp)}
+    placed = contrastive.batch_shardings(mesh)
+    batch = {name: _spec((train.accumulation, *shape), jnp.int32, placed[name]) for name, shape in arrays.items()}
+    objective_of = functools.partial(contrastive.objective, temperature_multiplier=train.temperature_multiplier,
+                                     score_scaling=train.score_scaling, accumulation=train.accumulation)
+    functions = [shapes.update(f"update (batch {train.batch_size} x {per_question} passages, "
+                               f"{train.accumulation} micro-batch(es))", mesh, objective_of, batch,
+                               micro_batches=train.accumulation)]
+    resident = dict([shapes.resident()])
+    if cfg.data.dev_questions:  # evaluations search an index of the corpus, kept between them
+        dim = shapes.groups.module(shapes.state.params, "question").config.embedding_dim
+        index, _, _ = _index(cfg, layout, dim, "for evaluations")
+        resident.update([index])
+        functions.append(_passage_embedding(cfg, tower_hf, "evaluation"))
+    return Report(layout, shapes.fsdp, resident, functions)
+
+
+def reader_config(spec: str) -> dict:
+    """The reader's config.json: a Hugging Face T5 (a known hub id's shipped shapes) or an export's reader/."""
+    from art_jax.core import storage
+
+    folder = os.path.join(os.path.expanduser(spec), "reader")
+    return hf_config(spec, folder if storage.isdir(folder) else None)
+
+
+def _fid(cfg, layout: Layout) -> Report:
+    """Fusion-in-Decoder alone: the reader's update over B questions x K passages of N tokens."""
+    from art_jax.methods import fid
+    from art_jax.methods.common import check_topk
+
+    check_topk(cfg)
+    train, reader = cfg.train, cfg.reader
+    mesh = layout.mesh
+    reader_hf = reader_config(reader.checkpoint)
+
+    def modules(unrolled: bool) -> dict:
+        return {"reader": abstract_t5(reader_hf, dropout_rate=reader.dropout, dtype=reader.dtype,
+                                      remat=reader.remat and not unrolled)}
+
+    shapes = TrainShapes.of(cfg, layout, modules, remat=reader.remat)
+    k, n, t = train.topk, reader.max_input_tokens, reader.max_answer_tokens
+    placed = fid.batch_shardings(mesh)
+    arrays = {"reader_ids": (train.batch_size, k, n), "reader_mask": (train.batch_size, k, n),
+              "labels": (train.batch_size, t), "label_mask": (train.batch_size, t)}
+    batch = {name: _spec(shape, jnp.int32, placed[name]) for name, shape in arrays.items()}
+    objective_of = functools.partial(fid.objective, accumulation=train.accumulation)
+    functions = [shapes.update(f"update (batch {train.batch_size} x K={k} passages of {n} tokens, answers of {t})",
+                               mesh, objective_of, batch, micro_batches=train.accumulation)]
+    return Report(layout, shapes.fsdp, dict([shapes.resident()]), functions)
+
+
+SIZED = {"art": _art, "dpr": _contrastive, "ict": _contrastive, "pairs": _contrastive, "fid": _fid}
+
+
+def dry_run(cfg) -> Report:
+    """Compile ``cfg``'s training step on its mesh with abstract shapes; nothing is loaded or written.
+    ART's teacher batch is one process's (a job of P processes sends P times the pairs per call)."""
+    if cfg.method not in SIZED:
+        raise UserError(f"--dry-run: sizes method={', '.join(SIZED)} so far, not method={cfg.method!r}")
+    from art_jax.methods.common import check_batch
+
+    check_batch(cfg, accumulation=cfg.train.accumulation)
+    layout = plan_layout(cfg)
+    if layout.memory is None:
+        raise UserError(f"mesh.device_memory_gb: the dry run needs one device's memory to size against "
+                        f"({layout.memory_source}); e.g. 40 for an A100 40GB")
+    return SIZED[cfg.method](cfg, layout)
 
 
 def print_dry_run(cfg) -> bool:
