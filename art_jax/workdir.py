@@ -94,7 +94,7 @@ def source_folders(spec: str) -> dict[str, str]:
     return {role: folder for role in ROLES}
 
 
-def _reader_source_folder(spec: str) -> str:
+def reader_source_folder(spec: str) -> str:
     """The local folder of the config and tokenizer a reader starts from (a run's: its models/reader/)."""
     root = run_root(spec)
     return local_copy(os.path.join(root, MODELS, READER)) if root else reader_folder_of(spec)
@@ -112,7 +112,7 @@ def copy_initial_models(workdir: str, source: str | None, roles: dict[str, str],
         return
     folders = source_folders(source) if source else {}
     if reader:
-        folders[READER] = _reader_source_folder(reader[0])
+        folders[READER] = reader_source_folder(reader[0])
     for role, folder in folders.items():
         with tempfile.TemporaryDirectory() as saved:
             load_tokenizer(folder).save_pretrained(saved)

@@ -9,7 +9,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite's models are tiny: compiling is most of a test's time. LLVM's optimisation passes were most
 # of it (tests/test_train_step.py: 179 s -> 114 s without them), then XLA:CPU's fusion emitters (a 4-step
-# training test: 44 s -> 34 s with the elemental emitters); the computation is the same.
+# training test: 44 s -> 34 s with the elemental emitters). The computation is the same but for float
+# rounding where the two emitters fuse differently: one program run twice still gives bitwise the same.
 COMPILE_FAST = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\d+")
 

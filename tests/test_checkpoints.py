@@ -100,6 +100,7 @@ def _restore(workdir, step):
     like = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=one_device),
                         checkpoints.state_metadata(step))
     state, record = checkpoints.restore(step, like)
+    checkpoints.close()
     return jax.device_get(state), {**record, "index_path": os.path.relpath(record["index_path"], workdir)}
 
 

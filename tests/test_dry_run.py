@@ -2,6 +2,7 @@
 against the parameters counted from the real tiny checkpoints; the paper configs fit 16 devices."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 from art_jax.cli import main
 from art_jax.config import apply_override, load_config, paper_config
-from art_jax.models.hf import load_bert, load_t5
-from art_jax.training.dry_run import WIKIPEDIA_PASSAGES, dry_run
+from art_jax.core.errors import UserError
+from art_jax.models.hf import load_bert, load_t5, read_config
+from art_jax.training.dry_run import WIKIPEDIA_PASSAGES, dry_run, reader_config
 from tests.multiprocess import child_env
 
 TINY = {"train.batch_size": 8, "train.topk": 4, "retriever.question_max_length": 16,
@@ -86,7 +88,7 @@ def _preset(name, **overrides):
     return cfg
 
 
-def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir):
+def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
     """DPR: the two towers' state and the index its evaluations search (DPR's Wikipedia at the tiny
     tower's width); FiD: the reader's state alone. FLOPs count every micro-batch: DPR's cached
     gradients over 2 add a forward pass without gradient (forward + forward + backward against
@@ -101,16 +103,26 @@ def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir):
     index = next(size for name, size in dpr.resident.items() if name.startswith("index shard, for evaluations"))
     assert 2 * 3 * bert <= state <= 2 * 3 * bert + 64 and not dpr.fsdp
     assert WIKIPEDIA_PASSAGES * 32 * 2 / 8 <= index < 1.01 * WIKIPEDIA_PASSAGES * 32 * 2 / 8
-    assert [f.name.split(" (")[0] for f in dpr.functions] == ["update", "passage embedding at evaluation"]
+    assert [f.name.split(" (")[0] for f in dpr.functions] == ["update", "passage embedding at evaluation",
+                                                             "search at evaluation, one block"]
     accumulated = dry_run(_preset("dpr_nq.py", **tiny_towers, **{"train.accumulation": 2, "data.dev_questions": ""}))
     assert [f.name.split(" (")[0] for f in accumulated.functions] == ["update"]  # no evaluation, no index
     assert 1.2 < accumulated.flops_per_step / dpr.flops_per_step < 1.45
 
-    fid = dry_run(_preset("fid.py", **{"reader.checkpoint": t5_v10_dir, "reader.max_input_tokens": 32,
-                                       "reader.max_answer_tokens": 8, "train.batch_size": 8, "train.topk": 4}))
+    tiny_reader = {"reader.checkpoint": t5_v10_dir, "reader.max_input_tokens": 32, "reader.max_answer_tokens": 8,
+                   "train.batch_size": 16, "train.topk": 4}
+    fid, halves = (dry_run(_preset("fid.py", **tiny_reader, **{"train.accumulation": a})) for a in (1, 2))
     ((name, state),) = fid.resident.items()
     assert name.startswith("train state") and 3 * t5 <= state <= 3 * t5 + 64
-    assert fid.fits and fid.functions[0].temporaries > 0 and fid.functions[0].flops > 0
+    assert fid.fits and fid.functions[0].temporaries > 0
+    # 2 micro-batches: the same FLOPs, and each micro-batch on every device, so less memory a device
+    np.testing.assert_allclose(halves.flops_per_step, fid.flops_per_step, rtol=0.02)
+    assert halves.functions[0].temporaries < 0.7 * fid.functions[0].temporaries
+    # a reader given as an export (its reader/) is sized by that folder's config, as the trainer reads it
+    shutil.copytree(t5_v10_dir, tmp_path / "export" / "reader")
+    assert reader_config(str(tmp_path / "export")) == reader_config(t5_v10_dir) == read_config(t5_v10_dir)
+    with pytest.raises(UserError, match="method=ict takes in-batch negatives only"):
+        dry_run(_preset("ict.py", **tiny_towers, **{"train.hard_negatives": 1}))
 
 
 @pytest.mark.slow
@@ -158,10 +170,16 @@ def test_the_shipped_shapes_count_the_hub_models_parameters():
               "bigscience/T0_3B": 2_849_757_184, "google/t5-xl-lm-adapt": 2_849_757_184,
               "google/t5-xxl-lm-adapt": 11_135_332_352}
     assert set(counts) == set(KNOWN_CONFIGS)
+
+    def parameters(hf, layers):  # the model built with ``layers`` layers (encoder and decoder alike)
+        key = "num_layers" if hf["model_type"] == "t5" else "num_hidden_layers"
+        module = (abstract_t5 if hf["model_type"] == "t5" else abstract_bert)({**hf, key: layers})
+        return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param))), hf[key]
+
     for name, count in counts.items():
-        hf = KNOWN_CONFIGS[name]
-        module = abstract_t5(hf) if hf["model_type"] == "t5" else abstract_bert(hf)
-        assert sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param))) == count, name
+        # built with 1 and 2 layers (tracing 24 is slow): the first layer, then each further one's parameters
+        (one, layers), (two, _) = parameters(KNOWN_CONFIGS[name], 1), parameters(KNOWN_CONFIGS[name], 2)
+        assert one + (layers - 1) * (two - one) == count, name
 
 
 def test_sizing_a_hub_model_downloads_its_config_alone(bert_dir, monkeypatch):

@@ -152,10 +152,9 @@ def test_unique_passages_point_back_at_the_retrieved_rows():
     for accumulation in (1, 2, 4):
         unique_rows, positions = unique_passages(rows, accumulation, multiple=4)
         assert unique_rows.shape[0] == accumulation and unique_rows.shape[1] % 4 == 0
-        micro = rows.shape[0] // accumulation
         for i in range(rows.shape[0]):  # every question finds its own rows in its micro-batch's list
-            np.testing.assert_array_equal(unique_rows[i // micro][positions[i]], rows[i])
-        assert len(set(unique_rows[0].tolist())) == len(set(rows[:micro].ravel().tolist()))
+            np.testing.assert_array_equal(unique_rows[i % accumulation][positions[i]], rows[i])
+        assert len(set(unique_rows[0].tolist())) == len(set(rows[::accumulation].ravel().tolist()))
 
 
 def test_deduplicated_passages_and_accumulation_give_the_direct_gradient():

@@ -94,8 +94,8 @@ def from_process_rows(mesh: Mesh, local: np.ndarray) -> jax.Array:
 
 def from_identical(sharding: NamedSharding, value: np.ndarray) -> jax.Array:
     """A host array that every process holds identically, as a global array with ``sharding``. (A
-    device array is read to the host first: slicing it on its device would compile a program per
-    shape of slice.)"""
+    device array, on this process's devices only, is read to the host first: slicing it on its
+    device would compile a program per shape of slice.)"""
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 

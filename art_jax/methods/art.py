@@ -50,15 +50,18 @@ PER_QUESTION = ("question_ids", "question_mask", "passage_index", "teacher_score
 
 def unique_passages(rows: np.ndarray, accumulation: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
     """Each micro-batch's retrieved rows once. ``rows`` [B, K] -> (store rows [A, U], positions
-    [B, K] into their micro-batch's U). U is the largest micro-batch's count rounded up to
-    ``multiple``, so few shapes get compiled; shorter lists repeat their last row, and no
+    [B, K] into their micro-batch's U); micro-batch a holds questions a, a + A, ... (as
+    ``training.update.split_evenly`` deals them). U is the largest micro-batch's count rounded up
+    to ``multiple``, so few shapes get compiled; shorter lists repeat their last row, and no
     question points at those copies (they get no gradient)."""
-    groups = np.split(rows, accumulation)
+    groups = [rows[a::accumulation] for a in range(accumulation)]
     uniques, inverses = zip(*(np.unique(group, return_inverse=True) for group in groups))
     width = round_up(max(map(len, uniques)), multiple)
     unique_rows = np.stack([np.pad(unique, (0, width - len(unique)), mode="edge") for unique in uniques])
-    positions = np.concatenate([inverse.reshape(group.shape) for group, inverse in zip(groups, inverses)])
-    return unique_rows, positions.astype(np.int32)
+    positions = np.empty(rows.shape, np.int32)
+    for a, (group, inverse) in enumerate(zip(groups, inverses)):
+        positions[a::accumulation] = inverse.reshape(group.shape)
+    return unique_rows, positions
 
 
 def split_micro_batches(batch: dict[str, jax.Array], accumulation: int) -> dict[str, jax.Array]:

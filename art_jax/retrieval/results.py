@@ -32,8 +32,11 @@ def open_corpus_for(version: IndexVersion, corpus: str | None) -> CorpusStore:
     return store
 
 
+SEARCH_BATCH = 64  # questions embedded and searched together
+
+
 def retrieve(encoder: DualEncoder, index: ShardedIndex, questions: list[Question], k: int, *,
-             batch_size: int = 64, progress: bool = True, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+             batch_size: int = SEARCH_BATCH, progress: bool = True, exclude=None) -> tuple[np.ndarray, np.ndarray]:
     """Scores and index rows [Q, k] of each question's top-k passages; ``exclude`` [Q] or
     [Q, E]: index rows kept out of each question's (``ShardedIndex.search``)."""
     scores, rows = [], []

@@ -9,8 +9,9 @@ shapes (no weights, data or workdir: the models' shapes come from their config.j
   passage embedding's at a refresh or evaluation);
 - resident + the largest temporaries against ``mesh.device_memory_gb``.
 Sized so far: ART (update, question embedding, search, teacher, refresh), DPR / ICT / pairs
-(the cached-gradient update; the evaluation index with data.dev_questions) and FiD (the reader's
-update). The end-to-end methods (EMDR2, Individual and Joint top-K) are not yet.
+(the cached-gradient update; with data.dev_questions the evaluation index, its passage embedding
+and a search block) and FiD (the reader's update; not its evaluation's generation). The
+end-to-end methods (EMDR2, Individual and Joint top-K) are not yet.
 On CPU devices the figures come from XLA:CPU's compiler, which approximate an accelerator's:
 same program, same shapes, same sharding, but another compiler's fusion and scheduling.
 """
@@ -221,6 +222,20 @@ def _passage_embedding(cfg, tower_hf: dict, when: str) -> Compiled:
     return embedding
 
 
+def _search_block(name: str, layout: Layout, queries: int, k: int, dim: int, per_device: int, dtype,
+                  calls: int) -> Compiled:
+    """One block of the exact top-k search: ``queries`` against ``per_device`` rows on every device."""
+    from art_jax.retrieval.search import ROWS, _block_step
+
+    mesh = layout.mesh
+    every, replicated = NamedSharding(mesh, ROWS), NamedSharding(mesh, P())
+    search = _block_step(mesh, k, True).lower(
+        _spec((queries, dim), dtype, replicated), _spec((per_device * mesh.size, dim), dtype, every),
+        _spec((mesh.size * queries, k), jnp.float32, every), _spec((mesh.size * queries, k), jnp.int32, every),
+        _spec((), jnp.int32, replicated), _spec((), jnp.int32, replicated))
+    return Compiled.of(name, search, calls=calls, copies=mesh.size)
+
+
 def _art(cfg, layout: Layout) -> Report:
     """ART: the towers' update, the step's question embedding, search and teacher, the refresh."""
     if cfg.scorer.kind != "t5":
@@ -268,17 +283,8 @@ def _art(cfg, layout: Layout) -> Report:
                               out_shardings=NamedSharding(mesh, P()))
     functions.append(Compiled.of("question embedding", embed_questions.lower(shapes.state, batch["question_ids"],
                                                                            batch["question_mask"])))
-    from art_jax.retrieval.search import ROWS, _block_step
-
-    every = NamedSharding(mesh, ROWS)
-    search = _block_step(mesh, train.topk, True).lower(
-        _spec((train.batch_size, dim), index_dtype, NamedSharding(mesh, P())),
-        _spec((per_device * mesh.size, dim), index_dtype, every),
-        _spec((mesh.size * train.batch_size, train.topk), jnp.float32, every),
-        _spec((mesh.size * train.batch_size, train.topk), jnp.int32, every),
-        _spec((), jnp.int32, NamedSharding(mesh, P())), _spec((), jnp.int32, NamedSharding(mesh, P())))
-    functions.append(Compiled.of(f"search, one block ({per_device:,} rows a device)", search, calls=blocks,
-                                 copies=mesh.size))
+    functions.append(_search_block(f"search, one block ({per_device:,} rows a device)", layout, train.batch_size,
+                                   train.topk, dim, per_device, index_dtype, calls=blocks))
 
     # the teacher: the step's B x K pairs in batches of scorer.batch_size (as one process)
     from art_jax.teachers.t5 import _teacher_scores
@@ -306,12 +312,15 @@ def _contrastive(cfg, layout: Layout) -> Report:
     train = cfg.train
     if train.hard_negatives < 0:
         raise UserError(f"train.hard_negatives={train.hard_negatives} must be 0 or more")
+    if cfg.method == "ict" and train.hard_negatives:
+        raise UserError(f"method=ict takes in-batch negatives only: set train.hard_negatives=0 "
+                        f"(it is {train.hard_negatives})")
     mesh = layout.mesh
     tower_hf = tower_config(cfg.retriever.checkpoint)
     shapes = TrainShapes.of(cfg, layout, functools.partial(_towers, cfg, tower_hf), remat=cfg.retriever.remat,
                             frozen=_frozen_towers(cfg))
     micro = train.batch_size // train.accumulation
-    per_question = 1 + (0 if cfg.method == "ict" else train.hard_negatives)  # ICT: in-batch negatives only
+    per_question = 1 + train.hard_negatives
     lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
     arrays = {"question_ids": (micro, lq), "question_mask": (micro, lq),
               "passage_ids": (micro * per_question, lp), "passage_mask": (micro * per_question, lp)}
@@ -325,18 +334,26 @@ def _contrastive(cfg, layout: Layout) -> Report:
     resident = dict([shapes.resident()])
     if cfg.data.dev_questions:  # evaluations search an index of the corpus, kept between them
         dim = shapes.groups.module(shapes.state.params, "question").config.embedding_dim
-        index, _, _ = _index(cfg, layout, dim, "for evaluations")
+        index, _, per_device = _index(cfg, layout, dim, "for evaluations")
         resident.update([index])
         functions.append(_passage_embedding(cfg, tower_hf, "evaluation"))
+        from art_jax.retrieval.results import SEARCH_BATCH
+
+        functions.append(_search_block(f"search at evaluation, one block ({per_device:,} rows a device)", layout,
+                                       SEARCH_BATCH, max(cfg.train.eval_topk), dim, per_device,
+                                       jnp.dtype(cfg.index.dtype), calls=0))
     return Report(layout, shapes.fsdp, resident, functions)
 
 
 def reader_config(spec: str) -> dict:
-    """The reader's config.json: a Hugging Face T5 (a known hub id's shipped shapes) or an export's reader/."""
+    """The reader's config.json: a hub id's (shipped shapes, else its config.json alone), or that of
+    the folder a run starts from (a T5 folder, an export's reader/, a run's models/reader/)."""
     from art_jax.core import storage
+    from art_jax.workdir import reader_source_folder
 
-    folder = os.path.join(os.path.expanduser(spec), "reader")
-    return hf_config(spec, folder if storage.isdir(folder) else None)
+    if not storage.isdir(spec if storage.is_remote(spec) else os.path.expanduser(spec)):
+        return hf_config(spec)
+    return hf_config(spec, reader_source_folder(spec))
 
 
 def _fid(cfg, layout: Layout) -> Report:

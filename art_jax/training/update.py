@@ -26,8 +26,11 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def split_evenly(batch: dict[str, jax.Array], accumulation: int) -> dict[str, jax.Array]:
-    """Every array's leading axis cut into ``accumulation`` equal micro-batches."""
-    return {name: value.reshape(accumulation, -1, *value.shape[1:]) for name, value in batch.items()}
+    """Every array's leading axis dealt into ``accumulation`` equal micro-batches: micro-batch a takes
+    rows a, a + A, a + 2A, ... A batch split over the devices in contiguous blocks so gives every
+    micro-batch an equal part on every device, with no data moved (cut into contiguous parts, each
+    micro-batch would sit on A-th of the devices, all of its activations with it)."""
+    return {name: value.reshape(-1, accumulation, *value.shape[1:]).swapaxes(0, 1) for name, value in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)
