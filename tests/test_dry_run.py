@@ -90,9 +90,8 @@ def _preset(name, **overrides):
 
 def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
     """DPR: the two towers' state and the index its evaluations search (DPR's Wikipedia at the tiny
-    tower's width); FiD: the reader's state alone. FLOPs count every micro-batch: DPR's cached
-    gradients over 2 add a forward pass without gradient (forward + forward + backward against
-    forward + backward: about 4/3; were the micro-batches' loop counted once, about 2/3)."""
+    tower's width); FiD: the reader's state alone, and with 2 micro-batches the same FLOPs (every
+    micro-batch counted: XLA counts a loop's body once) in less memory a device."""
     bert = _bytes(nnx.state(load_bert(bert_dir), nnx.Param))
     t5 = _bytes(nnx.state(load_t5(t5_v10_dir), nnx.Param))
     tiny_towers = {"retriever.checkpoint": bert_dir, "retriever.question_max_length": 16,
@@ -105,9 +104,6 @@ def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
     assert WIKIPEDIA_PASSAGES * 32 * 2 / 8 <= index < 1.01 * WIKIPEDIA_PASSAGES * 32 * 2 / 8
     assert [f.name.split(" (")[0] for f in dpr.functions] == ["update", "passage embedding at evaluation",
                                                              "search at evaluation, one block"]
-    accumulated = dry_run(_preset("dpr_nq.py", **tiny_towers, **{"train.accumulation": 2, "data.dev_questions": ""}))
-    assert [f.name.split(" (")[0] for f in accumulated.functions] == ["update"]  # no evaluation, no index
-    assert 1.2 < accumulated.flops_per_step / dpr.flops_per_step < 1.45
 
     tiny_reader = {"reader.checkpoint": t5_v10_dir, "reader.max_input_tokens": 32, "reader.max_answer_tokens": 8,
                    "train.batch_size": 16, "train.topk": 4}
