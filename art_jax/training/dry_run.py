@@ -190,8 +190,12 @@ def _towers(cfg, tower_hf: dict, unrolled: bool) -> dict:
     return {"question": question, "passage": passage}
 
 
-def _frozen_towers(cfg) -> tuple[str, ...]:
-    return tuple(role for role in ("question", "passage") if not cfg.train[f"train_{role}_tower"])
+def _tower_shapes(cfg, layout: Layout) -> tuple[dict, TrainShapes]:
+    """The towers' config.json and the train state of a run that trains the two towers."""
+    tower_hf = tower_config(cfg.retriever.checkpoint)
+    frozen = tuple(role for role in ("question", "passage") if not cfg.train[f"train_{role}_tower"])
+    return tower_hf, TrainShapes.of(cfg, layout, functools.partial(_towers, cfg, tower_hf),
+                                    remat=cfg.retriever.remat, frozen=frozen)
 
 
 def _index(cfg, layout: Layout, dim: int, use: str) -> tuple[tuple[str, int], int, int]:
@@ -245,9 +249,7 @@ def _art(cfg, layout: Layout) -> Report:
 
     check_topk(cfg)
     mesh, train = layout.mesh, cfg.train
-    tower_hf = tower_config(cfg.retriever.checkpoint)
-    shapes = TrainShapes.of(cfg, layout, functools.partial(_towers, cfg, tower_hf), remat=cfg.retriever.remat,
-                            frozen=_frozen_towers(cfg))
+    tower_hf, shapes = _tower_shapes(cfg, layout)
     dim = shapes.groups.module(shapes.state.params, "question").config.embedding_dim
 
     # the teacher, split over `model` as the trainer loads it
@@ -316,9 +318,7 @@ def _contrastive(cfg, layout: Layout) -> Report:
         raise UserError(f"method=ict takes in-batch negatives only: set train.hard_negatives=0 "
                         f"(it is {train.hard_negatives})")
     mesh = layout.mesh
-    tower_hf = tower_config(cfg.retriever.checkpoint)
-    shapes = TrainShapes.of(cfg, layout, functools.partial(_towers, cfg, tower_hf), remat=cfg.retriever.remat,
-                            frozen=_frozen_towers(cfg))
+    tower_hf, shapes = _tower_shapes(cfg, layout)
     micro = train.batch_size // train.accumulation
     per_question = 1 + train.hard_negatives
     lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
