@@ -50,9 +50,11 @@ from art_jax.models.reader_folder import (
     READER_FILE,
     Reader,
     ReaderSettings,
+    holds_reader,
     read_reader_folder,
     read_settings,
     reader_folder_of,
+    reader_path,
     settings_record,
 )
 from art_jax.models.t5 import T5
@@ -92,6 +94,18 @@ def source_folders(spec: str) -> dict[str, str]:
         return {role: tower_path(folder, role) for role in ROLES}
     folder = resolve_checkpoint(spec)
     return {role: folder for role in ROLES}
+
+
+def remote_model_folder(spec: str, role: str) -> str:
+    """The folder whose config.json ``role``'s model (a tower's or the reader's) starts from, for a
+    URL ``spec``, without copying it: a run's models/ROLE/, an export's tower or reader/ folder,
+    else the checkpoint folder itself."""
+    root = run_root(spec)
+    if root:
+        return f"{root.rstrip('/')}/{MODELS}/{role}"
+    if role == READER:
+        return reader_path(spec) if holds_reader(spec) else spec.rstrip("/")
+    return tower_path(spec, role) if reads_as_export(spec) else spec.rstrip("/")
 
 
 def reader_source_folder(spec: str) -> str:

@@ -73,7 +73,7 @@ def test_the_dry_run_says_whether_it_fits_and_writes_nothing(bert_dir, t5_v11_di
     assert exit_.value.code == 3 and "DOES NOT FIT" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
     for bad, message in (("--config.mesh.device_memory_gb=0.0", "mesh.device_memory_gb: the dry run needs"),
-                         ("--config.method=emdr2", "sizes method=art, dpr, ict, pairs, fid so far"),
+                         ("--config.method=mystery", "sizes method=art, dpr, ict, pairs, fid, emdr2"),
                          ("--config.train.batch_size=7", "train.batch_size")):
         with pytest.raises(SystemExit) as exit_:
             main([*args, bad])
@@ -88,15 +88,15 @@ def _preset(name, **overrides):
     return cfg
 
 
-def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
+TINY_TOWERS = {"retriever.checkpoint": None, "retriever.question_max_length": 16,
+               "retriever.train_passage_max_length": 32, "retriever.passage_max_length": 32, "train.batch_size": 16}
+
+
+def test_contrastive_runs_are_sized(bert_dir):
     """DPR: the two towers' state and the index its evaluations search (DPR's Wikipedia at the tiny
-    tower's width); FiD: the reader's state alone, and with 2 micro-batches the same FLOPs (every
-    micro-batch counted: XLA counts a loop's body once) in less memory a device."""
+    tower's width)."""
     bert = _bytes(nnx.state(load_bert(bert_dir), nnx.Param))
-    t5 = _bytes(nnx.state(load_t5(t5_v10_dir), nnx.Param))
-    tiny_towers = {"retriever.checkpoint": bert_dir, "retriever.question_max_length": 16,
-                   "retriever.train_passage_max_length": 32, "retriever.passage_max_length": 32,
-                   "train.batch_size": 16}
+    tiny_towers = {**TINY_TOWERS, "retriever.checkpoint": bert_dir}
     dpr = dry_run(_preset("dpr_nq.py", **tiny_towers))
     state = next(size for name, size in dpr.resident.items() if name.startswith("train state"))
     index = next(size for name, size in dpr.resident.items() if name.startswith("index shard, for evaluations"))
@@ -104,10 +104,21 @@ def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
     assert WIKIPEDIA_PASSAGES * 32 * 2 / 8 <= index < 1.01 * WIKIPEDIA_PASSAGES * 32 * 2 / 8
     assert [f.name.split(" (")[0] for f in dpr.functions] == ["update", "passage embedding at evaluation",
                                                              "search at evaluation, one block"]
+    with pytest.raises(UserError, match="method=ict takes in-batch negatives only"):
+        dry_run(_preset("ict.py", **tiny_towers, **{"train.hard_negatives": 1}))
 
-    tiny_reader = {"reader.checkpoint": t5_v10_dir, "reader.max_input_tokens": 32, "reader.max_answer_tokens": 8,
-                   "train.batch_size": 16, "train.topk": 4}
-    fid, halves = (dry_run(_preset("fid.py", **tiny_reader, **{"train.accumulation": a})) for a in (1, 2))
+
+def test_reader_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
+    """FiD: the reader's state alone, and with 2 micro-batches the same FLOPs (every micro-batch
+    counted: XLA counts a loop's body once) in less memory a device. EMDR2 and Joint top-K: both
+    towers and the reader in one state (joint_topk's frozen passage tower without AdamW moments,
+    its lambda beside), an update beyond FiD's on the same reader inputs (the towers re-embed,
+    EMDR2 decodes each passage again), the step's search and the index's passage embedding."""
+    bert = _bytes(nnx.state(load_bert(bert_dir), nnx.Param))
+    t5 = _bytes(nnx.state(load_t5(t5_v10_dir), nnx.Param))
+    tiny = {**TINY_TOWERS, "retriever.checkpoint": bert_dir, "reader.checkpoint": t5_v10_dir,
+            "reader.max_input_tokens": 32, "reader.max_answer_tokens": 8, "train.topk": 4}
+    fid, halves = (dry_run(_preset("fid.py", **tiny, **{"train.accumulation": a})) for a in (1, 2))
     ((name, state),) = fid.resident.items()
     assert name.startswith("train state") and 3 * t5 <= state <= 3 * t5 + 64
     assert fid.fits and fid.functions[0].temporaries > 0
@@ -117,8 +128,17 @@ def test_contrastive_and_fid_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
     # a reader given as an export (its reader/) is sized by that folder's config, as the trainer reads it
     shutil.copytree(t5_v10_dir, tmp_path / "export" / "reader")
     assert reader_config(str(tmp_path / "export")) == reader_config(t5_v10_dir) == read_config(t5_v10_dir)
-    with pytest.raises(UserError, match="method=ict takes in-batch negatives only"):
-        dry_run(_preset("ict.py", **tiny_towers, **{"train.hard_negatives": 1}))
+
+    emdr2, joint = (dry_run(_preset("emdr2.py", **tiny, method=method)) for method in ("emdr2", "joint_topk"))
+    states = [next(size for name, size in report.resident.items() if name.startswith("train state"))
+              for report in (emdr2, joint)]
+    assert 3 * (2 * bert + t5) <= states[0] <= 3 * (2 * bert + t5) + 64
+    assert 3 * bert + bert + 3 * (t5 + 4) <= states[1] <= 3 * bert + bert + 3 * (t5 + 4) + 64
+    for report, embedding in ((emdr2, "passage embedding at refresh"), (joint, "passage embedding at start")):
+        assert [f.name.split(" (")[0] for f in report.functions] == [
+            "update", "question embedding", "search, one block", embedding]
+        assert report.fits and report.functions[0].flops > fid.functions[0].flops
+    assert emdr2.functions[0].flops > joint.functions[0].flops
 
 
 @pytest.mark.slow
@@ -193,3 +213,22 @@ def test_sizing_a_hub_model_downloads_its_config_alone(bert_dir, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert hf_config("someone/a-bert")["model_type"] == "bert"
     assert asked == [("someone/a-bert", ["config.json"])]
+
+
+def test_an_offline_run_after_a_dry_run_names_the_missing_weights(tmp_path, monkeypatch):
+    """The hub cache after a dry run fetched a config alone: offline, huggingface_hub answers with
+    that snapshot; loading says what is missing instead of 'no weights in <snapshot folder>'."""
+    from huggingface_hub import constants
+
+    from art_jax.models.hf import resolve_checkpoint
+
+    repo, revision = tmp_path / "models--someone--a-bert", "a" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "snapshots" / revision / "config.json").write_text('{"model_type": "bert"}')
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_checkpoint("someone/a-bert", config_only=True) == str(repo / "snapshots" / revision)
+    with pytest.raises(UserError, match="'someone/a-bert': the local Hugging Face cache holds its config.json alone"):
+        resolve_checkpoint("someone/a-bert")

@@ -94,3 +94,24 @@ def test_a_remote_corpus_store_and_checkpoint_read_like_local_ones(tmp_path, ber
     mask = np.ones_like(ids)
     np.testing.assert_array_equal(jax.device_get(load_bert("ram://bucket/bert").embed_cls(ids, mask)),
                                   jax.device_get(load_bert(bert_dir).embed_cls(ids, mask)))
+
+
+def test_sizing_a_remote_model_reads_its_config_alone(tmp_path, cache, bert_dir, t5_v10_dir):
+    """--dry-run of a run starting from URL folders reads each config.json, never the weights: a
+    checkpoint folder's, an export's question tower and reader/; a folder without one is named.
+    (Its own bucket: ram:// appends to an object written twice.)"""
+    from art_jax.models.hf import read_config
+    from art_jax.models.shapes import hf_config
+    from art_jax.training.dry_run import reader_config, tower_config
+
+    _upload(bert_dir, "ram://sizing/bert")
+    _upload(t5_v10_dir, "ram://sizing/t5")
+    for role, local in (("question_encoder", bert_dir), ("passage_encoder", bert_dir), ("reader", t5_v10_dir)):
+        _upload(local, f"ram://sizing/export/{role}")
+    assert tower_config("ram://sizing/bert") == tower_config("ram://sizing/export") == read_config(bert_dir)
+    assert reader_config("ram://sizing/t5") == reader_config("ram://sizing/export/") == read_config(t5_v10_dir)
+    assert hf_config("ram://sizing/t5/") == read_config(t5_v10_dir)
+    assert not cache.exists() or not any(cache.iterdir())  # nothing copied
+    gfile.makedirs("ram://sizing/empty")
+    with pytest.raises(UserError, match="checkpoint folder ram://sizing/empty has no config.json"):
+        reader_config("ram://sizing/empty")

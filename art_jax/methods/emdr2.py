@@ -16,11 +16,21 @@ from __future__ import annotations
 import jax
 
 from art_jax.core.errors import UserError
-from art_jax.methods.end_to_end import EndToEnd
+from art_jax.methods.end_to_end import EndToEnd, log_p_retrieved
 from art_jax.methods.reading import fid_log_probs, per_passage_log_probs
 from art_jax.objectives import emdr2_loss
+from art_jax.training.state import ParamGroups
 
 MARGINALS = ("sequence", "token")
+
+
+def loss(groups: ParamGroups, params, batch, keys, *, tau: float, marginalise: str):
+    log_retriever = log_p_retrieved(groups, params, batch, keys, tau=tau)
+    reader = groups.module(params, "reader")
+    answer, memory, memory_mask = fid_log_probs(reader, batch, keys[2:])
+    per_passage = per_passage_log_probs(reader, jax.lax.stop_gradient(memory), memory_mask, batch["labels"],
+                                        log_retriever.shape[1])
+    return emdr2_loss(answer, per_passage, log_retriever, batch["label_mask"], marginalise=marginalise)
 
 
 class Emdr2(EndToEnd):
@@ -34,11 +44,8 @@ class Emdr2(EndToEnd):
             raise UserError(f"train.marginalise: {cfg.train.marginalise!r} is not 'sequence' or 'token'")
         EndToEnd.check_config(cfg)
 
-    def loss(self, params, batch, keys):
-        log_retriever = self.log_p_retrieved(params, batch, keys)
-        reader = self.groups.module(params, "reader")
-        answer, memory, memory_mask = fid_log_probs(reader, batch, keys[2:])
-        per_passage = per_passage_log_probs(reader, jax.lax.stop_gradient(memory), memory_mask, batch["labels"],
-                                            log_retriever.shape[1])
-        return emdr2_loss(answer, per_passage, log_retriever, batch["label_mask"],
-                          marginalise=self.cfg.train.marginalise)
+    objective_loss = staticmethod(loss)
+
+    @staticmethod
+    def loss_settings(cfg, tau: float) -> dict:
+        return {"tau": tau, "marginalise": cfg.train.marginalise}

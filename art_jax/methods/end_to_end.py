@@ -89,6 +89,24 @@ def retriever_scores(groups: ParamGroups, params, batch, keys, *, frozen_passage
     return retrieval_scores(q, p[batch["passage_index"]])
 
 
+def log_p_retrieved(groups: ParamGroups, params, batch, keys, *, tau: float) -> jax.Array:
+    """log p(z_k | q) [B, K] (``objectives.retriever_log_probs`` of ``retriever_scores``, both towers
+    trained)."""
+    return retriever_log_probs(retriever_scores(groups, params, batch, keys), tau)
+
+
+def objective(loss, groups: ParamGroups, *, accumulation: int, **settings) -> Objective:
+    """The update's objective of a method's ``loss(groups, params, batch, keys, **settings)``."""
+    return Objective(functools.partial(loss, groups, **settings), keys=step_keys, accumulation=accumulation,
+                     split=split_micro_batches)
+
+
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
+    """Per-question arrays split over `data` by question, the passage arrays [A, U, Lp] by passage."""
+    questions, passages = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+    return {**{name: questions for name in PER_QUESTION}, **{name: passages for name in PASSAGE_ARRAYS}}
+
+
 def embed_questions(groups: ParamGroups, state: TrainState, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """The step's queries with the step's question dropout: the query that retrieves is the one
     the loss sees."""
@@ -96,16 +114,24 @@ def embed_questions(groups: ParamGroups, state: TrainState, ids: jax.Array, mask
 
 
 class EndToEnd(TrainsTowers):
-    """The loop's method for end-to-end reader and retriever training; subclasses give the loss
-    (``loss(params, batch, keys)`` over the batch above, keys as ``step_keys``)."""
+    """The loop's method for end-to-end reader and retriever training; subclasses give the loss as
+    ``objective_loss(groups, params, batch, keys, **loss_settings(cfg, tau))``, a pure function over
+    the batch above, keys as ``step_keys``."""
 
     index_use = "train"
     log_labels = {"grad_norm": "|g|", "learning_rate": "lr", "index_staleness": "staleness"}
+    objective_loss: staticmethod
+
+    @staticmethod
+    def loss_settings(cfg, tau: float) -> dict:
+        """The loss's settings beside the parameter groups: tau, the retriever scores' scale."""
+        return {"tau": tau}
 
     def loss(self, params, batch, keys):
-        raise NotImplementedError
+        return self.objective_loss(self.groups, params, batch, keys, **self.loss_settings(self.cfg, self.tau))
 
-    def other_modules(self, cfg) -> dict:
+    @staticmethod
+    def other_modules(cfg) -> dict:
         """Trained modules beside the towers and the reader, by role."""
         return {}
 
@@ -152,12 +178,10 @@ class EndToEnd(TrainsTowers):
         self.settings = reader_settings(cfg, **self.joint_settings(cfg))
         self.initial_reader = (cfg.reader.checkpoint, self.settings)
         self.max_lengths["reader"] = self.settings.max_input_tokens
-        self.objective = Objective(self.loss, keys=step_keys, accumulation=train.accumulation,
-                                   split=split_micro_batches)
-        questions, passages = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
-        self.batch_shardings = {**{name: questions for name in PER_QUESTION},
-                                **{name: passages for name in PASSAGE_ARRAYS}}
-        replicated = NamedSharding(mesh, P())
+        self.objective = objective(self.objective_loss, self.groups, accumulation=train.accumulation,
+                                   **self.loss_settings(cfg, self.tau))
+        self.batch_shardings = batch_shardings(mesh)
+        questions, replicated = self.batch_shardings["question_ids"], NamedSharding(mesh, P())
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
                                         in_shardings=(None, questions, questions),  # None: the state as placed
                                         out_shardings=replicated)
@@ -168,11 +192,6 @@ class EndToEnd(TrainsTowers):
     def joint_settings(self, cfg) -> dict:
         """ReaderSettings' Joint top-K fields (joint_topk alone has them)."""
         return {}
-
-    def log_p_retrieved(self, params, batch, keys) -> jax.Array:
-        """log p(z_k | q) [B, K] (``objectives.retriever_log_probs`` of ``retriever_scores``, both towers
-        trained)."""
-        return retriever_log_probs(retriever_scores(self.groups, params, batch, keys), self.tau)
 
     def describe(self) -> str:
         train = self.cfg.train

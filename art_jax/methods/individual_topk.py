@@ -10,21 +10,24 @@ The paper finds accuracy can fall as K grows: K (``train.topk``) is tuned on dev
 
 from __future__ import annotations
 
-from art_jax.methods.end_to_end import EndToEnd
+from art_jax.methods.end_to_end import EndToEnd, log_p_retrieved
 from art_jax.methods.reading import per_passage_log_probs
 from art_jax.models.reader import fid_encode
 from art_jax.objectives import individual_topk_loss
+from art_jax.training.state import ParamGroups
+
+
+def loss(groups: ParamGroups, params, batch, keys, *, tau: float):
+    log_retriever = log_p_retrieved(groups, params, batch, keys, tau=tau)
+    reader = groups.module(params, "reader")
+    encoder_key, decoder_key = keys[2:]
+    memory, memory_mask = fid_encode(reader, batch["reader_ids"], batch["reader_mask"], dropout_key=encoder_key)
+    per_passage = per_passage_log_probs(reader, memory, memory_mask, batch["labels"], log_retriever.shape[1],
+                                        dropout_key=decoder_key)
+    return individual_topk_loss(per_passage, log_retriever, batch["label_mask"])
 
 
 class IndividualTopK(EndToEnd):
     name = "individual_topk"
     log_labels = {"retriever_entropy": "H(retriever)", **EndToEnd.log_labels}
-
-    def loss(self, params, batch, keys):
-        log_retriever = self.log_p_retrieved(params, batch, keys)
-        reader = self.groups.module(params, "reader")
-        encoder_key, decoder_key = keys[2:]
-        memory, memory_mask = fid_encode(reader, batch["reader_ids"], batch["reader_mask"], dropout_key=encoder_key)
-        per_passage = per_passage_log_probs(reader, memory, memory_mask, batch["labels"], log_retriever.shape[1],
-                                            dropout_key=decoder_key)
-        return individual_topk_loss(per_passage, log_retriever, batch["label_mask"])
+    objective_loss = staticmethod(loss)

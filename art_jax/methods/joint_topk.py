@@ -21,7 +21,7 @@ from art_jax.methods.end_to_end import EndToEnd, retriever_scores
 from art_jax.methods.reading import fid_log_probs
 from art_jax.models.reader import passage_memory_bias
 from art_jax.objectives import fid_nll, joint_topk_memory_weights
-from art_jax.training.state import TrainState
+from art_jax.training.state import ParamGroups, TrainState
 from art_jax.workdir import JOINT
 
 
@@ -30,6 +30,16 @@ class CrossAttentionWeight(nnx.Module):
 
     def __init__(self, value: float):
         self.weight = nnx.Param(jnp.float32(value))
+
+
+def loss(groups: ParamGroups, params, batch, keys, *, tau: float):
+    scores = retriever_scores(groups, params, batch, keys, frozen_passages=True)
+    lam = groups.module(params, JOINT).weight[...]
+    weights = joint_topk_memory_weights(scores, tau, lam)
+    bias = passage_memory_bias(weights, batch["reader_ids"].shape[-1])
+    answer, _, _ = fid_log_probs(groups.module(params, "reader"), batch, keys[2:], memory_bias=bias)
+    nll, metrics = fid_nll(answer, batch["label_mask"])
+    return nll, {**metrics, "lambda": lam}
 
 
 class JointTopK(EndToEnd):
@@ -48,24 +58,19 @@ class JointTopK(EndToEnd):
     index_use = "fixed"  # the frozen passage tower's index stays what it was
     log_labels = {"token_nll": "nll/token", "lambda": "lambda", **EndToEnd.log_labels}
 
-    def initial_lambda(self, cfg) -> float:
+    objective_loss = staticmethod(loss)
+
+    @staticmethod
+    def initial_lambda(cfg) -> float:
         """reader.joint_lambda; 0 means K."""
         return float(cfg.reader.joint_lambda or cfg.train.topk)
 
-    def other_modules(self, cfg) -> dict:
-        return {JOINT: CrossAttentionWeight(self.initial_lambda(cfg))}
+    @staticmethod
+    def other_modules(cfg) -> dict:
+        return {JOINT: CrossAttentionWeight(JointTopK.initial_lambda(cfg))}
 
     def joint_settings(self, cfg) -> dict:
         return {"joint_lambda": self.initial_lambda(cfg), "joint_tau": self.tau}
-
-    def loss(self, params, batch, keys):
-        scores = retriever_scores(self.groups, params, batch, keys, frozen_passages=True)
-        lam = self.groups.module(params, JOINT).weight[...]
-        weights = joint_topk_memory_weights(scores, self.tau, lam)
-        bias = passage_memory_bias(weights, batch["reader_ids"].shape[-1])
-        answer, _, _ = fid_log_probs(self.groups.module(params, "reader"), batch, keys[2:], memory_bias=bias)
-        loss, metrics = fid_nll(answer, batch["label_mask"])
-        return loss, {**metrics, "lambda": lam}
 
     def evaluation_settings(self, state: TrainState):
         lam = float(self.groups.module(state.params, JOINT).weight[...])

@@ -60,7 +60,14 @@ def resolve_checkpoint(name: str, *, config_only: bool = False) -> str:
         raise CheckpointError(f"checkpoint {name!r} is a file; expected a folder with config.json")
     if name.startswith(_LOCAL_PREFIXES) or name.count("/") > 1:
         raise CheckpointError(f"checkpoint folder not found: {name}")
-    return _download_hub(name, ["config.json"] if config_only else CHECKPOINT_FILES)
+    if config_only:
+        return _download_hub(name, ["config.json"])
+    folder = _download_hub(name, CHECKPOINT_FILES)
+    # offline, the hub's cache answers with whatever snapshot it holds: a dry run's is a config alone
+    if os.listdir(folder) == ["config.json"]:
+        raise CheckpointError(f"checkpoint {name!r}: the local Hugging Face cache holds its config.json alone "
+                              f"(what --dry-run fetches), not its weights; fetch them with HF_HUB_OFFLINE unset")
+    return folder
 
 
 # a checkpoint's files on the hub (a projection head's modules: 2_Dense/*, 3_LayerNorm/*)

@@ -12,6 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from art_jax.core import storage
+from art_jax.core.errors import CheckpointError
+from art_jax.core.fileio import read_json
 from art_jax.models.bert import Bert
 from art_jax.models.hf import abstract_module, bert_config_from_hf, read_config, resolve_checkpoint, t5_config_from_hf
 from art_jax.models.t5 import T5
@@ -44,9 +47,14 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 def hf_config(name: str, folder: str | None = None) -> dict[str, Any]:
     """The config.json of checkpoint ``name`` (its local ``folder`` when already known); a known
     hub id that is no local folder gives the shipped shapes without downloading, another hub id
-    downloads its config.json alone."""
+    downloads its config.json alone, a URL's (gs://) is read alone (not its weights)."""
     if folder is None and name in KNOWN_CONFIGS and not os.path.isdir(os.path.expanduser(name)):
         return dict(KNOWN_CONFIGS[name])
+    if folder is None and storage.is_remote(name):
+        path = f"{name.rstrip('/')}/config.json"
+        if not storage.isfile(path):
+            raise CheckpointError(f"checkpoint folder {name} has no config.json")
+        return read_json(path)
     return read_config(folder or resolve_checkpoint(name, config_only=True))
 
 

@@ -10,8 +10,9 @@ shapes (no weights, data or workdir: the models' shapes come from their config.j
 - resident + the largest temporaries against ``mesh.device_memory_gb``.
 Sized so far: ART (update, question embedding, search, teacher, refresh), DPR / ICT / pairs
 (the cached-gradient update; with data.dev_questions the evaluation index, its passage embedding
-and a search block) and FiD (the reader's update; not its evaluation's generation). The
-end-to-end methods (EMDR2, Individual and Joint top-K) are not yet.
+and a search block), FiD (the reader's update) and EMDR2, Individual and Joint top-K (the update
+of towers and reader, the step's question embedding and search, the index's passage embedding).
+Not sized: the reader's generation at evaluation.
 On CPU devices the figures come from XLA:CPU's compiler, which approximate an accelerator's:
 same program, same shapes, same sharding, but another compiler's fusion and scheduling.
 """
@@ -29,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from art_jax.core import storage
 from art_jax.core.batching import round_up
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import batch_sharding, make_mesh
@@ -123,8 +125,10 @@ def tower_config(spec: str) -> dict:
     """The towers' config.json: a Hugging Face checkpoint's (a known hub id's shipped shapes), or
     the question tower's of an export or a run."""
     from art_jax.retrieval.encoder import retriever_kind
-    from art_jax.workdir import source_folders
+    from art_jax.workdir import remote_model_folder, source_folders
 
+    if storage.is_remote(spec):  # its config.json alone, where the model a run starts from lies
+        return hf_config(remote_model_folder(spec, "question"))
     if retriever_kind(spec) == "hf":
         return hf_config(spec)
     return hf_config(spec, source_folders(spec)["question"])
@@ -190,12 +194,20 @@ def _towers(cfg, tower_hf: dict, unrolled: bool) -> dict:
     return {"question": question, "passage": passage}
 
 
+def _frozen_towers(cfg) -> tuple[str, ...]:
+    return tuple(role for role in ("question", "passage") if not cfg.train[f"train_{role}_tower"])
+
+
 def _tower_shapes(cfg, layout: Layout) -> tuple[dict, TrainShapes]:
     """The towers' config.json and the train state of a run that trains the two towers."""
     tower_hf = tower_config(cfg.retriever.checkpoint)
-    frozen = tuple(role for role in ("question", "passage") if not cfg.train[f"train_{role}_tower"])
     return tower_hf, TrainShapes.of(cfg, layout, functools.partial(_towers, cfg, tower_hf),
-                                    remat=cfg.retriever.remat, frozen=frozen)
+                                    remat=cfg.retriever.remat, frozen=_frozen_towers(cfg))
+
+
+def _reader(cfg, reader_hf: dict, unrolled: bool):
+    reader = cfg.reader
+    return abstract_t5(reader_hf, dropout_rate=reader.dropout, dtype=reader.dtype, remat=reader.remat and not unrolled)
 
 
 def _index(cfg, layout: Layout, dim: int, use: str) -> tuple[tuple[str, int], int, int]:
@@ -240,6 +252,19 @@ def _search_block(name: str, layout: Layout, queries: int, k: int, dim: int, per
     return Compiled.of(name, search, calls=calls, copies=mesh.size)
 
 
+def _question_search(cfg, layout: Layout, shapes: TrainShapes, embed, batch: dict, dim: int, per_device: int,
+                     blocks: int) -> list[Compiled]:
+    """The step's question embedding (``embed(groups, state, ids, mask)``, as the method's) and its
+    exact top-K search, one block a call."""
+    rows = batch["question_ids"].sharding
+    embed_questions = jax.jit(functools.partial(embed, shapes.groups), in_shardings=(None, rows, rows),
+                              out_shardings=NamedSharding(layout.mesh, P()))
+    return [Compiled.of("question embedding", embed_questions.lower(shapes.state, batch["question_ids"],
+                                                                   batch["question_mask"])),
+            _search_block(f"search, one block ({per_device:,} rows a device)", layout, cfg.train.batch_size,
+                          cfg.train.topk, dim, per_device, jnp.dtype(cfg.index.dtype), calls=blocks)]
+
+
 def _art(cfg, layout: Layout) -> Report:
     """ART: the towers' update, the step's question embedding, search and teacher, the refresh."""
     if cfg.scorer.kind != "t5":
@@ -258,7 +283,6 @@ def _art(cfg, layout: Layout) -> Report:
     teacher = nnx.merge(graph, _placed(teacher_state, logical_shardings(teacher_state, mesh)))
 
     index, blocks, per_device = _index(cfg, layout, dim, "searched every step")
-    index_dtype = jnp.dtype(cfg.index.dtype)
     resident = dict([index, (f"teacher parameters ({cfg.scorer.checkpoint}, {cfg.scorer.dtype})",
                              per_device_bytes(nnx.state(teacher))), shapes.resident()])
 
@@ -266,7 +290,6 @@ def _art(cfg, layout: Layout) -> Report:
     micro = train.batch_size // train.accumulation
     unique = round_up(micro * train.topk, mesh.size)  # every retrieved passage distinct: the most
     placed = art.batch_shardings(mesh)
-    rows = placed["question_ids"]
     lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
     arrays = {"question_ids": ((train.batch_size, lq), jnp.int32),
               "question_mask": ((train.batch_size, lq), jnp.int32),
@@ -280,13 +303,7 @@ def _art(cfg, layout: Layout) -> Report:
     functions = [shapes.update(f"update (batch {train.batch_size}, K={train.topk}, {unique} passages)", mesh,
                                objective_of, batch, micro_batches=train.accumulation)]
 
-    # the step's question embedding and search
-    embed_questions = jax.jit(functools.partial(art.embed_questions, shapes.groups), in_shardings=(None, rows, rows),
-                              out_shardings=NamedSharding(mesh, P()))
-    functions.append(Compiled.of("question embedding", embed_questions.lower(shapes.state, batch["question_ids"],
-                                                                           batch["question_mask"])))
-    functions.append(_search_block(f"search, one block ({per_device:,} rows a device)", layout, train.batch_size,
-                                   train.topk, dim, per_device, index_dtype, calls=blocks))
+    functions += _question_search(cfg, layout, shapes, art.embed_questions, batch, dim, per_device, blocks)
 
     # the teacher: the step's B x K pairs in batches of scorer.batch_size (as one process)
     from art_jax.teachers.t5 import _teacher_scores
@@ -348,10 +365,11 @@ def _contrastive(cfg, layout: Layout) -> Report:
 def reader_config(spec: str) -> dict:
     """The reader's config.json: a hub id's (shipped shapes, else its config.json alone), or that of
     the folder a run starts from (a T5 folder, an export's reader/, a run's models/reader/)."""
-    from art_jax.core import storage
-    from art_jax.workdir import reader_source_folder
+    from art_jax.workdir import READER, reader_source_folder, remote_model_folder
 
-    if not storage.isdir(spec if storage.is_remote(spec) else os.path.expanduser(spec)):
+    if storage.is_remote(spec):
+        return hf_config(remote_model_folder(spec, READER))
+    if not os.path.isdir(os.path.expanduser(spec)):
         return hf_config(spec)
     return hf_config(spec, reader_source_folder(spec))
 
@@ -366,11 +384,8 @@ def _fid(cfg, layout: Layout) -> Report:
     mesh = layout.mesh
     reader_hf = reader_config(reader.checkpoint)
 
-    def modules(unrolled: bool) -> dict:
-        return {"reader": abstract_t5(reader_hf, dropout_rate=reader.dropout, dtype=reader.dtype,
-                                      remat=reader.remat and not unrolled)}
-
-    shapes = TrainShapes.of(cfg, layout, modules, remat=reader.remat)
+    shapes = TrainShapes.of(cfg, layout, lambda unrolled: {"reader": _reader(cfg, reader_hf, unrolled)},
+                            remat=reader.remat)
     k, n, t = train.topk, reader.max_input_tokens, reader.max_answer_tokens
     placed = fid.batch_shardings(mesh)
     arrays = {"reader_ids": (train.batch_size, k, n), "reader_mask": (train.batch_size, k, n),
@@ -382,7 +397,48 @@ def _fid(cfg, layout: Layout) -> Report:
     return Report(layout, shapes.fsdp, dict([shapes.resident()]), functions)
 
 
-SIZED = {"art": _art, "dpr": _contrastive, "ict": _contrastive, "pairs": _contrastive, "fid": _fid}
+def _end_to_end(cfg, layout: Layout) -> Report:
+    """EMDR2, Individual and Joint top-K: the update of the towers and the reader together (the
+    step's B x K passages re-embedded, the reader over B x K x N tokens), the step's question
+    embedding and search, and the passage embedding that builds (and refreshes) the index."""
+    from art_jax.methods import METHODS, end_to_end
+    from art_jax.methods.common import check_topk
+    from art_jax.objectives import score_scale
+
+    check_topk(cfg)
+    method, train, reader = METHODS[cfg.method], cfg.train, cfg.reader
+    mesh = layout.mesh
+    tower_hf, reader_hf = tower_config(cfg.retriever.checkpoint), reader_config(reader.checkpoint)
+
+    def modules(unrolled: bool) -> dict:
+        return {**_towers(cfg, tower_hf, unrolled), "reader": _reader(cfg, reader_hf, unrolled),
+                **method.other_modules(cfg)}
+
+    shapes = TrainShapes.of(cfg, layout, modules, remat=cfg.retriever.remat or reader.remat,
+                            frozen=_frozen_towers(cfg) + method.always_frozen)
+    dim = shapes.groups.module(shapes.state.params, "question").config.embedding_dim
+    index, blocks, per_device = _index(cfg, layout, dim, "searched every step")
+
+    b, k, n, t = train.batch_size, train.topk, reader.max_input_tokens, reader.max_answer_tokens
+    lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
+    unique = round_up(b // train.accumulation * k, mesh.size)  # as the method pads them
+    arrays = {"question_ids": (b, lq), "question_mask": (b, lq), "passage_index": (b, k),
+              "reader_ids": (b, k, n), "reader_mask": (b, k, n), "labels": (b, t), "label_mask": (b, t),
+              "passage_ids": (train.accumulation, unique, lp), "passage_mask": (train.accumulation, unique, lp)}
+    placed = end_to_end.batch_shardings(mesh)
+    batch = {name: _spec(shape, jnp.int32, placed[name]) for name, shape in arrays.items()}
+    tau = float(score_scale(dim, train.temperature_multiplier, train.score_scaling))
+    objective_of = functools.partial(end_to_end.objective, method.objective_loss, accumulation=train.accumulation,
+                                     **method.loss_settings(cfg, tau))
+    functions = [shapes.update(f"update (batch {b} x K={k}: {unique} passages re-embedded, reader over {n} tokens "
+                               f"each, answers of {t})", mesh, objective_of, batch, micro_batches=train.accumulation)]
+    functions += _question_search(cfg, layout, shapes, end_to_end.embed_questions, batch, dim, per_device, blocks)
+    functions.append(_passage_embedding(cfg, tower_hf, "refresh" if method.index_use == "train" else "start"))
+    return Report(layout, shapes.fsdp, dict([index, shapes.resident()]), functions)
+
+
+SIZED = {"art": _art, "dpr": _contrastive, "ict": _contrastive, "pairs": _contrastive, "fid": _fid,
+         "emdr2": _end_to_end, "individual_topk": _end_to_end, "joint_topk": _end_to_end}
 
 
 def dry_run(cfg) -> Report:
