@@ -11,8 +11,8 @@ shapes (no weights, data or workdir: the models' shapes come from their config.j
 Sized so far: ART (update, question embedding, search, teacher, refresh), DPR / ICT / pairs
 (the cached-gradient update; with data.dev_questions the evaluation index, its passage embedding
 and a search block), FiD (the reader's update) and EMDR2, Individual and Joint top-K (the update
-of towers and reader, the step's question embedding and search, the index's passage embedding).
-Not sized: the reader's generation at evaluation.
+of towers and reader, the step's question embedding and search, the index's passage embedding);
+with dev questions, the reader's generation of their answers.
 On CPU devices the figures come from XLA:CPU's compiler, which approximate an accelerator's:
 same program, same shapes, same sharding, but another compiler's fusion and scheduling.
 """
@@ -238,6 +238,27 @@ def _passage_embedding(cfg, tower_hf: dict, when: str) -> Compiled:
     return embedding
 
 
+def _answer_generation(cfg, reader_hf: dict, *, biased: bool) -> Compiled:
+    """Dev answers at evaluation: each process decodes its share of the questions, greedily,
+    ``reader.eval_batch_size`` at a time, with a replica of the reader on its own devices (as
+    ``for_inference``: float32, no remat); the replica counts among the temporaries. ``biased``:
+    Joint top-K's cross-attention bias is an input too."""
+    from art_jax.evaluation.predict import generate
+
+    local = make_mesh(devices=jax.local_devices())
+    graph, params = nnx.split(abstract_t5(reader_hf, dropout_rate=0.0))
+    replica = nnx.merge(graph, jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())), params))
+    size = round_up(cfg.reader.eval_batch_size, local.shape["data"])
+    k, n, t = cfg.train.topk, cfg.reader.max_input_tokens, cfg.reader.max_answer_tokens
+    rows = NamedSharding(local, P("data"))
+    tokens = _spec((size, k, n), jnp.int32, rows)
+    bias = _spec((size, k * n), jnp.float32, rows) if biased else None
+    answers = Compiled.of(f"answer generation at evaluation ({size} questions x K={k}, {t} tokens; + the reader)",
+                          generate.lower(replica, tokens, tokens, bias, max_new_tokens=t, beams=1), calls=0)
+    answers.temporaries += parameter_bytes(nnx.state(replica))
+    return answers
+
+
 def _search_block(name: str, layout: Layout, queries: int, k: int, dim: int, per_device: int, dtype,
                   calls: int) -> Compiled:
     """One block of the exact top-k search: ``queries`` against ``per_device`` rows on every device."""
@@ -394,6 +415,8 @@ def _fid(cfg, layout: Layout) -> Report:
     objective_of = functools.partial(fid.objective, accumulation=train.accumulation)
     functions = [shapes.update(f"update (batch {train.batch_size} x K={k} passages of {n} tokens, answers of {t})",
                                mesh, objective_of, batch, micro_batches=train.accumulation)]
+    if cfg.data.dev_results:
+        functions.append(_answer_generation(cfg, reader_hf, biased=False))
     return Report(layout, shapes.fsdp, dict([shapes.resident()]), functions)
 
 
@@ -434,6 +457,8 @@ def _end_to_end(cfg, layout: Layout) -> Report:
                                f"each, answers of {t})", mesh, objective_of, batch, micro_batches=train.accumulation)]
     functions += _question_search(cfg, layout, shapes, end_to_end.embed_questions, batch, dim, per_device, blocks)
     functions.append(_passage_embedding(cfg, tower_hf, "refresh" if method.index_use == "train" else "start"))
+    if cfg.data.dev_questions or cfg.data.salient_spans:  # a span store's run evaluates on held-out sentences
+        functions.append(_answer_generation(cfg, reader_hf, biased=method.name == "joint_topk"))
     return Report(layout, shapes.fsdp, dict([index, shapes.resident()]), functions)
 
 
