@@ -73,7 +73,7 @@ def test_the_dry_run_says_whether_it_fits_and_writes_nothing(bert_dir, t5_v11_di
     assert exit_.value.code == 3 and "DOES NOT FIT" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
     for bad, message in (("--config.mesh.device_memory_gb=0.0", "mesh.device_memory_gb: the dry run needs"),
-                         ("--config.method=mystery", "sizes method=art, dpr, ict, pairs, fid, emdr2"),
+                         ("--config.method=mystery", "method: 'mystery' is not one of art, dpr, emdr2, fid, ict"),
                          ("--config.train.batch_size=7", "train.batch_size")):
         with pytest.raises(SystemExit) as exit_:
             main([*args, bad])
@@ -88,7 +88,7 @@ def _preset(name, **overrides):
     return cfg
 
 
-TINY_TOWERS = {"retriever.checkpoint": None, "retriever.question_max_length": 16,
+TINY_TOWERS = {"retriever.question_max_length": 16,
                "retriever.train_passage_max_length": 32, "retriever.passage_max_length": 32, "train.batch_size": 16}
 
 
@@ -134,14 +134,18 @@ def test_reader_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
     shutil.copytree(t5_v10_dir, tmp_path / "export" / "reader")
     assert reader_config(str(tmp_path / "export")) == reader_config(t5_v10_dir) == read_config(t5_v10_dir)
 
-    emdr2, joint = (dry_run(_preset("emdr2.py", **tiny, method=method, **{"data.dev_questions": dev}))
+    emdr2, joint = (dry_run(_preset("emdr2.py", **tiny, method=method,
+                                    **{"data.dev_questions": dev, "train.refresh_mode": "sync"}))
                     for method, dev in (("emdr2", ""), ("joint_topk", "dev.csv")))
+    with pytest.raises(UserError, match="joint_topk never refreshes its index"):  # the method's own rules hold
+        dry_run(_preset("emdr2.py", **tiny, method="joint_topk", **{"train.refresh_mode": "async"}))
     states = [next(size for name, size in report.resident.items() if name.startswith("train state"))
               for report in (emdr2, joint)]
     assert 3 * (2 * bert + t5) <= states[0] <= 3 * (2 * bert + t5) + 64
     assert 3 * bert + bert + 3 * (t5 + 4) <= states[1] <= 3 * bert + bert + 3 * (t5 + 4) + 64
     for report, last in ((emdr2, ["passage embedding at refresh"]),
-                         (joint, ["passage embedding at start", "answer generation at evaluation"])):
+                         (joint, ["passage embedding at start", "search at evaluation, one block",
+                                  "answer generation at evaluation"])):
         assert [f.name.split(" (")[0] for f in report.functions] == [
             "update", "question embedding", "search, one block", *last]
         assert report.fits and report.functions[0].flops > fid.functions[0].flops
@@ -237,5 +241,5 @@ def test_an_offline_run_after_a_dry_run_names_the_missing_weights(tmp_path, monk
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_checkpoint("someone/a-bert", config_only=True) == str(repo / "snapshots" / revision)
-    with pytest.raises(UserError, match="'someone/a-bert': the local Hugging Face cache holds its config.json alone"):
+    with pytest.raises(UserError, match="'someone/a-bert': the local Hugging Face cache holds no weights of it"):
         resolve_checkpoint("someone/a-bert")

@@ -115,3 +115,5 @@ def test_sizing_a_remote_model_reads_its_config_alone(tmp_path, cache, bert_dir,
     gfile.makedirs("ram://sizing/empty")
     with pytest.raises(UserError, match="checkpoint folder ram://sizing/empty has no config.json"):
         reader_config("ram://sizing/empty")
+    with pytest.raises(UserError, match="ram://sizing/bert: not a reader .* model_type='bert'"):
+        reader_config("ram://sizing/bert")

@@ -157,6 +157,11 @@ def dev_accuracy(cfg, groups: ParamGroups, state: TrainState, tokenizer, dev_que
     return dev_retrieval(cfg, groups, state, tokenizer, dev_questions, index, store)[0]
 
 
+def frozen_towers(cfg) -> tuple[str, ...]:
+    """The towers ``train.train_question_tower`` / ``train.train_passage_tower`` keep fixed."""
+    return tuple(role for role in ("question", "passage") if not cfg.train[f"train_{role}_tower"])
+
+
 class TrainsTowers:
     """What every method that trains the two retriever towers shares: the towers a run starts
     from (``retriever.*``) and the optimizer's settings (``train.*``)."""
@@ -179,7 +184,6 @@ class TrainsTowers:
 
     def optim_config(self) -> OptimConfig:
         train = self.cfg.train
-        frozen = tuple(role for role in ("question", "passage") if not train[f"train_{role}_tower"])
         return OptimConfig(learning_rate=train.learning_rate, total_steps=self.total_steps,
                            warmup_fraction=train.warmup_fraction, weight_decay=train.weight_decay,
-                           clip_norm=train.clip_norm, frozen_roles=frozen + self.always_frozen)
+                           clip_norm=train.clip_norm, frozen_roles=frozen_towers(self.cfg) + self.always_frozen)

@@ -39,10 +39,9 @@ class Emdr2(EndToEnd):
                   **EndToEnd.log_labels}
 
     @staticmethod
-    def check_config(cfg) -> None:
+    def check_settings(cfg) -> None:
         if cfg.train.marginalise not in MARGINALS:
             raise UserError(f"train.marginalise: {cfg.train.marginalise!r} is not 'sequence' or 'token'")
-        EndToEnd.check_config(cfg)
 
     objective_loss = staticmethod(loss)
 

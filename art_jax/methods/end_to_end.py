@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -107,6 +108,18 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
     return {**{name: questions for name in PER_QUESTION}, **{name: passages for name in PASSAGE_ARRAYS}}
 
 
+def unique_width(cfg, mesh) -> int:
+    """U, the passages a micro-batch re-embeds: padded to its B x K, one shape to compile (the
+    reader's K x N tokens a question cost far more than re-embedding the few passages
+    deduplication would save)."""
+    return round_up(cfg.train.batch_size // cfg.train.accumulation * cfg.train.topk, mesh.size)
+
+
+def retriever_tau(cfg, embedding_dim: int) -> float:
+    """The scale of q . z in p(z | q) = softmax(q . z / tau)."""
+    return float(score_scale(embedding_dim, cfg.train.temperature_multiplier, cfg.train.score_scaling))
+
+
 def embed_questions(groups: ParamGroups, state: TrainState, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """The step's queries with the step's question dropout: the query that retrieves is the one
     the loss sees."""
@@ -120,7 +133,8 @@ class EndToEnd(TrainsTowers):
 
     index_use = "train"
     log_labels = {"grad_norm": "|g|", "learning_rate": "lr", "index_staleness": "staleness"}
-    objective_loss: staticmethod
+    objective_loss: Callable[..., tuple[jax.Array, dict]]
+    biased_reader = False  # whether the reader reads with a cross-attention bias from the retriever
 
     @staticmethod
     def loss_settings(cfg, tau: float) -> dict:
@@ -140,7 +154,12 @@ class EndToEnd(TrainsTowers):
         return READER_METRICS + answer_metrics(cfg)
 
     @staticmethod
-    def check_config(cfg) -> None:
+    def check_settings(cfg) -> None:
+        """The method's own config rules, which need no file (``--dry-run`` checks them too)."""
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        cls.check_settings(cfg)
         check_question_sources(cfg)
         check_topk(cfg)
         # a span store's run evaluates on held-out sentences unless dev questions are given
@@ -173,8 +192,7 @@ class EndToEnd(TrainsTowers):
             cfg, len(self.training), "salient-span examples" if cfg.data.salient_spans else "training questions with "
             "answers")
         self.init_towers(cfg, reader=reader.model, **self.other_modules(cfg))
-        hidden = self.groups.module(self.params, "question").config.embedding_dim
-        self.tau = float(score_scale(hidden, train.temperature_multiplier, train.score_scaling))
+        self.tau = retriever_tau(cfg, self.groups.module(self.params, "question").config.embedding_dim)
         self.settings = reader_settings(cfg, **self.joint_settings(cfg))
         self.initial_reader = (cfg.reader.checkpoint, self.settings)
         self.max_lengths["reader"] = self.settings.max_input_tokens
@@ -185,9 +203,7 @@ class EndToEnd(TrainsTowers):
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
                                         in_shardings=(None, questions, questions),  # None: the state as placed
                                         out_shardings=replicated)
-        # U padded to the micro-batch's B x K, one shape to compile: the reader's K x N tokens per
-        # question cost far more than re-embedding the few passages deduplication would save
-        self._unique_multiple = round_up(train.batch_size // train.accumulation * train.topk, mesh.size)
+        self._unique_multiple = unique_width(cfg, mesh)
 
     def joint_settings(self, cfg) -> dict:
         """ReaderSettings' Joint top-K fields (joint_topk alone has them)."""

@@ -46,15 +46,16 @@ class JointTopK(EndToEnd):
     name = "joint_topk"
 
     @staticmethod
-    def check_config(cfg) -> None:
+    def check_settings(cfg) -> None:
         if cfg.retriever.shared_towers:
             raise UserError("retriever.shared_towers: joint_topk trains the question tower and keeps the passage "
                             "tower frozen, which one shared tower cannot be; set retriever.shared_towers=False")
         if cfg.train.refresh_mode == "async":
             raise UserError("train.refresh_mode='async': joint_topk never refreshes its index (its passage tower "
                             "is frozen), so no refresher has work; set train.refresh_mode='sync'")
-        EndToEnd.check_config(cfg)
+
     always_frozen = ("passage",)
+    biased_reader = True  # its reader reads with lambda * p(z|q) on the cross-attention
     index_use = "fixed"  # the frozen passage tower's index stays what it was
     log_labels = {"token_nll": "nll/token", "lambda": "lambda", **EndToEnd.log_labels}
 

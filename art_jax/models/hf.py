@@ -63,10 +63,12 @@ def resolve_checkpoint(name: str, *, config_only: bool = False) -> str:
     if config_only:
         return _download_hub(name, ["config.json"])
     folder = _download_hub(name, CHECKPOINT_FILES)
-    # offline, the hub's cache answers with whatever snapshot it holds: a dry run's is a config alone
-    if os.listdir(folder) == ["config.json"]:
-        raise CheckpointError(f"checkpoint {name!r}: the local Hugging Face cache holds its config.json alone "
-                              f"(what --dry-run fetches), not its weights; fetch them with HF_HUB_OFFLINE unset")
+    # offline (or the hub unreachable), the hub's cache answers with whatever snapshot it holds: a
+    # dry run's is a config alone
+    if not any(os.path.exists(os.path.join(folder, f)) for f in _WEIGHT_FILES):
+        raise CheckpointError(f"checkpoint {name!r}: the local Hugging Face cache holds no weights of it (a "
+                              "--dry-run fetches config.json alone); fetch them online (HF_HUB_OFFLINE unset, the "
+                              "hub reachable)")
     return folder
 
 

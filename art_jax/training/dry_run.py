@@ -8,7 +8,7 @@ shapes (no weights, data or workdir: the models' shapes come from their config.j
 - each function's temporaries (the update's activations, the teacher's, a search block's, the
   passage embedding's at a refresh or evaluation);
 - resident + the largest temporaries against ``mesh.device_memory_gb``.
-Sized so far: ART (update, question embedding, search, teacher, refresh), DPR / ICT / pairs
+Sized: ART (update, question embedding, search, teacher, refresh), DPR / ICT / pairs
 (the cached-gradient update; with data.dev_questions the evaluation index, its passage embedding
 and a search block), FiD (the reader's update) and EMDR2, Individual and Joint top-K (the update
 of towers and reader, the step's question embedding and search, the index's passage embedding);
@@ -135,7 +135,6 @@ def tower_config(spec: str) -> dict:
 
 
 def corpus_passages(cfg) -> tuple[int, str]:
-    from art_jax.core import storage
     from art_jax.data.corpus import CorpusStore
 
     if cfg.data.corpus_store and storage.isdir(cfg.data.corpus_store):
@@ -194,15 +193,13 @@ def _towers(cfg, tower_hf: dict, unrolled: bool) -> dict:
     return {"question": question, "passage": passage}
 
 
-def _frozen_towers(cfg) -> tuple[str, ...]:
-    return tuple(role for role in ("question", "passage") if not cfg.train[f"train_{role}_tower"])
-
-
 def _tower_shapes(cfg, layout: Layout) -> tuple[dict, TrainShapes]:
     """The towers' config.json and the train state of a run that trains the two towers."""
+    from art_jax.methods.common import frozen_towers
+
     tower_hf = tower_config(cfg.retriever.checkpoint)
     return tower_hf, TrainShapes.of(cfg, layout, functools.partial(_towers, cfg, tower_hf),
-                                    remat=cfg.retriever.remat, frozen=_frozen_towers(cfg))
+                                    remat=cfg.retriever.remat, frozen=frozen_towers(cfg))
 
 
 def _reader(cfg, reader_hf: dict, unrolled: bool):
@@ -274,16 +271,16 @@ def _search_block(name: str, layout: Layout, queries: int, k: int, dim: int, per
 
 
 def _question_search(cfg, layout: Layout, shapes: TrainShapes, embed, batch: dict, dim: int, per_device: int,
-                     blocks: int) -> list[Compiled]:
+                     blocks: int, depth: int) -> list[Compiled]:
     """The step's question embedding (``embed(groups, state, ids, mask)``, as the method's) and its
-    exact top-K search, one block a call."""
+    exact top-``depth`` search, one block a call."""
     rows = batch["question_ids"].sharding
     embed_questions = jax.jit(functools.partial(embed, shapes.groups), in_shardings=(None, rows, rows),
                               out_shardings=NamedSharding(layout.mesh, P()))
     return [Compiled.of("question embedding", embed_questions.lower(shapes.state, batch["question_ids"],
                                                                    batch["question_mask"])),
             _search_block(f"search, one block ({per_device:,} rows a device)", layout, cfg.train.batch_size,
-                          cfg.train.topk, dim, per_device, jnp.dtype(cfg.index.dtype), calls=blocks)]
+                          depth, dim, per_device, jnp.dtype(cfg.index.dtype), calls=blocks)]
 
 
 def _art(cfg, layout: Layout) -> Report:
@@ -324,7 +321,8 @@ def _art(cfg, layout: Layout) -> Report:
     functions = [shapes.update(f"update (batch {train.batch_size}, K={train.topk}, {unique} passages)", mesh,
                                objective_of, batch, micro_batches=train.accumulation)]
 
-    functions += _question_search(cfg, layout, shapes, art.embed_questions, batch, dim, per_device, blocks)
+    functions += _question_search(cfg, layout, shapes, art.embed_questions, batch, dim, per_device, blocks,
+                                  train.topk)
 
     # the teacher: the step's B x K pairs in batches of scorer.batch_size (as one process)
     from art_jax.teachers.t5 import _teacher_scores
@@ -389,7 +387,12 @@ def reader_config(spec: str) -> dict:
     from art_jax.workdir import READER, reader_source_folder, remote_model_folder
 
     if storage.is_remote(spec):
-        return hf_config(remote_model_folder(spec, READER))
+        folder = remote_model_folder(spec, READER)
+        config = hf_config(folder)
+        if config.get("model_type") != "t5":
+            raise UserError(f"{spec}: not a reader (a T5 folder, an export with reader/, or a training run that "
+                            f"trains one); {folder}/config.json says model_type={config.get('model_type')!r}")
+        return config
     if not os.path.isdir(os.path.expanduser(spec)):
         return hf_config(spec)
     return hf_config(spec, reader_source_folder(spec))
@@ -423,13 +426,15 @@ def _fid(cfg, layout: Layout) -> Report:
 def _end_to_end(cfg, layout: Layout) -> Report:
     """EMDR2, Individual and Joint top-K: the update of the towers and the reader together (the
     step's B x K passages re-embedded, the reader over B x K x N tokens), the step's question
-    embedding and search, and the passage embedding that builds (and refreshes) the index."""
+    embedding and search, the passage embedding that builds (and refreshes) the index, and with
+    dev questions (or held-out span sentences) their search and answers' generation."""
     from art_jax.methods import METHODS, end_to_end
-    from art_jax.methods.common import check_topk
-    from art_jax.objectives import score_scale
+    from art_jax.methods.common import check_topk, frozen_towers
+    from art_jax.retrieval.results import SEARCH_BATCH
 
     check_topk(cfg)
-    method, train, reader = METHODS[cfg.method], cfg.train, cfg.reader
+    method, train, reader, data = METHODS[cfg.method], cfg.train, cfg.reader, cfg.data
+    method.check_settings(cfg)
     mesh = layout.mesh
     tower_hf, reader_hf = tower_config(cfg.retriever.checkpoint), reader_config(reader.checkpoint)
 
@@ -438,27 +443,32 @@ def _end_to_end(cfg, layout: Layout) -> Report:
                 **method.other_modules(cfg)}
 
     shapes = TrainShapes.of(cfg, layout, modules, remat=cfg.retriever.remat or reader.remat,
-                            frozen=_frozen_towers(cfg) + method.always_frozen)
+                            frozen=frozen_towers(cfg) + method.always_frozen)
     dim = shapes.groups.module(shapes.state.params, "question").config.embedding_dim
     index, blocks, per_device = _index(cfg, layout, dim, "searched every step")
 
     b, k, n, t = train.batch_size, train.topk, reader.max_input_tokens, reader.max_answer_tokens
     lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
-    unique = round_up(b // train.accumulation * k, mesh.size)  # as the method pads them
+    unique = end_to_end.unique_width(cfg, mesh)
     arrays = {"question_ids": (b, lq), "question_mask": (b, lq), "passage_index": (b, k),
               "reader_ids": (b, k, n), "reader_mask": (b, k, n), "labels": (b, t), "label_mask": (b, t),
               "passage_ids": (train.accumulation, unique, lp), "passage_mask": (train.accumulation, unique, lp)}
     placed = end_to_end.batch_shardings(mesh)
     batch = {name: _spec(shape, jnp.int32, placed[name]) for name, shape in arrays.items()}
-    tau = float(score_scale(dim, train.temperature_multiplier, train.score_scaling))
     objective_of = functools.partial(end_to_end.objective, method.objective_loss, accumulation=train.accumulation,
-                                     **method.loss_settings(cfg, tau))
+                                     **method.loss_settings(cfg, end_to_end.retriever_tau(cfg, dim)))
     functions = [shapes.update(f"update (batch {b} x K={k}: {unique} passages re-embedded, reader over {n} tokens "
                                f"each, answers of {t})", mesh, objective_of, batch, micro_batches=train.accumulation)]
-    functions += _question_search(cfg, layout, shapes, end_to_end.embed_questions, batch, dim, per_device, blocks)
+    excluded = int(bool(data.salient_spans))  # a span sentence's own passage is searched for and dropped
+    if not data.salient_source_passage:  # (which reads its own passage alone: nothing searched)
+        functions += _question_search(cfg, layout, shapes, end_to_end.embed_questions, batch, dim, per_device, blocks,
+                                      k + excluded)
     functions.append(_passage_embedding(cfg, tower_hf, "refresh" if method.index_use == "train" else "start"))
-    if cfg.data.dev_questions or cfg.data.salient_spans:  # a span store's run evaluates on held-out sentences
-        functions.append(_answer_generation(cfg, reader_hf, biased=method.name == "joint_topk"))
+    if data.dev_questions or (data.salient_spans and data.salient_dev):  # what the run evaluates on
+        functions.append(_search_block(f"search at evaluation, one block ({per_device:,} rows a device)", layout,
+                                       SEARCH_BATCH, max(*train.eval_topk, k) + excluded, dim, per_device,
+                                       jnp.dtype(cfg.index.dtype), calls=0))
+        functions.append(_answer_generation(cfg, reader_hf, biased=method.biased_reader))
     return Report(layout, shapes.fsdp, dict([index, shapes.resident()]), functions)
 
 
@@ -470,7 +480,7 @@ def dry_run(cfg) -> Report:
     """Compile ``cfg``'s training step on its mesh with abstract shapes; nothing is loaded or written.
     ART's teacher batch is one process's (a job of P processes sends P times the pairs per call)."""
     if cfg.method not in SIZED:
-        raise UserError(f"--dry-run: sizes method={', '.join(SIZED)} so far, not method={cfg.method!r}")
+        raise UserError(f"method: {cfg.method!r} is not one of {', '.join(sorted(SIZED))}")
     from art_jax.methods.common import check_batch
 
     check_batch(cfg, accumulation=cfg.train.accumulation)
