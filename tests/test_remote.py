@@ -98,7 +98,8 @@ def test_a_remote_corpus_store_and_checkpoint_read_like_local_ones(tmp_path, ber
 
 def test_sizing_a_remote_model_reads_its_config_alone(tmp_path, cache, bert_dir, t5_v10_dir):
     """--dry-run of a run starting from URL folders reads each config.json, never the weights: a
-    checkpoint folder's, an export's question tower and reader/; a folder without one is named.
+    checkpoint folder's, an export's question tower and reader/, a run's models/; a folder without
+    one, or a reader that is no T5, is named.
     (Its own bucket: ram:// appends to an object written twice.)"""
     from art_jax.models.hf import read_config
     from art_jax.models.shapes import hf_config
@@ -111,6 +112,14 @@ def test_sizing_a_remote_model_reads_its_config_alone(tmp_path, cache, bert_dir,
     assert tower_config("ram://sizing/bert") == tower_config("ram://sizing/export") == read_config(bert_dir)
     assert reader_config("ram://sizing/t5") == reader_config("ram://sizing/export/") == read_config(t5_v10_dir)
     assert hf_config("ram://sizing/t5/") == read_config(t5_v10_dir)
+    # a run (or one of its checkpoints): the models/ROLE/ folders it starts from
+    gfile.makedirs("ram://sizing/run/checkpoints/4")
+    (tmp_path / "run_config.json").write_text("{}")
+    _upload(str(tmp_path / "run_config.json"), "ram://sizing/run/config.json")
+    _upload(bert_dir, "ram://sizing/run/models/question")
+    _upload(t5_v10_dir, "ram://sizing/run/models/reader")
+    for spec in ("ram://sizing/run", "ram://sizing/run/checkpoints/4"):
+        assert tower_config(spec) == read_config(bert_dir) and reader_config(spec) == read_config(t5_v10_dir)
     assert not cache.exists() or not any(cache.iterdir())  # nothing copied
     gfile.makedirs("ram://sizing/empty")
     with pytest.raises(UserError, match="checkpoint folder ram://sizing/empty has no config.json"):
