@@ -542,6 +542,7 @@ BAD = {
     "template-format-spec": ({"--input-format": "{question:d} {text}"}, "cannot be filled with text"),
     "empty-question": ({"--results": "empty-question"}, None),
     "reader-bert": ({"--reader": "bert"}, "model_type='bert'"),
+    "reader-a-retriever-export": ({"--reader": "towers"}, "{tmp}/towers: an export of a retriever alone (no reader/"),
     "reader-missing": ({"--reader": "{tmp}/no-such-reader"}, "checkpoint folder not found: {tmp}/no-such-reader"),
     "out-folder": ({"--out": "{tmp}"}, "--out {tmp}: is a folder, expected a file"),
     "step-not-a-run": ({"--step": "2"}, "can only be chosen from a training run"),
@@ -564,6 +565,10 @@ def test_bad_input(case, t5_sharp_dir, bert_dir, results_path, tmp_path, capsys)
             expected = f"{value}: result 1: the question is empty"
         elif value == "bert":
             value = bert_dir
+        elif value == "towers":  # an export of the towers alone
+            for side in ("question", "passage"):
+                shutil.copytree(bert_dir, tmp_path / "towers" / f"{side}_encoder")
+            value = str(tmp_path / "towers")
         args[flag] = value.replace("{tmp}", str(tmp_path))
     argv = ["answer", *[part for flag_value in args.items() for part in flag_value]]
     err = _fails(argv, capsys)

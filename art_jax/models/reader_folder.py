@@ -91,7 +91,12 @@ def reader_folder_of(spec: str) -> str:
     path = os.path.expanduser(spec)
     if storage.isdir(path) and holds_reader(path):
         return reader_path(local_copy(path))
+    from art_jax.models.export import reads_as_export  # (export.py imports this module)
     from art_jax.models.hf import resolve_checkpoint
+
+    if storage.isdir(path) and reads_as_export(path):
+        raise CheckpointError(f"{spec}: an export of a retriever alone (no reader/ in it); give a reader: a T5 "
+                              "folder, an export of a run that trains one, or such a run")
 
     folder = resolve_checkpoint(spec)
     model_type = read_config(folder).get("model_type")
