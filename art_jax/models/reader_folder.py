@@ -99,11 +99,16 @@ def reader_folder_of(spec: str) -> str:
                               "folder, an export of a run that trains one, or such a run")
 
     folder = resolve_checkpoint(spec)
-    model_type = read_config(folder).get("model_type")
+    check_reader_config(read_config(folder), spec)
+    return folder
+
+
+def check_reader_config(config: dict[str, Any], spec: str) -> None:
+    """Refuse a ``spec`` whose model (its config.json) is no T5."""
+    model_type = config.get("model_type")
     if model_type != "t5":
         raise CheckpointError(f"{spec}: not a reader (a T5 folder, an export with reader/, or a training run "
                               f"that trains one); its config.json says model_type={model_type!r}")
-    return folder
 
 
 def write_reader_folder(folder: str, model: T5, tokenizer, settings: ReaderSettings) -> None:

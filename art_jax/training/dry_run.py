@@ -218,15 +218,20 @@ def _index(cfg, layout: Layout, dim: int, use: str) -> tuple[tuple[str, int], in
     return (f"index shard, {use} ({passages:,} x {dim} {cfg.index.dtype}: {source})", size), blocks, per_device
 
 
+def _local_replica(module):
+    """(``module``'s replica on this process's devices, their mesh): what a process embeds or
+    decodes with on its own."""
+    local = make_mesh(devices=jax.local_devices())
+    graph, params = nnx.split(module, nnx.Param)
+    return nnx.merge(graph, jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())), params)), local
+
+
 def _passage_embedding(cfg, tower_hf: dict, when: str) -> Compiled:
     """Each process embeds its chunks of the corpus with a replica of the passage tower on its own
     devices (as ``for_inference``: float32, no remat); the replica counts among the temporaries."""
     from art_jax.retrieval.embed import _embed_as
 
-    local = make_mesh(devices=jax.local_devices())
-    passage = abstract_bert(tower_hf, projection=cfg.retriever.projection)
-    graph, params = nnx.split(passage, nnx.Param)
-    replica = nnx.merge(graph, jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())), params))
+    replica, local = _local_replica(abstract_bert(tower_hf, projection=cfg.retriever.projection))
     size = round_up(cfg.index.embed_batch_size, local.shape["data"])
     tokens = _spec((size, cfg.retriever.passage_max_length), jnp.int32, batch_sharding(local, 2))
     embedding = Compiled.of(f"passage embedding at {when} ({size} passages; + the tower)",
@@ -242,9 +247,7 @@ def _answer_generation(cfg, reader_hf: dict, *, biased: bool) -> Compiled:
     Joint top-K's cross-attention bias is an input too."""
     from art_jax.evaluation.predict import generate
 
-    local = make_mesh(devices=jax.local_devices())
-    graph, params = nnx.split(abstract_t5(reader_hf, dropout_rate=0.0))
-    replica = nnx.merge(graph, jax.tree.map(lambda x: _spec(x.shape, x.dtype, NamedSharding(local, P())), params))
+    replica, local = _local_replica(abstract_t5(reader_hf, dropout_rate=0.0))
     size = round_up(cfg.reader.eval_batch_size, local.shape["data"])
     k, n, t = cfg.train.topk, cfg.reader.max_input_tokens, cfg.reader.max_answer_tokens
     rows = NamedSharding(local, P("data"))
@@ -384,14 +387,12 @@ def _contrastive(cfg, layout: Layout) -> Report:
 def reader_config(spec: str) -> dict:
     """The reader's config.json: a hub id's (shipped shapes, else its config.json alone), or that of
     the folder a run starts from (a T5 folder, an export's reader/, a run's models/reader/)."""
+    from art_jax.models.reader_folder import check_reader_config
     from art_jax.workdir import READER, reader_source_folder, remote_model_folder
 
     if storage.is_remote(spec):
-        folder = remote_model_folder(spec, READER)
-        config = hf_config(folder)
-        if config.get("model_type") != "t5":
-            raise UserError(f"{spec}: not a reader (a T5 folder, an export with reader/, or a training run that "
-                            f"trains one); {folder}/config.json says model_type={config.get('model_type')!r}")
+        config = hf_config(remote_model_folder(spec, READER))
+        check_reader_config(config, spec)
         return config
     if not os.path.isdir(os.path.expanduser(spec)):
         return hf_config(spec)
