@@ -65,6 +65,7 @@ class Setup:
     hf: object
     memory: np.ndarray  # [B, K * N, D], from our encoder
     memory_mask: np.ndarray
+    ids: np.ndarray  # [B, K, N], the encoder's input
 
 
 def _setup(version: str, folder: str) -> Setup:
@@ -75,7 +76,7 @@ def _setup(version: str, folder: str) -> Setup:
     model = load_t5(folder)
     memory, memory_mask = jax.device_get(jax.jit(fid_encode)(model, ids.reshape(shape), mask.reshape(shape)))
     hf = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
-    return Setup(version, folder, model, hf, memory, memory_mask)
+    return Setup(version, folder, model, hf, memory, memory_mask, ids.reshape(shape))
 
 
 @pytest.fixture(scope="module", params=["1.0", "1.1"])
@@ -273,3 +274,39 @@ def test_the_checkpoints_own_special_tokens(t5_v10_lively_dir, tmp_path):
                     labels=torch.tensor(np.asarray(labels)).long()).logits
     reference = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(np.asarray(labels))[..., None].long())
     np.testing.assert_allclose(np.asarray(got), reference[..., 0].numpy(), atol=1e-4)
+
+
+def test_the_packed_encoder_skips_the_padding_alone(setup, t5_v11_dir):
+    """The encoder over each question's real tokens packed (``fid_encode(capacity=...)``, what
+    `answer` runs) equals the padded encoder at every real position, is zero at the padding,
+    gives the same greedy answers and the same gradient; so does the remat model (its scanned
+    blocks), and a capacity with spare slots."""
+    from art_jax.evaluation.predict import encoder_capacity, generate
+    from art_jax.models.packing import packed_capacity
+
+    ids, mask = setup.ids, setup.memory_mask.reshape(setup.ids.shape)
+    assert mask.mean() < 0.8  # a quarter of the inputs is padding: there is something to skip
+    real = setup.memory_mask.astype(bool)
+    encode = nnx.jit(fid_encode, static_argnames=("capacity",))
+    exact = packed_capacity(mask, 1)
+    assert exact == mask.reshape(len(ids), -1).sum(axis=1).max() < encoder_capacity(mask) < mask[0].size
+    for model in (setup.model, load_t5(setup.folder, remat=True)):
+        for capacity in (exact, encoder_capacity(mask)):
+            memory, memory_mask = jax.device_get(encode(model, ids, mask, capacity=capacity))
+            np.testing.assert_array_equal(memory_mask, setup.memory_mask)
+            np.testing.assert_allclose(memory[real], setup.memory[real], rtol=1e-5, atol=1e-6)
+            assert not memory[~real].any()
+    greedy = np.asarray(_greedy(setup.model, setup.memory, setup.memory_mask))
+    assert len(set(map(tuple, greedy.tolist()))) > 1  # the answers differ with their passages
+    for capacity in (None, encoder_capacity(mask)):
+        np.testing.assert_array_equal(np.asarray(generate(setup.model, ids, mask, None, max_new_tokens=MAX_NEW,
+                                                          beams=1, capacity=capacity)), greedy)
+
+    weights = np.random.default_rng(0).normal(size=setup.memory.shape).astype(np.float32) * real[..., None]
+
+    def loss(model, capacity):
+        return jnp.sum(fid_encode(model, ids, mask, capacity=capacity)[0] * weights)
+
+    padded, packed = (nnx.grad(loss)(setup.model, capacity) for capacity in (None, exact))
+    for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(packed), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

@@ -58,7 +58,9 @@ def _same_embeddings(first, second):
 @pytest.fixture(scope="module")
 def demo_runs(t5_sharp_dir, tmp_path_factory):
     """The demo trained 4 steps (its index refreshed after the last, chunks of 128 of its 400 passages)
-    with a T5 teacher as 1 process x 4 devices and as 2 processes x 2 devices; data.shards=2 in both.
+    with a T5 teacher as 1 process x 4 devices and as 2 processes x 2 devices, on a data=2 x model=2
+    mesh (the teacher split over `model`, the tower's parameters and AdamW moments over every device,
+    so that the 2-process run gathers them across processes); data.shards=2 in both.
     Under 2 processes each scores its own questions' prompts (of other lengths than the other
     process's) inside one global batch, through the teacher-score cache (scorer.cache: each process
     scores its misses, the processes agreeing on how many), which the 1-process run does without."""
@@ -66,7 +68,7 @@ def demo_runs(t5_sharp_dir, tmp_path_factory):
     common = ["train", "--config=configs/demo.py:smoke", "--config.train.steps=4", "--config.train.refresh_every=4",
               "--config.train.eval_every=4", "--config.index.chunk_rows=128", "--config.scorer.kind=t5",
               f"--config.scorer.checkpoint={t5_sharp_dir}", "--config.scorer.dtype=float32",
-              "--config.scorer.batch_size=16"]
+              "--config.scorer.batch_size=16", "--config.mesh.model=2", "--config.mesh.fsdp=on"]
     alone = _art_jax(*common, f"--workdir={root / 'one'}", "--config.data.shards=2", devices=4)
     together = _art_jax(*common, f"--workdir={root / 'two'}", "--config.scorer.cache=100000", devices=2, processes=2)
     return root, alone.stdout, together.stdout
@@ -76,6 +78,8 @@ def test_two_processes_of_two_devices_train_the_demo_as_one_process_of_four(demo
     root, alone, together = demo_runs
     assert "training on 4 devices (1 process(es))" in alone
     assert "training on 4 devices (2 process(es))" in together
+    for out in (alone, together):
+        assert "mesh data=2 x model=2, train state sharded over every device (FSDP)" in out
     assert together.count("dev accuracy:") == 1  # process 0 alone reports
     losses = _losses(root / "one")
     assert len(losses) == 4 and all(np.isfinite(losses))

@@ -3,7 +3,8 @@ generated answer strings. `art-jax answer` and the reader methods' dev EM both u
 
 A batch is padded to a fixed number of questions (its last question repeated) so one shape
 is compiled; a question with fewer than K passages gets empty, fully masked ones, which
-the decoder never attends to. Inputs are split over the mesh's ``data`` axis.
+the decoder never attends to. Inputs are split over the mesh's ``data`` axis. The encoder skips
+the inputs' padding (``art_jax.models.packing``), its slots chosen per batch among 16 sizes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from art_jax.core.sharding import from_identical
 from art_jax.data.reader_inputs import encode_reader_batch
 from art_jax.evaluation.answers import check_results
 from art_jax.models.generation import beam_search, greedy_decode
+from art_jax.models.packing import packed_capacity
 from art_jax.models.reader import fid_encode, passage_memory_bias
 from art_jax.models.reader_folder import ReaderSettings
 from art_jax.models.t5 import T5
@@ -50,10 +52,20 @@ def joint_memory_bias(scores: np.ndarray, present: np.ndarray, settings: ReaderS
     return np.asarray(passage_memory_bias(weights, passage_length))
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "beams"))
-def generate(model: T5, ids, mask, memory_bias, *, max_new_tokens: int, beams: int):
-    """Answer tokens [B, max_new_tokens] (padded with 0 after </s>) of a FiD batch [B, K, N]."""
-    memory, memory_mask = fid_encode(model, ids, mask)
+# A batch's packed encoder slots are a multiple of 1/16 of its K x N: at most 16 compiled shapes
+CAPACITY_STEPS = 16
+
+
+def encoder_capacity(mask: np.ndarray) -> int:
+    """The packed encoder's slots per question for a host mask [B, K, N] (``fid_encode``)."""
+    return packed_capacity(mask, -(-mask[0].size // CAPACITY_STEPS))
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "beams", "capacity"))
+def generate(model: T5, ids, mask, memory_bias, *, max_new_tokens: int, beams: int, capacity: int | None = None):
+    """Answer tokens [B, max_new_tokens] (padded with 0 after </s>) of a FiD batch [B, K, N], its
+    padding skipped by the encoder given ``capacity`` (``encoder_capacity``)."""
+    memory, memory_mask = fid_encode(model, ids, mask, capacity=capacity)
     if beams == 1:
         return greedy_decode(model, memory, memory_mask, max_new_tokens=max_new_tokens, memory_bias=memory_bias)
     return beam_search(model, memory, memory_mask, beams=beams, max_new_tokens=max_new_tokens,
@@ -94,7 +106,7 @@ def predict_answers(model: T5, tokenizer, items: Sequence[Retrieved], settings: 
                 scores = np.asarray([r.scores for r in batch], np.float32)
                 bias = from_identical(sharding, joint_memory_bias(scores, present, settings, ids.shape[-1]))
             tokens = generate(model, from_identical(sharding, ids), from_identical(sharding, mask), bias,
-                              max_new_tokens=settings.max_answer_tokens, beams=beams)
+                              max_new_tokens=settings.max_answer_tokens, beams=beams, capacity=encoder_capacity(mask))
             if not tokens.is_fully_addressable:  # a mesh over several processes: every process gets all rows
                 tokens = multihost_utils.process_allgather(tokens, tiled=True)
             texts = tokenizer.batch_decode(np.asarray(tokens)[:len(chunk)], skip_special_tokens=True)

@@ -8,15 +8,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from art_jax.models.packing import Packing
 from art_jax.models.t5 import T5
 
 
-def fid_encode(model: T5, input_ids, attention_mask, *, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+def fid_encode(model: T5, input_ids, attention_mask, *, dropout_key=None, capacity: int | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """(memory [B, K * N, D], memory_mask [B, K * N]) of inputs [B, K, N]: the K inputs of a row
-    encoded separately (one [B * K, N] batch), then laid end to end in passage order."""
+    encoded separately (one [B * K, N] batch), then laid end to end in passage order. ``capacity``:
+    the encoder skips the padding, each row's real tokens packed into that many slots (at least
+    the row's count: ``packing.packed_capacity``); the memory is then zero at the padding."""
     batch, passages, length = input_ids.shape
-    encoded = model.encode(input_ids.reshape(batch * passages, length),
-                           attention_mask.reshape(batch * passages, length), dropout_key=dropout_key)
+    mask = attention_mask.reshape(batch * passages, length)
+    packing = None if capacity is None else Packing.of(mask, batch, capacity)
+    encoded = model.encode(input_ids.reshape(batch * passages, length), mask, dropout_key=dropout_key,
+                           packing=packing)
     return (encoded.reshape(batch, passages * length, encoded.shape[-1]),
             attention_mask.reshape(batch, passages * length))
 

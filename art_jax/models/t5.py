@@ -26,6 +26,7 @@ from art_jax.models.layers import (
     scanned_remat,
     split_heads,
 )
+from art_jax.models.packing import Packing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,22 +140,30 @@ class T5Attention(nnx.Module):
         values = self.relative_attention_bias(jnp.asarray(buckets))  # [Q, K, H]
         return jnp.transpose(values, (2, 0, 1))[None].astype(jnp.float32)
 
-    def keys_values(self, memory) -> tuple[jax.Array, jax.Array]:
+    def keys_values(self, memory, packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
         """[B, H, S, d_kv] keys and values of what is attended to: head-major, the layout the
-        contractions take, so that keys kept over decoding steps are laid out once."""
-        return tuple(jnp.swapaxes(split_heads(proj(memory), self.num_heads), 1, 2) for proj in (self.k, self.v))
+        contractions take, so that keys kept over decoding steps are laid out once. (``packing``:
+        ``memory`` is packed tokens, the keys and values come out padded.)"""
+        return tuple(jnp.swapaxes(split_heads(_padded(proj(memory), packing), self.num_heads), 1, 2)
+                     for proj in (self.k, self.v))
 
-    def __call__(self, x, keys_values, bias, dropout_key):
+    def __call__(self, x, keys_values, bias, dropout_key, packing: Packing | None = None):
         """``x`` [R, L, D] attending over ``keys_values`` of R / G rows: each G consecutive rows of
         ``x`` (a memory row's beams) read one key row as G * L query positions, so beams never
-        copy the memory or its keys and values."""
+        copy the memory or its keys and values. With ``packing``, ``x`` and the output are packed
+        tokens; the attention itself runs padded."""
         k, v = keys_values
-        rows, length, _ = x.shape
-        q = split_heads(self.q(x), self.num_heads)
+        q = split_heads(_padded(self.q(x), packing), self.num_heads)
+        rows, length = q.shape[:2]
         q = q.reshape(k.shape[0], rows // k.shape[0] * length, *q.shape[2:])
         # T5 folds 1/sqrt(d_kv) into its initialisation: no scaling here.
         out = attend(q, k, v, bias, scale=1.0, dropout_rate=self.dropout_rate, key=dropout_key, heads_first_kv=True)
-        return self.o(merge_heads(out.reshape(rows, length, *out.shape[2:])))
+        out = merge_heads(out.reshape(rows, length, *out.shape[2:]))
+        return self.o(out if packing is None else packing.pack(out))
+
+
+def _padded(x: jax.Array, packing: Packing | None) -> jax.Array:
+    return x if packing is None else packing.unpack(x)
 
 
 class T5FeedForward(nnx.Module):
@@ -190,23 +199,25 @@ class T5Block(nnx.Module):
         self.is_decoder = is_decoder
         self.dropout_rate = cfg.dropout_rate
 
-    def __call__(self, x, self_bias, dropout_key, cross=None, cross_bias=None, cache=None, position=None):
+    def __call__(self, x, self_bias, dropout_key, cross=None, cross_bias=None, cache=None, position=None,
+                 packing=None):
         """(output, the self-attention's keys and values).
 
         ``cross``: the memory [B, M, D], its keys and values computed here (so that remat
         recomputes rather than stores them), or those of every decoding step, computed once.
         ``cache``: (keys, values) [R, H, T, d_kv] of earlier positions; ``x`` is then the input
         at ``position``, its keys and values written into the cache it attends over.
+        ``packing``: ``x`` is an encoder's packed tokens (``art_jax.models.packing``).
         """
         keys = KeyStream(dropout_key)
         if isinstance(self_bias, tuple):  # the encoder's positions and padding (``self_attention_bias``)
             self_bias = self_bias[0] + self_bias[1]
         normed = self.self_attention_norm(x)
-        self_kv = self.self_attention.keys_values(normed)
+        self_kv = self.self_attention.keys_values(normed, packing)
         if cache is not None:
             self_kv = tuple(jax.lax.dynamic_update_slice_in_dim(past, new.astype(past.dtype), position, axis=2)
                             for past, new in zip(cache, self_kv))
-        x = x + dropout(self.self_attention(normed, self_kv, self_bias, keys()), self.dropout_rate, keys())
+        x = x + dropout(self.self_attention(normed, self_kv, self_bias, keys(), packing), self.dropout_rate, keys())
         if self.is_decoder:
             cross_kv = cross if isinstance(cross, tuple) else self.cross_attention.keys_values(cross)
             normed = self.cross_attention_norm(x)
@@ -246,39 +257,44 @@ class T5Stack(nnx.Module):
         return tuple(block.cross_attention.keys_values(memory) for block in self.blocks)
 
     def run_blocks(self, x, self_bias, dropout_key=None, *, cross=None, cross_bias=None, caches=None,
-                   position=None):
+                   position=None, packing=None):
         """``x`` through every block (see ``T5Block``; ``cross``: the memory, or one (keys, values)
         per block) -> (hidden states before the final norm, each block's self-attention (keys, values))."""
         keys = KeyStream(dropout_key)
         block_keys = [keys() for _ in self.blocks]
         if self.remat and caches is None and not isinstance(cross, tuple) and len(self.blocks) > 1:
-            return self._scanned_blocks(x, self_bias, block_keys, cross, cross_bias)
+            return self._scanned_blocks(x, self_bias, block_keys, cross, cross_bias, packing)
         call = _rematerialised_block if self.remat else T5Block.__call__
         self_kvs = []
         for i, block in enumerate(self.blocks):
             block_cross = cross[i] if isinstance(cross, tuple) else cross
             block_cache = None if caches is None else caches[i]
-            x, self_kv = call(block, x, self_bias, block_keys[i], block_cross, cross_bias, block_cache, position)
+            x, self_kv = call(block, x, self_bias, block_keys[i], block_cross, cross_bias, block_cache, position,
+                              packing)
             self_kvs.append(self_kv)
         return x, tuple(self_kvs)
 
-    def _scanned_blocks(self, x, self_bias, block_keys, cross, cross_bias):
+    def _scanned_blocks(self, x, self_bias, block_keys, cross, cross_bias, packing):
         """Training under remat: block 0 (it holds the relative-position table) alone, then the others
         as ``scanned_remat``."""
-        x, first_kv = _rematerialised_block(self.blocks[0], x, self_bias, block_keys[0], cross, cross_bias)
+        x, first_kv = _rematerialised_block(self.blocks[0], x, self_bias, block_keys[0], cross, cross_bias, None,
+                                            None, packing)
         x, kvs = scanned_remat(
-            self.blocks[1:], lambda block, x, key: T5Block.__call__(block, x, self_bias, key, cross, cross_bias), x,
+            self.blocks[1:],
+            lambda block, x, key: T5Block.__call__(block, x, self_bias, key, cross, cross_bias, packing=packing), x,
             None if block_keys[0] is None else jnp.stack(block_keys[1:]))
         return x, (first_kv, *(jax.tree.map(lambda a, i=i: a[i], kvs) for i in range(len(self.blocks) - 1)))
 
-    def __call__(self, x, mask, dropout_key=None, *, memory=None, memory_mask=None, memory_bias=None):
-        """The encoder over padded inputs, or the decoder under teacher forcing (``memory_bias``:
-        see ``cross_attention_bias``)."""
+    def __call__(self, x, mask, dropout_key=None, *, memory=None, memory_mask=None, memory_bias=None,
+                 packing=None):
+        """The encoder over padded inputs (or their packed tokens, ``packing``), or the decoder under
+        teacher forcing (``memory_bias``: see ``cross_attention_bias``)."""
         keys = KeyStream(dropout_key)
         cross_bias = cross_attention_bias(memory_mask, memory_bias) if self.is_decoder else None
         x = dropout(x, self.dropout_rate, keys())
-        x, _ = self.run_blocks(x, self.self_attention_bias(x.shape[1], mask), keys(), cross=memory,
-                               cross_bias=cross_bias)
+        length = x.shape[1] if packing is None else packing.inverse.shape[-1]
+        x, _ = self.run_blocks(x, self.self_attention_bias(length, mask), keys(), cross=memory,
+                               cross_bias=cross_bias, packing=packing)
         return dropout(self.final_layer_norm(x), self.dropout_rate, keys())
 
 
@@ -293,8 +309,12 @@ class T5(nnx.Module):
                               dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
                         if cfg.untied_lm_head else None)
 
-    def encode(self, input_ids, attention_mask, *, dropout_key=None) -> jax.Array:
-        return self.encoder(self.shared(input_ids), attention_mask, dropout_key)
+    def encode(self, input_ids, attention_mask, *, dropout_key=None, packing: Packing | None = None) -> jax.Array:
+        """[R, L, D]; with ``packing`` the padding is skipped and its outputs are zeros."""
+        if packing is None:
+            return self.encoder(self.shared(input_ids), attention_mask, dropout_key)
+        encoded = self.encoder(self.shared(packing.pack(input_ids)), attention_mask, dropout_key, packing=packing)
+        return packing.unpack(encoded)
 
     def logits(self, encoded, attention_mask, decoder_input_ids, *, dropout_key=None, memory_bias=None) -> jax.Array:
         """Float32 [R, T, V] next-token logits under teacher forcing over the memory ``encoded``
