@@ -56,9 +56,16 @@ def joint_memory_bias(scores: np.ndarray, present: np.ndarray, settings: ReaderS
 CAPACITY_STEPS = 16
 
 
-def encoder_capacity(mask: np.ndarray) -> int:
-    """The packed encoder's slots per question for a host mask [B, K, N] (``fid_encode``)."""
-    return packed_capacity(mask, -(-mask[0].size // CAPACITY_STEPS))
+def capacity_step(tokens: int) -> int:
+    """The granularity of the packed slots of a question's ``tokens`` = K x N input positions."""
+    return -(-tokens // CAPACITY_STEPS)
+
+
+def encoder_capacity(mask: np.ndarray) -> int | None:
+    """The packed encoder's slots per question for a host mask [B, K, N] (``fid_encode``); None
+    (the padded encoder) where the fullest question needs them all, and packing would only cost."""
+    capacity = packed_capacity(mask, capacity_step(mask[0].size))
+    return None if capacity == mask[0].size else capacity
 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "beams", "capacity"))

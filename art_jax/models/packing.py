@@ -8,7 +8,8 @@ q, k, v are scattered back into it (padding as zeros, masked anyway). The result
 padded encoder's at every real position and is zero at the padding.
 
 ``capacity`` is static (it is a shape): the caller picks it from the batch's masks on the host
-(``packed_capacity``), so that no group has more real tokens than slots.
+(``packed_capacity``), so that no group has more real tokens than slots. Nothing checks that
+inside the program: a group's tokens past its slots would read as zeros.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def _answer_generation(cfg, reader_hf: dict, *, biased: bool) -> Compiled:
     ``reader.eval_batch_size`` at a time, with a replica of the reader on its own devices (as
     ``for_inference``: float32, no remat); the replica counts among the temporaries. ``biased``:
     Joint top-K's cross-attention bias is an input too."""
-    from art_jax.evaluation.predict import generate
+    from art_jax.evaluation.predict import capacity_step, generate
 
     replica, local = _local_replica(abstract_t5(reader_hf, dropout_rate=0.0))
     size = round_up(cfg.reader.eval_batch_size, local.shape["data"])
@@ -253,8 +253,11 @@ def _answer_generation(cfg, reader_hf: dict, *, biased: bool) -> Compiled:
     rows = NamedSharding(local, P("data"))
     tokens = _spec((size, k, n), jnp.int32, rows)
     bias = _spec((size, k * n), jnp.float32, rows) if biased else None
+    # the fullest packed batch (both layouts of q, k, v live): a batch that needs every slot runs padded
+    capacity = k * n - capacity_step(k * n)
     answers = Compiled.of(f"answer generation at evaluation ({size} questions x K={k}, {t} tokens; + the reader)",
-                          generate.lower(replica, tokens, tokens, bias, max_new_tokens=t, beams=1), calls=0)
+                          generate.lower(replica, tokens, tokens, bias, max_new_tokens=t, beams=1,
+                                         capacity=capacity or None), calls=0)
     answers.temporaries += parameter_bytes(nnx.state(replica))
     return answers
 
