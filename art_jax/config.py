@@ -217,15 +217,17 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     # the reader demos' T5 (jobs/demo.py _prepare_reader): width, Hugging Face T5's initialisation scales times
     # reader_init_scale, and the decoder's cross-attention values and outputs the identity (it copies);
-    # retriever_pretraining: steps of the ART demo (or of ICT, pretraining_method="ict") that give the end-to-end
-    # methods their initial retriever (0: the random BERT; a retriever.checkpoint given is used as it is);
+    # retriever_pretraining: steps of the ART demo (or of ICT, pretraining_method="ict") on the run's world that give
+    # the end-to-end methods their initial retriever (0: the random BERT; a retriever.checkpoint given is used as it
+    # is), at pretraining_learning_rate (0: the pretraining demo's own);
     # restate: every fact stated in two passages (demo_world.make_world); salient_spans: train on the masked
     # sentences of the world's passages (art-jax prepare-salient-spans) instead of its questions, the reader
     # first trained reader_pretraining steps to fill them in from their own passages (data.salient_source_passage)
     cfg.demo = ml_collections.ConfigDict(dict(enabled=False, entities=200, vocab_size=1500, hidden_size=64,
                                               layers=2, heads=4, initializer_range=0.15, dropout=0.1,
                                               reader_d_model=64, reader_init_scale=0.25, reader_copy_init=True,
-                                              retriever_pretraining=0, pretraining_method="art", restate=False,
+                                              retriever_pretraining=0, pretraining_method="art",
+                                              pretraining_learning_rate=0.0, restate=False,
                                               salient_spans=False, reader_pretraining=0))
     return cfg
 

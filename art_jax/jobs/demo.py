@@ -106,6 +106,8 @@ def _pretrained_retriever(cfg, folder: str) -> str:
     method = cfg.demo.pretraining_method
     pre = PRETRAINING[method]()
     pre.seed, pre.retriever.checkpoint = cfg.seed, cfg.retriever.checkpoint
+    pre.demo.entities = cfg.demo.entities  # the run's people and facts (its own world would be the default's)
+    pre.train.learning_rate = cfg.demo.pretraining_learning_rate or pre.train.learning_rate
     pre.data.corpus, pre.data.train_questions, pre.data.dev_questions = (
         cfg.data.corpus, cfg.data.train_questions, cfg.data.dev_questions)
     pre.train.steps = pre.train.eval_every = cfg.demo.retriever_pretraining
