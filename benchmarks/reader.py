@@ -34,14 +34,15 @@ transformers / art_jax, and both losses with dropout off (the same computation: 
 float32 rounding, checked).
 
 Part 2, ``--part generate``: greedy answers of ``--generate-batch`` questions from their
-token ids. art_jax: ``evaluation.predict.generate`` (what `art-jax answer` runs: ``fid_encode``
+token ids. art_jax: ``evaluation.predict.generate`` (what `art-jax answer` runs: ``packed_fid_encode``
 and ``greedy_decode`` with its key/value cache in one ``nnx.jit``; the encoder skips the padding,
 each question's real tokens packed into ``encoder_capacity`` slots, as `answer` packs them: the
-batch's fullest question rounded up to 1/16 of K x N). transformers: the encoder
+batch's fullest question rounded up to 1/16 of K x N; the decoder reads that packed memory, so
+its cross-attention skips the padding too). transformers: the encoder
 over [B*K, N] under ``inference_mode``, reshaped, then ``generate(encoder_outputs=...,
 attention_mask=..., max_new_tokens=..., num_beams=1, do_sample=False)`` with its own cache (an
 ``EncoderDecoderCache``), on all threads and on one. Both are also timed in halves (art_jax's
-``fid_encode`` and ``greedy_decode`` jitted apart; the encoder call and ``generate``), so the
+``packed_fid_encode`` and ``greedy_decode`` jitted apart; the encoder call and ``generate``), so the
 ratio of each half shows where a difference comes from. Printed: ms per batch (best, median),
 questions/s, the ratios, and whether the tokens are the same.
 
@@ -273,7 +274,7 @@ def compare_generate(args, folder: str) -> None:
     from art_jax.evaluation.predict import encoder_capacity, generate
     from art_jax.models.generation import greedy_decode
     from art_jax.models.hf import load_t5
-    from art_jax.models.reader import fid_encode
+    from art_jax.models.reader import fid_encode, packed_fid_encode
 
     questions, new = args.generate_batch, args.max_new_tokens
     batch = make_batch(args, questions)
@@ -282,7 +283,8 @@ def compare_generate(args, folder: str) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peer = transformers.T5ForConditionalGeneration.from_pretrained(folder).to(device).eval()
     capacity = encoder_capacity(mask)  # as `answer` packs the batch's real tokens
-    encode = nnx.jit(fid_encode, static_argnames=("capacity",))
+    encode = nnx.jit(fid_encode if capacity is None else
+                     lambda *a: packed_fid_encode(*a, capacity)[:2])
     decode = nnx.jit(greedy_decode, static_argnames=("max_new_tokens",))
     b, k, n = ids.shape
     ids_t, mask_t = (torch.from_numpy(x.astype(np.int64)).to(device) for x in (ids, mask))
@@ -291,7 +293,7 @@ def compare_generate(args, folder: str) -> None:
         return np.asarray(generate(model, ids, mask, None, max_new_tokens=new, beams=1, capacity=capacity))
 
     def art_jax_encode():
-        return jax.block_until_ready(encode(model, ids, mask, capacity=capacity))
+        return jax.block_until_ready(encode(model, ids, mask))
 
     def art_jax_decode(memory):
         return np.asarray(decode(model, *memory, max_new_tokens=new))

@@ -277,37 +277,56 @@ def test_the_checkpoints_own_special_tokens(t5_v10_lively_dir, tmp_path):
 
 
 def test_the_packed_encoder_skips_the_padding_alone(setup):
-    """The encoder over each question's real tokens packed (``fid_encode(capacity=...)``, what
-    `answer` runs) equals the padded encoder at every real position, is zero at the padding,
-    gives the same greedy answers and the same gradient; so does the remat model (its scanned
-    blocks), and a capacity with spare slots."""
+    """The encoder over each question's real tokens packed (``packed_fid_encode``, what `answer`
+    runs) equals the padded encoder at every real token, and its gradient is the same; so does the
+    remat model (its scanned blocks), and a capacity with spare slots. The decoder reading that
+    packed memory gives the padded memory's answers: greedy and beam search, with and without a
+    per-passage bias (a Joint top-K reader's, taken to the slots)."""
     from art_jax.evaluation.predict import encoder_capacity, generate
-    from art_jax.models.packing import packed_capacity
+    from art_jax.models.packing import Packing, packed_capacity
+    from art_jax.models.reader import packed_fid_encode
 
     ids, mask = setup.ids, setup.memory_mask.reshape(setup.ids.shape)
     assert mask.mean() < 0.8  # a quarter of the inputs is padding: there is something to skip
     real = setup.memory_mask.astype(bool)
-    encode = nnx.jit(fid_encode, static_argnames=("capacity",))
+    counts = real.sum(axis=1)
+    encode = nnx.jit(packed_fid_encode, static_argnames=("capacity",))
     exact = packed_capacity(mask, 1)
-    assert exact == mask.reshape(len(ids), -1).sum(axis=1).max() < encoder_capacity(mask) < mask[0].size
+    assert exact == counts.max() < encoder_capacity(mask) < mask[0].size and counts.min() < exact
     remat = load_t5(setup.folder, remat=True)
     for model in (setup.model, remat):
         for capacity in (exact, encoder_capacity(mask)):
-            memory = jax.device_get(encode(model, ids, mask, capacity=capacity)[0])
-            np.testing.assert_allclose(memory[real], setup.memory[real], rtol=1e-5, atol=1e-6)
-            assert not memory[~real].any()
-    greedy = np.asarray(_greedy(setup.model, setup.memory, setup.memory_mask))
-    assert len(set(map(tuple, greedy.tolist()))) > 1  # the answers differ with their passages
-    for capacity in (None, encoder_capacity(mask)):
-        np.testing.assert_array_equal(np.asarray(generate(setup.model, ids, mask, None, max_new_tokens=MAX_NEW,
-                                                          beams=1, capacity=capacity)), greedy)
+            memory, filled, _ = jax.device_get(encode(model, ids, mask, capacity=capacity))
+            np.testing.assert_array_equal(filled, np.arange(capacity) < counts[:, None])
+            for row in range(len(ids)):  # the real tokens in order, then spare slots
+                np.testing.assert_allclose(memory[row, :counts[row]], setup.memory[row][real[row]], rtol=1e-5,
+                                           atol=1e-6)
+
+    answers = {}  # (bias?, beams) -> the padded memory's answers
+    for memory_bias in (None, _bias(setup)):
+        args = (setup.model, setup.memory, setup.memory_mask, memory_bias)
+        for count in (1, 3):
+            want = np.asarray(_greedy(*args) if count == 1 else _beam(*args, beams=count))
+            answers[memory_bias is not None, count] = want
+            for capacity in (None, encoder_capacity(mask)):
+                np.testing.assert_array_equal(np.asarray(generate(setup.model, ids, mask, memory_bias,
+                                                                  max_new_tokens=MAX_NEW, beams=count,
+                                                                  capacity=capacity)), want)
+    assert len(set(map(tuple, answers[False, 1].tolist()))) > 1  # the answers differ with their passages
+    # the bias changes the answers: a packed bias in the wrong slots would show
+    assert any(not np.array_equal(answers[True, count], answers[False, count]) for count in (1, 3))
 
     weights = np.random.default_rng(0).normal(size=setup.memory.shape).astype(np.float32) * real[..., None]
 
-    def loss(model, capacity):
-        return jnp.sum(fid_encode(model, ids, mask, capacity=capacity)[0] * weights)
+    def padded_loss(model):
+        return jnp.sum(fid_encode(model, ids, mask)[0] * weights)
 
-    padded = jax.tree.leaves(nnx.grad(loss)(setup.model, None))
+    def packed_loss(model, capacity):  # the same weights on the same tokens, in their slots
+        packing = Packing.of(jnp.asarray(mask).reshape(-1, mask.shape[-1]), len(ids), capacity)
+        return jnp.sum(packing.unpack(packed_fid_encode(model, ids, mask, capacity)[0]) *
+                       weights.reshape(-1, mask.shape[-1], weights.shape[-1]))
+
+    padded = jax.tree.leaves(nnx.grad(padded_loss)(setup.model))
     for model, capacity in ((setup.model, exact), (remat, encoder_capacity(mask))):
-        for a, b in zip(padded, jax.tree.leaves(nnx.grad(loss)(model, capacity)), strict=True):
+        for a, b in zip(padded, jax.tree.leaves(nnx.grad(packed_loss)(model, capacity)), strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)  # (remat: float32 reassociation)

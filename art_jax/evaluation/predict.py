@@ -4,7 +4,8 @@ generated answer strings. `art-jax answer` and the reader methods' dev EM both u
 A batch is padded to a fixed number of questions (its last question repeated) so one shape
 is compiled; a question with fewer than K passages gets empty, fully masked ones, which
 the decoder never attends to. Inputs are split over the mesh's ``data`` axis. The encoder skips
-the inputs' padding (``art_jax.models.packing``), its slots chosen per batch among 16 sizes.
+the inputs' padding and the decoder reads the real tokens alone (``art_jax.models.packing``),
+their slots chosen per batch among 16 sizes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from art_jax.data.reader_inputs import encode_reader_batch
 from art_jax.evaluation.answers import check_results
 from art_jax.models.generation import beam_search, greedy_decode
 from art_jax.models.packing import packed_capacity
-from art_jax.models.reader import fid_encode, passage_memory_bias
+from art_jax.models.reader import fid_encode, packed_fid_encode, passage_memory_bias
 from art_jax.models.reader_folder import ReaderSettings
 from art_jax.models.t5 import T5
 from art_jax.objectives import joint_topk_memory_weights
@@ -71,8 +72,11 @@ def encoder_capacity(mask: np.ndarray) -> int | None:
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "beams", "capacity"))
 def generate(model: T5, ids, mask, memory_bias, *, max_new_tokens: int, beams: int, capacity: int | None = None):
     """Answer tokens [B, max_new_tokens] (padded with 0 after </s>) of a FiD batch [B, K, N], its
-    padding skipped by the encoder given ``capacity`` (``encoder_capacity``)."""
-    memory, memory_mask = fid_encode(model, ids, mask, capacity=capacity)
+    padding skipped by the encoder and the decoder given ``capacity`` (``encoder_capacity``)."""
+    if capacity is None:
+        memory, memory_mask = fid_encode(model, ids, mask)
+    else:
+        memory, memory_mask, memory_bias = packed_fid_encode(model, ids, mask, capacity, memory_bias)
     if beams == 1:
         return greedy_decode(model, memory, memory_mask, max_new_tokens=max_new_tokens, memory_bias=memory_bias)
     return beam_search(model, memory, memory_mask, beams=beams, max_new_tokens=max_new_tokens,

@@ -4,8 +4,10 @@ A FiD reader encodes K passages of N tokens per question, and real passages leav
 a third of those N as padding. Every position-wise part of a T5 block (norms, projections, the
 feed-forward) runs as well on the real tokens alone, gathered into ``capacity`` slots per group
 of rows (a question's K inputs); only the attention needs the padded [rows, N] layout, and its
-q, k, v are scattered back into it (padding as zeros, masked anyway). The result equals the
-padded encoder's at every real position and is zero at the padding.
+q, k, v are scattered back into it (padding as zeros, masked anyway). The outputs stay packed:
+at every real token they equal the padded encoder's, and ``unpack`` lays them out padded. A FiD
+decoder reads them packed (``models.reader.packed_fid_encode``): its cross-attention has no
+positions, so each of its steps then reads the real tokens' keys alone.
 
 ``capacity`` is static (it is a shape): the caller picks it from the batch's masks on the host
 (``packed_capacity``), so that no group has more real tokens than slots. Nothing checks that

@@ -310,11 +310,11 @@ class T5(nnx.Module):
                         if cfg.untied_lm_head else None)
 
     def encode(self, input_ids, attention_mask, *, dropout_key=None, packing: Packing | None = None) -> jax.Array:
-        """[R, L, D]; with ``packing`` the padding is skipped and its outputs are zeros."""
+        """[R, L, D]; with ``packing`` the padding is skipped: [G, C, D], the real tokens' outputs
+        in their packed slots (``packing.unpack`` lays them out as [R, L, D], zeros at the padding)."""
         if packing is None:
             return self.encoder(self.shared(input_ids), attention_mask, dropout_key)
-        encoded = self.encoder(self.shared(packing.pack(input_ids)), attention_mask, dropout_key, packing=packing)
-        return packing.unpack(encoded)
+        return self.encoder(self.shared(packing.pack(input_ids)), attention_mask, dropout_key, packing=packing)
 
     def logits(self, encoded, attention_mask, decoder_input_ids, *, dropout_key=None, memory_bias=None) -> jax.Array:
         """Float32 [R, T, V] next-token logits under teacher forcing over the memory ``encoded``
