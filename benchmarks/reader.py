@@ -43,7 +43,8 @@ over [B*K, N] under ``inference_mode``, reshaped, then ``generate(encoder_output
 attention_mask=..., max_new_tokens=..., num_beams=1, do_sample=False)`` with its own cache (an
 ``EncoderDecoderCache``), on all threads and on one. Both are also timed in halves (art_jax's
 ``packed_fid_encode`` and ``greedy_decode`` jitted apart; the encoder call and ``generate``), so the
-ratio of each half shows where a difference comes from. Printed: ms per batch (best, median),
+ratio of each half shows where a difference comes from (both halves of art_jax skip the padding:
+its decoder reads the real tokens' keys, transformers' all K x N). Printed: ms per batch (best, median),
 questions/s, the ratios, and whether the tokens are the same.
 
 Part 3, ``--part memory``: no weights and no run. The whole FiD train step (the same
@@ -349,7 +350,7 @@ def compare_generate(args, folder: str) -> None:
             for name, seconds in lap.items():
                 times[name].append(seconds)
     best, median = ({name: f(t) for name, t in times.items()} for f in (min, statistics.median))
-    rows = [("art_jax", "art_jax fid_encode + greedy_decode (one jit)"), ("art_jax encode", "  fid_encode (jit)"),
+    rows = [("art_jax", "art_jax encode + greedy_decode (one jit)"), ("art_jax encode", "  packed_fid_encode (jit)"),
             ("art_jax decode", "  greedy_decode (jit, KV cache)")]
     for count in peers:
         rows += [(f"torch{count}", f"transformers, torch on {count} thread(s)"),

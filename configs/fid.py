@@ -22,7 +22,7 @@ def get_config():
     cfg.train.learning_rate, cfg.train.warmup_fraction, cfg.train.weight_decay = 1e-4, 0.0, 0.01
     cfg.train.eval_every = cfg.train.checkpoint_every = 500
     cfg.train.best_metric = "em"
-    # what fits 16 A100 40GB (`art-jax train --dry-run`: 15.7 GB a device; 46 in one micro-batch):
+    # what fits 16 A100 40GB (`art-jax train --dry-run`: 15.7 GB a device; 46.5 in one micro-batch):
     # remat, and one question a device per micro-batch (fewer devices: raise it)
     cfg.reader.remat = True
     cfg.train.accumulation = 4

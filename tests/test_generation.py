@@ -24,7 +24,7 @@ from art_jax.core.batching import pad_rows, round_up
 from art_jax.core.sharding import batch_sharding, make_mesh
 from art_jax.models.generation import CachedDecoder, beam_search, greedy_decode
 from art_jax.models.hf import load_t5, load_tokenizer
-from art_jax.models.reader import fid_encode, passage_memory_bias
+from art_jax.models.reader import answer_log_probs, fid_encode, passage_memory_bias
 
 transformers = pytest.importorskip("transformers")
 
@@ -315,6 +315,16 @@ def test_the_packed_encoder_skips_the_padding_alone(setup):
     assert len(set(map(tuple, answers[False, 1].tolist()))) > 1  # the answers differ with their passages
     # the bias changes the answers: a packed bias in the wrong slots would show
     assert any(not np.array_equal(answers[True, count], answers[False, count]) for count in (1, 3))
+    # closer than answers can tell: the bias in each real token's slot, and the decoder's log-probabilities
+    # of the same labels over the packed memory equal the padded memory's
+    bias, labels = _bias(setup), jnp.asarray(answers[True, 3])
+    memory, filled, packed_bias = encode(setup.model, ids, mask, memory_bias=bias, capacity=encoder_capacity(mask))
+    for row in range(len(ids)):
+        np.testing.assert_array_equal(np.asarray(packed_bias)[row, :counts[row]], np.asarray(bias)[row][real[row]])
+    log_probs = jax.jit(answer_log_probs)
+    np.testing.assert_allclose(log_probs(setup.model, memory, filled, labels, memory_bias=packed_bias),
+                               log_probs(setup.model, setup.memory, setup.memory_mask, labels, memory_bias=bias),
+                               rtol=1e-5, atol=1e-5)
 
     weights = np.random.default_rng(0).normal(size=setup.memory.shape).astype(np.float32) * real[..., None]
 

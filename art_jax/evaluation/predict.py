@@ -63,7 +63,7 @@ def capacity_step(tokens: int) -> int:
 
 
 def encoder_capacity(mask: np.ndarray) -> int | None:
-    """The packed encoder's slots per question for a host mask [B, K, N] (``fid_encode``); None
+    """The packed encoder's slots per question for a host mask [B, K, N] (``packed_fid_encode``); None
     (the padded encoder) where the fullest question needs them all, and packing would only cost."""
     capacity = packed_capacity(mask, capacity_step(mask[0].size))
     return None if capacity == mask[0].size else capacity

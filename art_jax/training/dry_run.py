@@ -253,11 +253,12 @@ def _answer_generation(cfg, reader_hf: dict, *, biased: bool) -> Compiled:
     rows = NamedSharding(local, P("data"))
     tokens = _spec((size, k, n), jnp.int32, rows)
     bias = _spec((size, k * n), jnp.float32, rows) if biased else None
-    # the fullest packed batch (both layouts of q, k, v live): a batch that needs every slot runs padded
-    capacity = k * n - capacity_step(k * n)
-    answers = Compiled.of(f"answer generation at evaluation ({size} questions x K={k}, {t} tokens; + the reader)",
-                          generate.lower(replica, tokens, tokens, bias, max_new_tokens=t, beams=1,
-                                         capacity=capacity or None), calls=0)
+    # the larger of the fullest packed batch (both layouts of the encoder's q, k, v live) and a batch
+    # that needs every slot, which runs padded (its decoder keeps the keys and values of all K x N)
+    name = f"answer generation at evaluation ({size} questions x K={k}, {t} tokens; + the reader)"
+    answers = max((Compiled.of(name, generate.lower(replica, tokens, tokens, bias, max_new_tokens=t, beams=1,
+                                                    capacity=capacity), calls=0)
+                   for capacity in {k * n - capacity_step(k * n) or None, None}), key=lambda c: c.temporaries)
     answers.temporaries += parameter_bytes(nnx.state(replica))
     return answers
 

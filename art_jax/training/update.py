@@ -87,8 +87,9 @@ def update(objective: Objective, optimizer: optax.GradientTransformation, schedu
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
 
-    # a branch, not a select of new or old per array: no work on a skipped step, and XLA:CPU's
-    # fusion of ~650 selects on one predicate (BERT towers + T5 reader) ran out of memory
+    # a branch, not a select of new or old per array: no work on a skipped step, and XLA:CPU's fusion
+    # of ~2,000 selects on one predicate (~650 parameter arrays of BERT towers + T5 reader, their AdamW
+    # moments) ran out of memory
     stepped = jax.lax.cond(finite, apply, lambda state: state, state)
     new_state = stepped.replace(step=state.step + 1, skipped=state.skipped + (~finite))
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
