@@ -256,9 +256,10 @@ def _answer_generation(cfg, reader_hf: dict, *, biased: bool) -> Compiled:
     # the larger of the fullest packed batch (both layouts of the encoder's q, k, v live) and a batch
     # that needs every slot, which runs padded (its decoder keeps the keys and values of all K x N)
     name = f"answer generation at evaluation ({size} questions x K={k}, {t} tokens; + the reader)"
+    fullest = k * n - capacity_step(k * n)  # one step short of every slot
     answers = max((Compiled.of(name, generate.lower(replica, tokens, tokens, bias, max_new_tokens=t, beams=1,
                                                     capacity=capacity), calls=0)
-                   for capacity in {k * n - capacity_step(k * n) or None, None}), key=lambda c: c.temporaries)
+                   for capacity in ((fullest, None) if fullest else (None,))), key=lambda c: c.temporaries)
     answers.temporaries += parameter_bytes(nnx.state(replica))
     return answers
 
