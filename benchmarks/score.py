@@ -3,6 +3,8 @@ and the same pairs, in one process. Prints pairs/s and the ratio.
 
     python benchmarks/score.py                 # t5-small-sized v1.1 model, 512 pairs
     python benchmarks/score.py --size tiny     # a quick look
+    python benchmarks/score.py --paper-shape bigscience/T0_3B --dtype bfloat16 --batch-size 64 \
+        --peak-tflops 989                      # T0-3B's forward alone: MFU (a GPU)
 
 Both sides start from strings and include tokenization; both compute float32 on CPU
 (``--dtype bfloat16`` times art_jax's default teacher precision as an extra line).
@@ -76,22 +78,52 @@ def timed(fn, repeats: int):
     return best, result
 
 
-def forward_flop_rate(scorer, batch: int, enc_len: int, dec_len: int, repeats: int = 10) -> float:
-    """FLOP/s of the jitted scorer forward at one shape, FLOPs as XLA counts them."""
+def forward_flop_rate(model, batch: int, enc_len: int, dec_len: int, repeats: int = 10) -> tuple[float, object]:
+    """(FLOP/s, the compiled program's memory analysis) of the jitted scorer forward at one
+    shape, FLOPs as XLA counts them."""
     import jax
 
     from art_jax.teachers.t5 import _teacher_scores
 
     rng = np.random.default_rng(0)
-    vocab = scorer.model.config.vocab_size
+    vocab = model.config.vocab_size
     args = (rng.integers(2, vocab, (batch, enc_len), dtype=np.int32), np.ones((batch, enc_len), np.int32),
             rng.integers(2, vocab, (batch, dec_len), dtype=np.int32), np.ones((batch, dec_len), np.int32))
     args = jax.device_put(args)
-    compiled = _teacher_scores.lower(scorer.model, *args).compile()
+    compiled = _teacher_scores.lower(model, *args).compile()
     cost = compiled.cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
-    seconds, _ = timed(lambda: jax.block_until_ready(compiled(scorer.model, *args)), repeats)
-    return flops / seconds
+    seconds, _ = timed(lambda: jax.block_until_ready(compiled(model, *args)), repeats)
+    return flops / seconds, compiled.memory_analysis()
+
+
+def mfu_line(flop_rate: float, peak_tflops: float | None) -> str:
+    return f"{flop_rate / 1e12:.3f} TFLOP/s" + (
+        f", MFU {flop_rate / (peak_tflops * 1e12):.1%} of {peak_tflops:g} TFLOP/s" if peak_tflops else "")
+
+
+def paper_shape(args) -> None:
+    """The teacher forward alone at a paper model's shapes (models/shapes.py), random weights in
+    ``--dtype`` as ``T5Scorer`` keeps them: no checkpoint, no peer (what MFU needs)."""
+    import jax
+    from flax import nnx
+
+    from art_jax.models.hf import t5_config_from_hf
+    from art_jax.models.shapes import KNOWN_CONFIGS, parameter_bytes
+    from art_jax.models.t5 import T5
+
+    hf = KNOWN_CONFIGS[args.paper_shape]
+    cfg = t5_config_from_hf(hf, {}, untied_lm_head=hf.get("tie_word_embeddings", True) is False,
+                            dtype=args.dtype, param_dtype=args.dtype)
+    with nnx.use_eager_sharding(False):  # one device: no mesh to place the logical axes on
+        model = T5(cfg, rngs=nnx.Rngs(0))
+    params = parameter_bytes(nnx.state(model, nnx.Param))
+    flop_rate, memory = forward_flop_rate(model, args.batch_size, args.encoder_length, args.decoder_length,
+                                          args.repeats)
+    print(f"{args.paper_shape} ({params / 2 ** 30:.2f} GiB of {args.dtype} parameters), random weights; jax "
+          f"{jax.__version__} on {jax.devices()[0].device_kind}; scorer forward at [{args.batch_size} x "
+          f"{args.encoder_length} -> {args.decoder_length}]: {mfu_line(flop_rate, args.peak_tflops)}; "
+          f"XLA:{jax.default_backend().upper()}'s temporaries {memory.temp_size_in_bytes / 2 ** 30:.2f} GiB")
 
 
 def main() -> None:
@@ -103,7 +135,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense peak of the device for --dtype, to print MFU (H100 SXM bf16: 989)")
+    parser.add_argument("--paper-shape", help="time the forward alone at this models/shapes.py T5 "
+                        "(bigscience/T0_3B, google/t5-xxl-lm-adapt, ...): random weights, no peer")
+    parser.add_argument("--encoder-length", type=int, default=512, help="with --paper-shape")
+    parser.add_argument("--decoder-length", type=int, default=32, help="with --paper-shape")
     args = parser.parse_args()
+    if args.paper_shape:
+        return paper_shape(args)
 
     import jax
     import torch
@@ -140,12 +178,8 @@ def main() -> None:
         t_lowp, _ = timed(lambda: ours_lowp.score(titles, texts, questions, batch_size=args.batch_size),
                           args.repeats)
         print(f"  art_jax bfloat16              {rate(t_lowp):9.1f} pairs/s")
-    fixed = ours_lowp or ours
-    flop_rate = forward_flop_rate(fixed, args.batch_size, 512, 32)
-    line = f"scorer forward at [{args.batch_size} x 512 -> 32], {args.dtype}: {flop_rate / 1e12:.3f} TFLOP/s"
-    if args.peak_tflops:
-        line += f", MFU {flop_rate / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops:g} TFLOP/s"
-    print(line)
+    flop_rate, _ = forward_flop_rate((ours_lowp or ours).model, args.batch_size, 512, 32)
+    print(f"scorer forward at [{args.batch_size} x 512 -> 32], {args.dtype}: {mfu_line(flop_rate, args.peak_tflops)}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ class JaxStep:
     """art_jax: the towers, the optimizer and the jitted ``update`` as the trainer builds them,
     for ``method`` (a module of art_jax/methods/ with ``objective`` and ``batch_shardings``)."""
 
-    def __init__(self, folder: str, optim, temperature_multiplier: float, method=None, **objective_options):
+    def __init__(self, folder: str, optim, temperature_multiplier: float, method=None, dtype: str = "float32",
+                 **objective_options):
         import jax
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -104,7 +105,8 @@ class JaxStep:
 
         method = method or art
         self.mesh = make_mesh()
-        self.towers, params = ParamGroups.split({"question": load_bert(folder), "passage": load_bert(folder)})
+        self.towers, params = ParamGroups.split({"question": load_bert(folder, dtype=dtype),
+                                                 "passage": load_bert(folder, dtype=dtype)})
         self.m = temperature_multiplier
         optimizer = make_optimizer(optim, self.towers, params)
         self.state = jax.device_put(init_state(params, optimizer, seed=0), NamedSharding(self.mesh, P()))
@@ -130,14 +132,20 @@ class JaxStep:
         return float(jax.jit(loss)(self.state.params, batch))
 
 
+def autocast(torch, device: str, dtype: str):
+    """The peer's counterpart of art_jax's compute dtype: bfloat16 matrix work under autocast,
+    float32 parameters, optimizer and loss (as art_jax keeps them)."""
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 class TorchStep:
     """The peer: two transformers ``BertModel`` towers and the same loss and optimizer."""
 
-    def __init__(self, folder: str, optim, temperature_multiplier: float):
+    def __init__(self, folder: str, optim, temperature_multiplier: float, dtype: str = "float32"):
         import torch
         from transformers import BertModel
 
-        self.torch = torch
+        self.torch, self.dtype = torch, dtype
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.towers = [BertModel.from_pretrained(folder, add_pooling_layer=False).to(self.device).train()
                        for _ in range(2)]
@@ -156,8 +164,10 @@ class TorchStep:
     def loss(self, b):
         torch = self.torch
         question, passage = self.towers
-        q = question(input_ids=b["question_ids"], attention_mask=b["question_mask"]).last_hidden_state[:, 0]
-        p = passage(input_ids=b["passage_ids"][0], attention_mask=b["passage_mask"][0]).last_hidden_state[:, 0]
+        with autocast(torch, self.device, self.dtype):
+            q = question(input_ids=b["question_ids"], attention_mask=b["question_mask"]).last_hidden_state[:, 0]
+            p = passage(input_ids=b["passage_ids"][0], attention_mask=b["passage_mask"][0]).last_hidden_state[:, 0]
+        q, p = q.float(), p.float()  # scores and softmax in float32, as art_jax's
         scores = torch.einsum("bh,bkh->bk", q, p[b["passage_index"]]) / (self.m * q.shape[-1] ** 0.5)
         log_student = torch.log_softmax(scores, -1)
         log_teacher = torch.log_softmax(b["teacher_scores"], -1)
@@ -190,8 +200,9 @@ def compare_update(args) -> None:
 
     from art_jax.core.batching import round_up
 
-    ours, peer = both_sides(args, lambda folder, optim: JaxStep(folder, optim, args.temperature_multiplier),
-                            lambda folder, optim: TorchStep(folder, optim, args.temperature_multiplier))
+    ours, peer = both_sides(args, lambda folder, optim: JaxStep(folder, optim, args.temperature_multiplier,
+                                                                dtype=args.dtype),
+                            lambda folder, optim: TorchStep(folder, optim, args.temperature_multiplier, args.dtype))
     # the trainer's padding of U: a multiple of an eighth of B x K, divisible over the devices
     batch, unique = make_batch(args, round_up(max(8, args.batch * args.k // 8), ours.mesh.size))
     print(f"update: BERT towers hidden {args.hidden} x {args.layers} layers ({args.heads} heads, vocab {args.vocab}), "
@@ -199,7 +210,7 @@ def compare_update(args) -> None:
           f"{unique} unique of {args.batch * args.k} retrieved rows padded to U={batch['passage_ids'].shape[1]} "
           f"(corpus {args.corpus:,}, zipf {args.zipf:g}); jax {jax.__version__} on {jax.device_count()} "
           f"{jax.default_backend()} device(s), torch {torch.__version__} on {peer.device} "
-          f"({torch.get_num_threads()} CPU threads)")
+          f"({torch.get_num_threads()} CPU threads), compute {args.dtype}")
     race(ours, peer, batch, batch, args, peer_label="transformers BertModel")
 
 
@@ -246,6 +257,23 @@ def race(ours, peer, ours_batch, peer_batch, args, *, peer_label: str) -> None:
           f"(|difference| {abs(ours_loss - peer_loss):.1e})")
     print(f"ratio transformers / art_jax: {best['transformers'] / best['art_jax']:.2f}x (best of {args.repeats}; "
           f"medians {median['transformers'] / median['art_jax']:.2f}x)")
+    if getattr(args, "peak_tflops", None):
+        print_mfu(ours, ours_batch, median, args.peak_tflops)
+
+
+def print_mfu(ours, batch, median: dict[str, float], peak_tflops: float) -> None:
+    """Both sides' achieved rate and MFU at their median step, counting the FLOPs XLA counts
+    in art_jax's compiled update (forward, backward and optimizer; without remat's
+    recomputation where the side has ``model_flops``) for both."""
+    if hasattr(ours, "model_flops"):
+        flops = ours.model_flops(batch)
+    else:
+        cost = ours._update.lower(ours.state, batch).compile().cost_analysis()
+        flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    rates = {name: flops / seconds / 1e12 for name, seconds in median.items()}
+    print(f"  {flops / 1e12:.3g} TFLOP per step (XLA's count): " + ", ".join(
+        f"{name} {rate:.3g} TFLOP/s = MFU {rate / peak_tflops:.1%}" for name, rate in rates.items())
+          + f" of {peak_tflops:g} TFLOP/s")
 
 
 def loop_split(args) -> None:
@@ -321,6 +349,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the towers' compute dtype (parameters stay float32; torch under autocast)")
+    parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak for --dtype, to print MFU "
+                        "(H100/H200 SXM bfloat16: 989)")
     parser.add_argument("--loop-steps", type=int, default=20, help="timed Trainer.train_step calls (0: skip)")
     parser.add_argument("--loop-warmup", type=int, default=5)
     parser.add_argument("--entities", type=int, default=200, help="demo world size (2 passages each)")
