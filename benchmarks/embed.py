@@ -66,9 +66,11 @@ def main() -> None:
     corpus = os.path.join(scratch, "corpus.tsv")
     with open(corpus, "w", encoding="utf-8") as f:
         f.write("id\ttext\ttitle\n" + "".join(f"{i + 1}\t{text}\t{title}\n" for i, (title, text) in enumerate(rows)))
+    start = time.perf_counter()
     tokenizer = load_tokenizer(args.model)
     store = prepare_corpus(corpus, os.path.join(scratch, "store"), tokenizer, TokenizerSpec(args.model, 512),
                            progress=False)
+    print(f"  corpus store of {len(rows):,} passages prepared in {time.perf_counter() - start:.1f} s")
     tower, _ = load_passage_tower(args.model)
     tower = tower if args.dtype == "float32" else with_config(tower, dtype=args.dtype)
 
@@ -88,8 +90,12 @@ def main() -> None:
     def st_embed() -> np.ndarray:
         return peer.encode(texts, batch_size=args.batch_size, convert_to_tensor=True).float().cpu().numpy()
 
+    start = time.perf_counter()
     art_jax_embed(0)  # compiles
+    print(f"  art_jax's first pass (compiles each length bucket) {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
     st_embed()
+    print(f"  sentence-transformers' first pass {time.perf_counter() - start:.1f} s")
     times = {"art_jax": [], "sentence-transformers": []}
     for attempt in range(2):
         start = time.perf_counter()

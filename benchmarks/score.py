@@ -79,11 +79,12 @@ def timed(fn, repeats: int):
 
 
 def forward_flop_rate(model, batch: int, enc_len: int, dec_len: int, repeats: int = 10) -> tuple[float, object]:
-    """(FLOP/s, the compiled program's memory analysis) of the jitted scorer forward at one
-    shape, FLOPs as XLA counts them."""
+    """(model FLOP/s, the compiled program's memory analysis) of the jitted scorer forward at
+    one shape, FLOPs the matrix products of its jaxpr (benchmarks/flops.py)."""
     import jax
 
-    from art_jax.teachers.t5 import _teacher_scores
+    from art_jax.teachers.t5 import _teacher_scores, teacher_scores
+    from benchmarks.flops import matmul_flops
 
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
@@ -91,10 +92,8 @@ def forward_flop_rate(model, batch: int, enc_len: int, dec_len: int, repeats: in
             rng.integers(2, vocab, (batch, dec_len), dtype=np.int32), np.ones((batch, dec_len), np.int32))
     args = jax.device_put(args)
     compiled = _teacher_scores.lower(model, *args).compile()
-    cost = compiled.cost_analysis()
-    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
     seconds, _ = timed(lambda: jax.block_until_ready(compiled(model, *args)), repeats)
-    return flops / seconds, compiled.memory_analysis()
+    return matmul_flops(teacher_scores, model, *args) / seconds, compiled.memory_analysis()
 
 
 def mfu_line(flop_rate: float, peak_tflops: float | None) -> str:
