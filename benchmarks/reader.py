@@ -52,13 +52,14 @@ Part 3, ``--part memory``: no weights and no run. The whole FiD train step (the 
 12+12 layers, 12 heads, v1.0 ReLU FFN, tied head), one question per device with
 ``--memory-passages`` K=50 of ``--memory-length`` N=512 tokens and answers of T=32, lowered
 with abstract inputs (``nnx.eval_shape`` of the model, ``jax.eval_shape`` of the optimizer
-state, ``jax.ShapeDtypeStruct`` batch), compiled for the CPU, and
+state, ``jax.ShapeDtypeStruct`` batch), compiled for the default backend, and
 ``compiled.memory_analysis()`` read: for float32 and bfloat16 compute (float32 parameters and
 optimizer state), each without and with remat. Printed per device, GiB: arguments (parameters
 + AdamW state + batch), outputs, the part of the outputs aliased to the donated arguments,
 temporaries (XLA's buffer assignment of everything live in between), and the peak estimate
-arguments + outputs - aliased + temporaries. These are XLA:CPU's figures: a GPU's or TPU's
-compiler fuses and schedules differently, so its figures differ (the arguments do not).
+arguments + outputs - aliased + temporaries. On this CPU these are XLA:CPU's figures: a GPU's
+or TPU's compiler fuses and schedules differently, so its figures differ (the arguments do not);
+on a GPU the same command prints XLA:GPU's.
 
 Times on 2 CPU cores shared with other jobs: parts 1 and 2 a few minutes each; part 3 compiles
 T5-base's train step four times, 2.5 to 7 minutes each there.
@@ -409,7 +410,7 @@ def memory_table(args) -> None:
           f"tokens, T={t}, dropout {args.memory_dropout}, per device; "
           f"XLA:{jax.default_backend().upper()}'s memory_analysis "
           f"(jax {jax.__version__}); {load_average()}")
-    rows = []
+    parameters = None
     for dtype in args.memory_dtypes:
         for remat in args.memory_remat:
             cfg = T5Config(**BASE, dtype=dtype, param_dtype="float32", remat=remat == "on",
@@ -420,21 +421,21 @@ def memory_table(args) -> None:
             state = jax.eval_shape(lambda p: init_state(p, optimizer, seed=0), params)  # noqa: B023
             update = jit_update(fid_objective(groups), optimizer, learning_rate_schedule(optim), mesh,
                                 fid_shardings(mesh))
+            if parameters is None:  # the table's head, before the first (slow) compile
+                parameters = sum(x.size for x in jax.tree.leaves(params))
+                print(f"  {parameters / 1e6:.1f} M parameters (float32); GiB per device:")
+                print(f"  {'variant':<30}{'params':>8}{'AdamW':>8}{'batch':>8}{'arguments':>11}{'outputs':>9}"
+                      f"{'aliased':>9}{'temp':>8}{'total':>8}{'compile s':>11}")
             start = time.perf_counter()
             analysis = update.lower(state, batch).compile().memory_analysis()
             seconds = time.perf_counter() - start
             arguments, outputs = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
             aliased, temp = analysis.alias_size_in_bytes, analysis.temp_size_in_bytes
-            rows.append((f"{dtype} compute, remat {remat}", size(params), size(state.opt_state),
-                         size(batch), arguments, outputs, aliased, temp, arguments + outputs - aliased + temp, seconds))
-            print(f"  compiled {rows[-1][0]} in {seconds:.0f} s")
-    count = sum(x.size for x in jax.tree.leaves(params))
-    print(f"  {count / 1e6:.1f} M parameters (float32); GiB per device:")
-    print(f"  {'variant':<30}{'params':>8}{'AdamW':>8}{'batch':>8}{'arguments':>11}{'outputs':>9}{'aliased':>9}"
-          f"{'temp':>8}{'total':>8}{'compile s':>11}")
-    for label, p, o, b, arguments, outputs, aliased, temp, total, seconds in rows:
-        print(f"  {label:<30}{p / GiB:8.2f}{o / GiB:8.2f}{b / GiB:8.4f}{arguments / GiB:11.2f}{outputs / GiB:9.2f}"
-              f"{aliased / GiB:9.2f}{temp / GiB:8.2f}{total / GiB:8.2f}{seconds:11.0f}")
+            total = arguments + outputs - aliased + temp
+            label = f"{dtype} compute, remat {remat}"
+            print(f"  {label:<30}{size(params) / GiB:8.2f}{size(state.opt_state) / GiB:8.2f}{size(batch) / GiB:8.4f}"
+                  f"{arguments / GiB:11.2f}{outputs / GiB:9.2f}{aliased / GiB:9.2f}"
+                  f"{temp / GiB:8.2f}{total / GiB:8.2f}{seconds:11.0f}")
     print(f"  total = arguments + outputs - aliased (the donated state's buffers reused) + temp; "
           f"XLA:{jax.default_backend().upper()}'s buffer assignment")
 
