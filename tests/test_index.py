@@ -4,6 +4,7 @@ publication, and the prepare-corpus -> embed -> search -> evaluate command chain
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -49,7 +50,13 @@ def _embed(tower, store, index_dir, **kwargs):
     return embed_corpus(tower, store, str(index_dir), **{**defaults, **kwargs})
 
 
-def test_embeddings_equal_the_encoder_on_the_raw_strings(tower, store, bert_dir, tmp_path):
+@pytest.mark.parametrize("devices", ["all", "one"])
+def test_embeddings_equal_the_encoder_on_the_raw_strings(tower, store, bert_dir, tmp_path, monkeypatch, devices):
+    """On one CPU device the batch runs in slices of rows (here one row each: CPU_SLICE_TOKENS
+    // 40 tokens is 25 rows, which share no divisor with the batch of 16)."""
+    if devices == "one":
+        every = jax.local_devices()
+        monkeypatch.setattr(jax, "local_devices", lambda: every[:1])
     version = IndexVersion.open(_embed(tower, store, tmp_path / "index", dtype="float16"))
     rows = np.arange(len(store))
     encoder = DualEncoder.from_pretrained(bert_dir)
