@@ -38,7 +38,7 @@ flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__ver
 
 part teacher 110 python3 benchmarks/score.py --paper-shape bigscience/T0_3B --dtype bfloat16 --batch-size 64 \
   --encoder-length 512 --decoder-length 32 --repeats 10 --peak-tflops "$peak"
-part art_update 130 python3 benchmarks/train_step.py --hidden 768 --layers 12 --heads 12 --batch 16 --k 32 \
+part art_update 170 python3 benchmarks/train_step.py --hidden 768 --layers 12 --heads 12 --batch 16 --k 32 \
   --passage-length 256 --loop-steps 0 --warmup 3 --repeats 10 --dtype bfloat16 --peak-tflops "$peak"
 part fid_step 160 python3 benchmarks/reader.py --part step --d-model 768 --d-ff 3072 --layers 12 --heads 12 \
   --k 50 --passage-length 512 --batch 1 --answer-length 32 --warmup 2 --repeats 8 --dtype bfloat16 --remat on \
