@@ -4,7 +4,9 @@ XLA's own count of a compiled GPU program leaves out the products it hands to cu
 (their custom calls count as zero: a T0-3B forward read as 1% MFU on an H200), and an HLO
 while loop (a ``lax.scan``) counts its body once. Counting ``dot_general`` in the jaxpr, with
 each scan's body times its length, gives the model's FLOPs (2 per multiply-add), as MFU means
-them; elementwise work is left out, as it is in the papers' MFU.
+them; elementwise work is left out, as it is in the papers' MFU. A ``while_loop`` (its trip
+count unknown to the jaxpr) or a ``shard_map`` (its body one device's share) is refused rather
+than undercounted: the train steps and the teacher forward measured have neither.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def _jaxpr_flops(jaxpr) -> float:
             lhs = eqn.invars[0].aval.shape
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
             continue
+        if eqn.primitive.name in ("while", "shard_map"):
+            raise ValueError(f"matmul_flops: a {eqn.primitive.name} would be undercounted")
         inner = [_jaxpr_flops(sub) for sub in _subjaxprs(eqn.params)]
         if eqn.primitive.name == "cond":
             total += max(inner, default=0.0)  # one branch runs

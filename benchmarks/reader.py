@@ -31,7 +31,11 @@ mode (the same dropout), ``loss.backward()``, ``clip_grad_norm_``, ``torch.optim
 groups and schedule). Steps alternate between the two (``benchmarks/train_step.py``'s ``race``);
 each side's loss is read back every step. Printed: ms/step (best and median), the ratio
 transformers / art_jax, and both losses with dropout off (the same computation: equal to
-float32 rounding, checked).
+float32 rounding, checked; 2% with ``--dtype bfloat16``, where both sides compute in it,
+transformers under autocast, the loss in float32). ``--remat on`` rematerialises each block
+on both sides (art_jax's ``reader.remat``, transformers' gradient checkpointing);
+``--peak-tflops`` adds both sides' rate and MFU at their median step, the FLOPs the matrix
+products of the same step without remat (``benchmarks/flops.py``).
 
 Part 2, ``--part generate``: greedy answers of ``--generate-batch`` questions from their
 token ids. art_jax: ``evaluation.predict.generate`` (what `art-jax answer` runs: ``packed_fid_encode``

@@ -10,8 +10,10 @@ Both sides start from strings and include tokenization; both compute float32 on 
 (``--dtype bfloat16`` times art_jax's default teacher precision as an extra line).
 The peer is timed twice: in input order and sorted by length (art_jax sorts), and the
 ratio is taken against the faster of the two. It also prints the achieved FLOP rate of
-one fixed-shape scorer forward (XLA's own FLOP count) and, given ``--peak-tflops`` (the
-chip's dense peak for the dtype, e.g. 989 for bf16 on an H100 SXM), its MFU.
+one fixed-shape scorer forward (best of ``--repeats``; FLOPs the matrix products of its jaxpr,
+``benchmarks/flops.py``) and, given ``--peak-tflops`` (the chip's dense peak for the dtype,
+e.g. 989 for bf16 on an H100 SXM), its MFU. ``--paper-shape`` times that forward alone at a
+paper model's shapes (``art_jax/models/shapes.py``), random weights, no peer.
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ def paper_shape(args) -> None:
 
 
 def main() -> None:
+    from art_jax.models.shapes import KNOWN_CONFIGS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--pairs", type=int, default=512)
@@ -134,8 +138,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense peak of the device for --dtype, to print MFU (H100 SXM bf16: 989)")
-    parser.add_argument("--paper-shape", help="time the forward alone at this models/shapes.py T5 "
-                        "(bigscience/T0_3B, google/t5-xxl-lm-adapt, ...): random weights, no peer")
+    parser.add_argument("--paper-shape", choices=sorted(name for name, hf in KNOWN_CONFIGS.items()
+                                                        if hf["model_type"] == "t5"),
+                        help="time the forward alone at this T5's shapes: random weights, no peer")
     parser.add_argument("--encoder-length", type=int, default=512, help="with --paper-shape")
     parser.add_argument("--decoder-length", type=int, default=32, help="with --paper-shape")
     args = parser.parse_args()

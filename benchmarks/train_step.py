@@ -2,9 +2,11 @@
 checkpoint and the same batch, in one process, then the step time split of the real loop.
 
     python benchmarks/train_step.py                              # small BERT on CPU, a few minutes
-    python benchmarks/train_step.py --hidden 768 --layers 12 --heads 12 --batch 64 \\
-        --passage-length 256 --loop-steps 0                      # BERT-base towers (a GPU)
+    python benchmarks/train_step.py --hidden 768 --layers 12 --heads 12 --batch 16 \\
+        --passage-length 256 --loop-steps 0 --dtype bfloat16 --peak-tflops 989  # BERT-base (a GPU)
     python benchmarks/train_step.py --scorer t5 --t5-size tiny   # the loop with a tiny T5 teacher
+    python benchmarks/train_step.py --memory --hidden 768 --layers 12 --heads 12 --batch 64 \\
+        --passage-length 256 --dtype bfloat16                    # the update's memory, compiled only
 
 Part 1, the update. Both towers (separate weights) are loaded from one random BERT folder
 written by transformers' ``save_pretrained``: art_jax's ``update`` jitted as
@@ -19,7 +21,14 @@ matrices only) with the warmup/decay schedule, a non-finite step skipped. Steps 
 between the two (load from other processes hits both alike); each side's metrics are read
 back every step, as the trainer does; torch runs on CUDA when it has it. Printed: ms/step
 (best and median), the ratio transformers / art_jax, and the loss of both at the checkpoint
-with dropout off (the same computation: equal to float32 rounding).
+with dropout off (the same computation: equal to float32 rounding; to bfloat16's with
+``--dtype bfloat16``, both sides' towers computing in it, torch under autocast, scores and
+loss in float32). ``--peak-tflops`` adds both sides' rate and MFU at their median step, the
+FLOPs the matrix products of art_jax's update (``benchmarks/flops.py``).
+
+``--memory`` instead compiles art_jax's update alone for the same shapes with abstract weights
+(no checkpoint, nothing run) on the default backend and prints that compiler's memory analysis
+per device: what the README sets XLA:CPU's figures beside XLA:GPU's with.
 
 Part 2, the loop. ``Trainer.train_step`` on the generated demo world (configs/demo.py at
 the same tower size, dropout 0.1) after the first index is built: its own timers, search
@@ -262,9 +271,9 @@ def race(ours, peer, ours_batch, peer_batch, args, *, peer_label: str) -> None:
 
 
 def print_mfu(ours, batch, median: dict[str, float], peak_tflops: float) -> None:
-    """Both sides' achieved rate and MFU at their median step, for both the matrix products of
-    art_jax's update (forward and backward; without remat's recomputation where the side has
-    ``model_flops``), counted in its jaxpr (benchmarks/flops.py)."""
+    """Both sides' achieved rate and MFU at their median step. The FLOPs, for both sides, are the
+    matrix products of art_jax's update counted in its jaxpr (benchmarks/flops.py): forward and
+    backward, without remat's recomputation where the side has ``model_flops``."""
     from benchmarks.flops import matmul_flops
 
     flops = ours.model_flops(batch) if hasattr(ours, "model_flops") else matmul_flops(ours._update, ours.state, batch)
@@ -272,6 +281,42 @@ def print_mfu(ours, batch, median: dict[str, float], peak_tflops: float) -> None
     print(f"  {flops / 1e12:.3g} TFLOP of matrix products per step: " + ", ".join(
         f"{name} {rate:.3g} TFLOP/s = MFU {rate / peak_tflops:.1%}" for name, rate in rates.items())
           + f" of {peak_tflops:g} TFLOP/s")
+
+
+def update_memory(args) -> None:
+    """XLA's memory analysis of the compiled update at ``args``' shapes, weights abstract."""
+    import jax
+    import jax.numpy as jnp
+
+    from art_jax.core.batching import round_up
+    from art_jax.core.sharding import make_mesh
+    from art_jax.methods import art
+    from art_jax.models.shapes import abstract_bert
+    from art_jax.training.state import OptimConfig, ParamGroups, init_state, learning_rate_schedule, make_optimizer
+    from art_jax.training.update import jit_update
+
+    hf = dict(model_type="bert", vocab_size=args.vocab, max_position_embeddings=max(512, args.passage_length),
+              type_vocab_size=2, hidden_size=args.hidden, num_hidden_layers=args.layers,
+              num_attention_heads=args.heads, intermediate_size=4 * args.hidden)
+    towers, params = ParamGroups.split({role: abstract_bert(hf, dtype=args.dtype, with_pooler=False)
+                                        for role in ("question", "passage")})
+    optim = OptimConfig()
+    optimizer = make_optimizer(optim, towers, params)
+    state = jax.eval_shape(lambda p: init_state(p, optimizer, seed=0), params)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    batch, unique = make_batch(args, round_up(max(8, args.batch * args.k // 8), mesh.size))
+    shapes = {name: jax.ShapeDtypeStruct(value.shape, jnp.asarray(value).dtype) for name, value in batch.items()}
+    update = jit_update(art.objective(towers, temperature_multiplier=args.temperature_multiplier), optimizer,
+                        learning_rate_schedule(optim), mesh, art.batch_shardings(mesh))
+    start = time.perf_counter()
+    analysis = update.lower(state, shapes).compile().memory_analysis()
+    gib = 2 ** 30
+    print(f"memory: the ART update, BERT towers hidden {args.hidden} x {args.layers} layers, B={args.batch} "
+          f"K={args.k}, U={batch['passage_ids'].shape[1]} passages of {args.passage_length} tokens ({unique} "
+          f"unique), compute {args.dtype}, one device; XLA:{jax.default_backend().upper()}'s memory_analysis "
+          f"(jax {jax.__version__}), compiled in {time.perf_counter() - start:.0f} s: arguments "
+          f"{analysis.argument_size_in_bytes / gib:.2f} GiB, outputs {analysis.output_size_in_bytes / gib:.2f}, "
+          f"aliased {analysis.alias_size_in_bytes / gib:.2f}, temporaries {analysis.temp_size_in_bytes / gib:.2f}")
 
 
 def loop_split(args) -> None:
@@ -351,6 +396,7 @@ def main() -> None:
                         help="the towers' compute dtype (parameters stay float32; torch under autocast)")
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak for --dtype, to print MFU "
                         "(H100/H200 SXM bfloat16: 989)")
+    parser.add_argument("--memory", action="store_true", help="only compile the update and print its memory")
     parser.add_argument("--loop-steps", type=int, default=20, help="timed Trainer.train_step calls (0: skip)")
     parser.add_argument("--loop-warmup", type=int, default=5)
     parser.add_argument("--entities", type=int, default=200, help="demo world size (2 passages each)")
@@ -358,6 +404,8 @@ def main() -> None:
     parser.add_argument("--t5-size", choices=("tiny", "small"), default="tiny")
     parser.add_argument("--scorer-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     args = parser.parse_args()
+    if args.memory:
+        return update_memory(args)
     compare_update(args)
     if args.loop_steps:
         loop_split(args)

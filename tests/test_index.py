@@ -14,6 +14,7 @@ from art_jax.core.errors import UserError
 from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.evaluation.answers import has_answer
 from art_jax.models.hf import load_tokenizer
+from art_jax.retrieval import embed
 from art_jax.retrieval.embed import embed_corpus, load_passage_tower
 from art_jax.retrieval.encoder import DualEncoder
 from art_jax.retrieval.index import IndexBuilder, IndexVersion, published_versions
@@ -52,12 +53,17 @@ def _embed(tower, store, index_dir, **kwargs):
 
 @pytest.mark.parametrize("devices", ["all", "one"])
 def test_embeddings_equal_the_encoder_on_the_raw_strings(tower, store, bert_dir, tmp_path, monkeypatch, devices):
-    """On one CPU device the batch runs in slices of rows (here one row each: CPU_SLICE_TOKENS
-    // 40 tokens is 25 rows, which share no divisor with the batch of 16)."""
+    """On one CPU device each batch runs in slices of rows (here of one or two: 64 tokens a slice
+    at most, batches of 16 rows of 32 or 40 tokens)."""
+    sliced = []
+    real_embed_as = embed._embed_as
+    monkeypatch.setattr(embed, "_embed_as", lambda *args: sliced.append(args[-1]) or real_embed_as(*args))
+    monkeypatch.setattr(embed, "CPU_SLICE_TOKENS", 64)
     if devices == "one":
         every = jax.local_devices()
         monkeypatch.setattr(jax, "local_devices", lambda: every[:1])
     version = IndexVersion.open(_embed(tower, store, tmp_path / "index", dtype="float16"))
+    assert sliced and (min(sliced) > 1 if devices == "one" else set(sliced) == {1})
     rows = np.arange(len(store))
     encoder = DualEncoder.from_pretrained(bert_dir)
     encoder.passage_max_length = 40
@@ -68,6 +74,12 @@ def test_embeddings_equal_the_encoder_on_the_raw_strings(tower, store, bert_dir,
     assert version.meta["count"] == len(store) and version.meta["dim"] == want.shape[1]
     assert version.meta["dtype"] == "float16" and version.meta["checkpoint"] == "bert"
     assert version.meta["corpus"] == store.path
+
+
+def test_cpu_slices_hold_the_most_rows_that_fit_and_divide_the_batch():
+    assert [embed.slice_rows(128, length) for length in (32, 96, 160, 192, 256, 512, 1024, 2048)] == \
+        [32, 8, 4, 4, 4, 2, 1, 1]
+    assert embed.slice_rows(96, 192) == 4 and embed.slice_rows(100, 256) == 4 and embed.slice_rows(7, 256) == 1
 
 
 class _Killed(Exception):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 
 import jax
 import numpy as np
@@ -90,7 +89,7 @@ def _embed_chunks(tower, store, plan, chunks, mesh, batch_size, length_multiple)
         padded = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows))])  # fixed batch shape
         tokens = store.retriever_tokens(padded, plan.max_length, multiple=length_multiple)
         ids, mask = (jax.device_put(a, sharding) for a in (tokens.ids, tokens.mask))
-        slices = batch_size // math.gcd(batch_size, max(1, CPU_SLICE_TOKENS // ids.shape[1])) if on_one_cpu else 1
+        slices = batch_size // slice_rows(batch_size, ids.shape[1]) if on_one_cpu else 1
         in_flight.append((chunk, rows, _embed_as(tower, ids, mask, plan.dtype, slices)))
         if len(in_flight) > 2:
             yield from _collect(in_flight.popleft(), plan, buffers)
@@ -108,10 +107,17 @@ def _collect(job, plan, buffers):
 
 
 # XLA:CPU materialises every layer's attention scores for the whole batch ([B, H, L, L] float32,
-# 400 MB at B = 128, L = 256) and streams them through memory several times; slices of about
-# this many tokens keep each layer's intermediates in cache: 1.4x (L = 64) to 1.7x (L = 256)
+# 400 MB at B = 128, L = 256) and streams them through memory several times; slices of rows of
+# at most this many tokens keep each layer's intermediates in cache: 1.4x (L = 64) to 1.7x (L = 256)
 # faster for all-MiniLM-L6-v2 on this CPU. Accelerators keep the whole batch.
 CPU_SLICE_TOKENS = 1024
+
+
+def slice_rows(batch_size: int, length: int) -> int:
+    """The most rows of ``length`` tokens, at most CPU_SLICE_TOKENS in all (one at least), that
+    divide the batch."""
+    most = max(1, CPU_SLICE_TOKENS // length)
+    return max(rows for rows in range(1, most + 1) if batch_size % rows == 0)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "slices"))
