@@ -123,7 +123,8 @@ def emdr2_loss(fid_token_log_probs: jax.Array, passage_token_log_probs: jax.Arra
     ``"token"``: EMDR2's reference code, a mixture over passages for each answer token,
     -logsumexp_k(log p(z_k | q) + SG log p(a_t | q, z_k, a_<t)), averaged over every answer token
     of the batch as that code averages it. The two terms reach disjoint parameters (reader,
-    retriever), so their different scales only weigh each one's own gradient.
+    retriever), so their different scales weigh each one's own gradient, except through the
+    update's global-norm clip, which scales both together when it is active.
     Metrics: the two terms and the retriever's entropy."""
     passages = jax.lax.stop_gradient(passage_token_log_probs)
     reader, _ = fid_nll(fid_token_log_probs, label_mask)

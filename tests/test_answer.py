@@ -325,11 +325,11 @@ def test_bad_reader_record(record, says, joint_dir, results_path, tmp_path, caps
 
 
 class ReaderRuns:
-    """`art-jax train --config=configs/reader_demo.py:METHOD,smoke` for emdr2 and fid, each its own
-    process on one CPU device (as on a fresh machine), both at once; a checkpoint every 2 steps so
-    that --step has two to choose from."""
+    """`art-jax train --config=configs/reader_demo.py:METHOD,smoke` for emdr2, joint_topk and fid,
+    each its own process on one CPU device (as on a fresh machine), all at once; a checkpoint every
+    2 steps so that --step has two to choose from."""
 
-    METHODS = ("emdr2", "fid")
+    METHODS = ("emdr2", "joint_topk", "fid")
 
     def __init__(self, root):
         env = child_env()
@@ -456,6 +456,24 @@ def test_exported_reader_loads_in_transformers(method, exports):
     assert np.std(expected) > 0.1
     run = np.asarray(logits(load_reader(exports[method]["workdir"]).model, *args))  # the run's own reader
     np.testing.assert_array_equal(run, ours)
+
+
+def test_a_joint_topk_export_records_the_lambda_it_trained(exports):
+    """The sidecar of a Joint top-K export holds the lambda of its checkpoint (trained away from
+    its start, K) and the run's tau, which `answer` biases with (the answers through the run and
+    through the export are the same: test_run_and_export_answer_alike)."""
+    from art_jax.models.reader_folder import read_settings
+    from art_jax.workdir import load_reader
+
+    folders = exports["joint_topk"]
+    newest, step2 = (read_settings(os.path.join(folders[name], "reader")) for name in ("export", "export2"))
+    run, run2 = load_reader(folders["workdir"]).settings, load_reader(folders["workdir"], step=2).settings
+    assert (newest.joint_lambda, newest.joint_tau) == (run.joint_lambda, run.joint_tau)
+    assert (step2.joint_lambda, step2.joint_tau) == (run2.joint_lambda, run2.joint_tau)
+    start = 4.0  # reader.joint_lambda 0: K, the demo's top-4
+    assert len({start, step2.joint_lambda, newest.joint_lambda}) == 3
+    assert newest.joint_tau == step2.joint_tau > 0
+    assert read_settings(os.path.join(exports["emdr2"]["export"], "reader")).joint_lambda is None
 
 
 def test_reader_only_export(exports, capsys, tmp_path):
