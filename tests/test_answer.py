@@ -325,11 +325,11 @@ def test_bad_reader_record(record, says, joint_dir, results_path, tmp_path, caps
 
 
 class ReaderRuns:
-    """`art-jax train --config=configs/reader_demo.py:METHOD,smoke` for emdr2, joint_topk and fid,
-    each its own process on one CPU device (as on a fresh machine), all at once; a checkpoint every
-    2 steps so that --step has two to choose from."""
+    """`art-jax train --config=configs/reader_demo.py:METHOD,smoke` for every method of the reader
+    demo, each its own process on one CPU device (as on a fresh machine), all at once; a checkpoint
+    every 2 steps so that --step has two to choose from."""
 
-    METHODS = ("emdr2", "joint_topk", "fid")
+    METHODS = ("emdr2", "individual_topk", "joint_topk", "fid")
 
     def __init__(self, root):
         env = child_env()
