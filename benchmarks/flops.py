@@ -47,3 +47,9 @@ def _subjaxprs(params: dict):
                 yield item.jaxpr
             elif isinstance(item, Jaxpr):
                 yield item
+
+
+def rate_line(flop_rate: float, peak_tflops: float | None) -> str:
+    """``flop_rate`` (FLOP/s) in TFLOP/s, with its MFU against ``peak_tflops`` when given."""
+    return f"{flop_rate / 1e12:.3g} TFLOP/s" + (
+        f", MFU {flop_rate / (peak_tflops * 1e12):.1%} of {peak_tflops:g} TFLOP/s" if peak_tflops else "")

@@ -92,7 +92,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import autocast, race, schedule_fraction  # noqa: E402
+from benchmarks.train_step import abstract_state, autocast, race, schedule_fraction  # noqa: E402
 
 PAD, EOS = 0, 1
 GiB = 1024 ** 3
@@ -401,7 +401,7 @@ def memory_table(args) -> None:
     from art_jax.core.sharding import make_mesh
     from art_jax.models.hf import abstract_module
     from art_jax.models.t5 import T5, T5Config
-    from art_jax.training.state import OptimConfig, ParamGroups, init_state, learning_rate_schedule, make_optimizer
+    from art_jax.training.state import learning_rate_schedule
     from art_jax.training.update import jit_update
 
     k, n, t = args.memory_passages, args.memory_length, args.memory_answer
@@ -419,10 +419,8 @@ def memory_table(args) -> None:
         for remat in args.memory_remat:
             cfg = T5Config(**BASE, dtype=dtype, param_dtype="float32", remat=remat == "on",
                            dropout_rate=args.memory_dropout)
-            groups, params = ParamGroups.split({"reader": abstract_module(T5, cfg)})
-            optim = OptimConfig()
-            optimizer = make_optimizer(optim, groups, params)
-            state = jax.eval_shape(lambda p: init_state(p, optimizer, seed=0), params)  # noqa: B023
+            groups, optimizer, optim, state = abstract_state({"reader": abstract_module(T5, cfg)})
+            params = state.params
             update = jit_update(fid_objective(groups), optimizer, learning_rate_schedule(optim), mesh,
                                 fid_shardings(mesh))
             if parameters is None:  # the table's head, before the first (slow) compile

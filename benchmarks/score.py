@@ -98,11 +98,6 @@ def forward_flop_rate(model, batch: int, enc_len: int, dec_len: int, repeats: in
     return matmul_flops(teacher_scores, model, *args) / seconds, compiled.memory_analysis()
 
 
-def mfu_line(flop_rate: float, peak_tflops: float | None) -> str:
-    return f"{flop_rate / 1e12:.3f} TFLOP/s" + (
-        f", MFU {flop_rate / (peak_tflops * 1e12):.1%} of {peak_tflops:g} TFLOP/s" if peak_tflops else "")
-
-
 def paper_shape(args) -> None:
     """The teacher forward alone at a paper model's shapes (models/shapes.py), random weights in
     ``--dtype`` as ``T5Scorer`` keeps them: no checkpoint, no peer (what MFU needs)."""
@@ -112,6 +107,7 @@ def paper_shape(args) -> None:
     from art_jax.models.hf import t5_config_from_hf
     from art_jax.models.shapes import KNOWN_CONFIGS, parameter_bytes
     from art_jax.models.t5 import T5
+    from benchmarks.flops import rate_line
 
     hf = KNOWN_CONFIGS[args.paper_shape]
     cfg = t5_config_from_hf(hf, {}, untied_lm_head=hf.get("tie_word_embeddings", True) is False,
@@ -123,7 +119,7 @@ def paper_shape(args) -> None:
                                           args.repeats)
     print(f"{args.paper_shape} ({params / 2 ** 30:.2f} GiB of {args.dtype} parameters), random weights; jax "
           f"{jax.__version__} on {jax.devices()[0].device_kind}; scorer forward at [{args.batch_size} x "
-          f"{args.encoder_length} -> {args.decoder_length}]: {mfu_line(flop_rate, args.peak_tflops)}; "
+          f"{args.encoder_length} -> {args.decoder_length}]: {rate_line(flop_rate, args.peak_tflops)}; "
           f"XLA:{jax.default_backend().upper()}'s temporaries {memory.temp_size_in_bytes / 2 ** 30:.2f} GiB")
 
 
@@ -182,8 +178,10 @@ def main() -> None:
         t_lowp, _ = timed(lambda: ours_lowp.score(titles, texts, questions, batch_size=args.batch_size),
                           args.repeats)
         print(f"  art_jax bfloat16              {rate(t_lowp):9.1f} pairs/s")
+    from benchmarks.flops import rate_line
+
     flop_rate, _ = forward_flop_rate((ours_lowp or ours).model, args.batch_size, 512, 32)
-    print(f"scorer forward at [{args.batch_size} x 512 -> 32], {args.dtype}: {mfu_line(flop_rate, args.peak_tflops)}")
+    print(f"scorer forward at [{args.batch_size} x 512 -> 32], {args.dtype}: {rate_line(flop_rate, args.peak_tflops)}")
 
 
 if __name__ == "__main__":

@@ -207,13 +207,10 @@ def compare_update(args) -> None:
     import jax
     import torch
 
-    from art_jax.core.batching import round_up
-
     ours, peer = both_sides(args, lambda folder, optim: JaxStep(folder, optim, args.temperature_multiplier,
                                                                 dtype=args.dtype),
                             lambda folder, optim: TorchStep(folder, optim, args.temperature_multiplier, args.dtype))
-    # the trainer's padding of U: a multiple of an eighth of B x K, divisible over the devices
-    batch, unique = make_batch(args, round_up(max(8, args.batch * args.k // 8), ours.mesh.size))
+    batch, unique = make_batch(args, unique_multiple(args, ours.mesh.size))
     print(f"update: BERT towers hidden {args.hidden} x {args.layers} layers ({args.heads} heads, vocab {args.vocab}), "
           f"B={args.batch} K={args.k} Lq={args.question_length} Lp={args.passage_length}, "
           f"{unique} unique of {args.batch * args.k} retrieved rows padded to U={batch['passage_ids'].shape[1]} "
@@ -274,13 +271,32 @@ def print_mfu(ours, batch, median: dict[str, float], peak_tflops: float) -> None
     """Both sides' achieved rate and MFU at their median step. The FLOPs, for both sides, are the
     matrix products of art_jax's update counted in its jaxpr (benchmarks/flops.py): forward and
     backward, without remat's recomputation where the side has ``model_flops``."""
-    from benchmarks.flops import matmul_flops
+    from benchmarks.flops import matmul_flops, rate_line
 
     flops = ours.model_flops(batch) if hasattr(ours, "model_flops") else matmul_flops(ours._update, ours.state, batch)
-    rates = {name: flops / seconds / 1e12 for name, seconds in median.items()}
-    print(f"  {flops / 1e12:.3g} TFLOP of matrix products per step: " + ", ".join(
-        f"{name} {rate:.3g} TFLOP/s = MFU {rate / peak_tflops:.1%}" for name, rate in rates.items())
-          + f" of {peak_tflops:g} TFLOP/s")
+    print(f"  {flops / 1e12:.3g} TFLOP of matrix products per step: " + "; ".join(
+        f"{name} {rate_line(flops / seconds, peak_tflops)}" for name, seconds in median.items()))
+
+
+def unique_multiple(args, devices: int) -> int:
+    """The trainer's padding of U: a multiple of an eighth of B x K, divisible over the devices."""
+    from art_jax.core.batching import round_up
+
+    return round_up(max(8, args.batch * args.k // 8), devices)
+
+
+def abstract_state(modules: dict):
+    """(groups, optimizer, optimizer settings, train state of shapes alone) of ``modules`` (by
+    role, abstract), with the default AdamW, as the trainer builds them: what a memory analysis
+    compiles against."""
+    import jax
+
+    from art_jax.training.state import OptimConfig, ParamGroups, init_state, make_optimizer
+
+    groups, params = ParamGroups.split(modules)
+    optim = OptimConfig()
+    optimizer = make_optimizer(optim, groups, params)
+    return groups, optimizer, optim, jax.eval_shape(lambda p: init_state(p, optimizer, seed=0), params)
 
 
 def update_memory(args) -> None:
@@ -288,23 +304,19 @@ def update_memory(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from art_jax.core.batching import round_up
     from art_jax.core.sharding import make_mesh
     from art_jax.methods import art
     from art_jax.models.shapes import abstract_bert
-    from art_jax.training.state import OptimConfig, ParamGroups, init_state, learning_rate_schedule, make_optimizer
+    from art_jax.training.state import learning_rate_schedule
     from art_jax.training.update import jit_update
 
     hf = dict(model_type="bert", vocab_size=args.vocab, max_position_embeddings=max(512, args.passage_length),
               type_vocab_size=2, hidden_size=args.hidden, num_hidden_layers=args.layers,
               num_attention_heads=args.heads, intermediate_size=4 * args.hidden)
-    towers, params = ParamGroups.split({role: abstract_bert(hf, dtype=args.dtype, with_pooler=False)
-                                        for role in ("question", "passage")})
-    optim = OptimConfig()
-    optimizer = make_optimizer(optim, towers, params)
-    state = jax.eval_shape(lambda p: init_state(p, optimizer, seed=0), params)
+    towers, optimizer, optim, state = abstract_state({role: abstract_bert(hf, dtype=args.dtype, with_pooler=False)
+                                                      for role in ("question", "passage")})
     mesh = make_mesh(devices=jax.devices()[:1])
-    batch, unique = make_batch(args, round_up(max(8, args.batch * args.k // 8), mesh.size))
+    batch, unique = make_batch(args, unique_multiple(args, mesh.size))
     shapes = {name: jax.ShapeDtypeStruct(value.shape, jnp.asarray(value).dtype) for name, value in batch.items()}
     update = jit_update(art.objective(towers, temperature_multiplier=args.temperature_multiplier), optimizer,
                         learning_rate_schedule(optim), mesh, art.batch_shardings(mesh))
