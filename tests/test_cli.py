@@ -181,6 +181,14 @@ def test_usage_errors(capsys):
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("config", ["dpr_nq", "emdr2", "individual_topk", "mss", "paq", "reader_demo"])
+def test_an_unknown_config_argument_is_one_line(config, tmp_path, capsys):
+    """A shipped config that takes an argument names itself and its choices for one it does not know."""
+    err = _fails(["train", f"--config={REPO}/configs/{config}.py:bogus", f"--workdir={tmp_path}"], capsys)
+    assert f"configs/{config}.py: unknown" in err and "'bogus'" in err, err
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------
 # export
 

@@ -1,7 +1,9 @@
 """The masked-salient-span pre-training on the user's path: ICT -> MSS -> ART through the CLI on the
-demo world, each stage starting from the export of the one before (`configs/ict.py:demo,smoke`,
-`configs/mss.py:demo,smoke`, `configs/demo.py:smoke`, 4 steps each), each its own process on one CPU
-device; `art-jax export` in this one."""
+demo world, each stage starting from the export of the one before, each its own process on one CPU
+device; `art-jax export` in this one. The MSS stage is the README's demo (`configs/mss.py:demo`, about
+2.5 minutes on 2 CPU cores), given the ICT stage's export (`configs/ict.py:demo`, 8 steps: what the
+demo pre-trains its retriever with when none is given) in place of its own; the ART stage a smoke run
+(`configs/demo.py:smoke`, 4 steps)."""
 
 from __future__ import annotations
 
@@ -20,11 +22,16 @@ from art_jax.data.span_store import SpanStore
 from tests.multiprocess import ROOT, child_env
 
 
-def _art_jax(*args: str) -> str:
-    run = subprocess.run([sys.executable, "-m", "art_jax", *args], env=child_env(), cwd=ROOT, capture_output=True,
-                         text=True, timeout=900)
+def _art_jax(*args: str, learns: bool = False) -> str:
+    # a stage that learns runs optimised code, as on a fresh machine
+    run = subprocess.run([sys.executable, "-m", "art_jax", *args], env=child_env(compile_fast=not learns), cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
+
+
+def _steps(n: int) -> list[str]:
+    return [f"--config.train.{key}={n}" for key in ("steps", "eval_every", "checkpoint_every")]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +39,11 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     outputs = {}
     previous = None
-    four = ["--config.train.steps=4", "--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
-    for stage, config in (("ict", "configs/ict.py:demo,smoke"), ("mss", "configs/mss.py:demo,smoke"),
-                          ("art", "configs/demo.py:smoke")):
+    for stage, config, settings in (("ict", "configs/ict.py:demo", _steps(8)), ("mss", "configs/mss.py:demo", []),
+                                    ("art", "configs/demo.py:smoke", [*_steps(4), "--config.train.refresh_every=4"])):
         given = [f"--config.retriever.checkpoint={previous}"] if previous else []
-        outputs[stage] = _art_jax("train", f"--config={config}", f"--workdir={root / stage}", *given, *four,
-                                  *(["--config.train.refresh_every=4"] if stage == "art" else []))
+        outputs[stage] = _art_jax("train", f"--config={config}", f"--workdir={root / stage}", *given, *settings,
+                                  learns=stage == "mss")
         cli.main(["export", "--run", str(root / stage), "--out", str(root / f"{stage}_export")])
         previous = str(root / f"{stage}_export")
     return root, outputs
@@ -61,10 +67,10 @@ def test_each_stage_starts_from_the_export_before_it(chain):
         assert any(not np.array_equal(first[name], second[name]) for name in first)
     assert not os.path.exists(root / "mss" / "demo" / "retriever")  # a retriever given: no pre-training of its own
     assert os.path.isfile(root / "mss_export" / "reader" / "config.json")  # MSS trains a reader too
-    # ... from the demo T5 after its warm-up on the sentences' own passages (smoke: 2 steps), which it moved
+    # ... from the demo T5 after its warm-up on the sentences' own passages, which it moved
     with open(root / "mss" / "config.json") as f:
         assert json.load(f)["reader"]["checkpoint"] == str(root / "mss" / "demo" / "reader" / "reader")
-    assert "the reader's pre-training: 2 steps filling in masked sentences" in outputs["mss"]
+    assert "the reader's pre-training: 400 steps filling in masked sentences from their own passages" in outputs["mss"]
     warmed = load_file(str(root / "mss" / "demo" / "reader" / "reader" / "model.safetensors"))
     random = load_file(str(root / "mss" / "demo" / "t5" / "model.safetensors"))
     assert warmed.keys() == random.keys() and any(not np.array_equal(warmed[k], random[k]) for k in warmed)
@@ -78,23 +84,17 @@ def test_the_mss_stage_trains_on_the_worlds_masked_sentences(chain):
         data = json.load(f)["data"]
     assert data["salient_spans"] == str(root / "mss" / "demo" / "spans") and data["salient_dev"] == 200
     assert data["train_questions"] == data["dev_questions"] == ""
-    assert "1 positive + 0 hard negative(s)" in outputs["ict"] and "step 4/4" in outputs["ict"]
+    assert "1 positive + 0 hard negative(s)" in outputs["ict"] and "step 8/8" in outputs["ict"]
     assert "dev EM " in outputs["mss"].splitlines()[-1] and "top-5" in outputs["mss"].splitlines()[-1]
     assert outputs["art"].splitlines()[-1].startswith("dev accuracy:")
 
 
-@pytest.mark.slow
-def test_the_mss_demo_raises_the_held_out_top_5(tmp_path):
-    """`art-jax train --config=configs/mss.py` (its demo, as the README gives it; about 3 minutes on 2 CPU
-    cores): from a retriever given 8 steps of ICT and a reader given 400 steps of filling spans in from
-    their own passages, EMDR2 on the masked sentences raises the top-5 of the 200 held-out ones, each
-    with its own passage kept out, by at least 10 points (measured: 19.5% -> 39.5%)."""
-    run = subprocess.run([sys.executable, "-m", "art_jax", "train", "--config=configs/mss.py:demo",
-                          f"--workdir={tmp_path / 'run'}"], env=child_env(compile_fast=False), cwd=ROOT,
-                         capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "the retriever's pre-training: 8 steps of the ICT demo" in run.stdout
-    assert "the reader's pre-training: 400 steps filling in masked sentences from their own passages" in run.stdout
-    [line] = [line for line in run.stdout.splitlines() if line.startswith("dev EM")]
+def test_the_mss_demo_raises_the_held_out_top_5(chain):
+    """From the ICT stage's retriever and a reader given 400 steps of filling spans in from their own
+    passages, EMDR2 on the masked sentences raises the top-5 of the 200 held-out ones, each with its
+    own passage kept out, by at least 10 points (measured: 13.5% -> 39.5%; the demo with its own 8 steps
+    of ICT, as the README gives it: 19.5% -> 37.5%)."""
+    _, outputs = chain
+    [line] = [line for line in outputs["mss"].splitlines() if line.startswith("dev EM")]
     before, after = (float(x) for x in re.search(r"top-5 ([\d.]+)% -> ([\d.]+)%", line).groups())
     assert after - before >= 10.0, line
