@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import json
 import os
 
@@ -28,6 +29,8 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise UserError(f"{path}: defines no get_config()")
+    if arg and not inspect.signature(module.get_config).parameters:
+        raise UserError(f"{path}: unknown {arg!r}; this config takes no argument")
     cfg = module.get_config(arg) if arg else module.get_config()
     for item in overrides:
         apply_override(cfg, item)

@@ -11,8 +11,13 @@ bert-base-uncased --scorer bigscience/T0_3B`. The other datasets and the 11B tea
 webq, msmarco and TEACHER t0-3b (default) or t5-xxl-lm-adapt (see art_jax/config.py).
 """
 
-from art_jax.config import paper_config
+from art_jax.config import PAPER_DATASETS, TEACHERS, paper_config
+from art_jax.core.errors import UserError
 
 
 def get_config(arg="nq"):
-    return paper_config(*arg.split(","))
+    dataset, _, teacher = arg.partition(",")
+    if dataset not in PAPER_DATASETS or teacher not in ("", *TEACHERS):
+        raise UserError(f"configs/art_nq_base.py: unknown {arg!r}; DATASET[,TEACHER] with DATASET one of "
+                        f"{', '.join(PAPER_DATASETS)} and TEACHER one of {', '.join(TEACHERS)}")
+    return paper_config(dataset, *([teacher] if teacher else []))

@@ -6,9 +6,12 @@ random BERT, and trains it with a Dirichlet query-likelihood teacher (no weights
 """
 
 from art_jax.config import art_demo_config
+from art_jax.core.errors import UserError
 
 
 def get_config(arg=None):
+    if arg not in (None, "smoke"):
+        raise UserError(f"configs/demo.py: unknown {arg!r}; smoke, or none")
     cfg = art_demo_config()
     if arg == "smoke":  # a quick look: a few steps
         cfg.train.steps = 10

@@ -8,9 +8,12 @@ DPR's loss over the whole batch.
 """
 
 from art_jax.config import demo_config
+from art_jax.core.errors import UserError
 
 
 def get_config(arg=None):
+    if arg not in (None, "smoke"):
+        raise UserError(f"configs/dpr_demo.py: unknown {arg!r}; smoke, or none")
     cfg = demo_config()
     cfg.method = "dpr"
     cfg.train.hard_negatives = 1

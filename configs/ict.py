@@ -11,9 +11,12 @@ offline demos' tiny BERT on their generated world (the MSS demo's retriever pre-
 """
 
 from art_jax.config import default_config, ict_demo_config
+from art_jax.core.errors import UserError
 
 
 def get_config(arg=None):
+    if arg not in (None, "demo", "demo,smoke"):
+        raise UserError(f"configs/ict.py: unknown {arg!r}; demo, demo,smoke, or none")
     if arg in ("demo", "demo,smoke"):  # the generated world of the offline demos (150 steps; smoke: 10)
         cfg = ict_demo_config()
         if arg == "demo,smoke":

@@ -28,9 +28,9 @@ from tests.hf_fixtures import CORPUS  # noqa: E402
 # pytest-xdist hands out whole files (the README's --dist loadfile), by default those of most tests first:
 # the longest files (measured in CI) go first instead, so that both workers are busy to the end. test_demo.py
 # early, test_metrics.py and test_user_path.py late: the demo run they share is built by the first to ask.
-LONGEST_FILES = ("test_multihost.py", "test_train.py", "test_checkpoints.py", "test_demo.py", "test_mss.py",
-                 "test_train_step.py", "test_refresh.py", "test_storage.py", "test_answer.py", "test_dry_run.py",
-                 "test_reader_methods.py", "test_contrastive.py")
+LONGEST_FILES = ("test_mss.py", "test_answer.py", "test_multihost.py", "test_train.py", "test_reader_methods.py",
+                 "test_checkpoints.py", "test_demo.py", "test_dry_run.py", "test_train_step.py", "test_refresh.py",
+                 "test_storage.py", "test_contrastive.py")
 LAST_FILES = ("test_metrics.py", "test_user_path.py")
 
 

@@ -379,8 +379,8 @@ def _start_reader_runs(reader_runs):
 
 @pytest.fixture(scope="module")
 def exports(reader_runs, tmp_path_factory) -> dict[str, dict[str, str]]:
-    """method -> {"workdir", "export" (its newest checkpoint), "export2" (its first), "first" and "best"
-    (their steps)}."""
+    """method -> {"workdir", "export" (its newest checkpoint), "export_first" (its first: step 2, the
+    demo's 200), and the steps "first", "newest" and "best"}."""
     folders = {}
     for method in ReaderRuns.METHODS:
         workdir = reader_runs.workdir(method)
@@ -388,8 +388,8 @@ def exports(reader_runs, tmp_path_factory) -> dict[str, dict[str, str]]:
         [best] = os.listdir(os.path.join(workdir, "best"))
         out = tmp_path_factory.mktemp(f"{method}_exports")
         cli.main(["export", "--run", workdir, "--out", str(out / "newest")])
-        cli.main(["export", "--run", workdir, "--step", str(first), "--out", str(out / "step2")])
-        folders[method] = {"workdir": workdir, "export": str(out / "newest"), "export2": str(out / "step2"),
+        cli.main(["export", "--run", workdir, "--step", str(first), "--out", str(out / "first")])
+        folders[method] = {"workdir": workdir, "export": str(out / "newest"), "export_first": str(out / "first"),
                            "first": str(first), "newest": str(newest), "best": best}
     return folders
 
@@ -438,14 +438,17 @@ def test_run_and_export_answer_alike(method, exports, results_path, tmp_path):
     newest = answer(workdir)
     assert answer(workdir, "--step", folders["newest"]) == newest
     assert answer(export) == newest
-    assert answer(workdir, "--best") == answer(os.path.join(workdir, "best", best))
-    step2 = answer(workdir, "--step", first)
-    assert answer(os.path.join(workdir, "checkpoints", first)) == step2
-    assert answer(folders["export2"]) == step2
+    assert answer(workdir, "--best") == answer(workdir, "--step", best)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:  # best: the step of the highest dev EM
+        em = {row["step"]: row["em"] for row in map(json.loads, f) if "em" in row and row["step"] > 0}
+    assert em[int(best)] == max(em.values()), em
+    at_first = answer(workdir, "--step", first)
+    assert answer(os.path.join(workdir, "checkpoints", first)) == at_first
+    assert answer(folders["export_first"]) == at_first
 
-    # 4 smoke steps teach the random demo reader no answer (its predictions may all be empty),
-    # so that the same answers above say little alone: the readers are the very same weights,
-    # and --step chose another one
+    # 4 smoke steps teach the random demo reader no answer (its predictions may all be empty), and the
+    # demo's answers to these questions about another world say little, so that the same answers above
+    # say little alone: the readers are the very same weights, and --step chose another one
     weights = _weights(workdir)
     exported = load_file(os.path.join(export, "reader", "model.safetensors"))
     assert weights.keys() == exported.keys()
@@ -453,9 +456,9 @@ def test_run_and_export_answer_alike(method, exports, results_path, tmp_path):
     best_weights, at_best = _weights(workdir, best=True), _weights(workdir, step=int(best))
     assert best_weights.keys() == weights.keys()
     assert all(np.array_equal(best_weights[name], w) for name, w in at_best.items())
-    at_step2 = _weights(workdir, step=int(first))
-    assert all(np.array_equal(at_step2[name], w) for name, w in _weights(folders["export2"]).items())
-    assert any(not np.array_equal(at_step2[name], weights[name]) for name in weights)
+    first_weights = _weights(workdir, step=int(first))
+    assert all(np.array_equal(first_weights[name], w) for name, w in _weights(folders["export_first"]).items())
+    assert any(not np.array_equal(first_weights[name], weights[name]) for name in weights)
 
 
 @pytest.mark.parametrize("method", ReaderRuns.METHODS)
@@ -497,14 +500,14 @@ def test_a_joint_topk_export_records_the_lambda_it_trained(exports):
     from art_jax.workdir import load_reader
 
     folders = exports["joint_topk"]
-    newest, step2 = (read_settings(os.path.join(folders[name], "reader")) for name in ("export", "export2"))
+    newest, first = (read_settings(os.path.join(folders[name], "reader")) for name in ("export", "export_first"))
     run = load_reader(folders["workdir"]).settings
-    run2 = load_reader(folders["workdir"], step=int(folders["first"])).settings
+    run_first = load_reader(folders["workdir"], step=int(folders["first"])).settings
     assert (newest.joint_lambda, newest.joint_tau) == (run.joint_lambda, run.joint_tau)
-    assert (step2.joint_lambda, step2.joint_tau) == (run2.joint_lambda, run2.joint_tau)
+    assert (first.joint_lambda, first.joint_tau) == (run_first.joint_lambda, run_first.joint_tau)
     start = 4.0  # reader.joint_lambda 0: K, the demo's top-4
-    assert len({start, step2.joint_lambda, newest.joint_lambda}) == 3
-    assert newest.joint_tau == step2.joint_tau > 0
+    assert len({start, first.joint_lambda, newest.joint_lambda}) == 3
+    assert newest.joint_tau == first.joint_tau > 0
     assert read_settings(os.path.join(exports["emdr2"]["export"], "reader")).joint_lambda is None
 
 

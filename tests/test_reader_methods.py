@@ -5,9 +5,8 @@
   written here: transformers' BertModel and T5ForConditionalGeneration on PyTorch in float64,
   then the papers' formulas as probabilities (products and sums). Dropout off (no keys).
 * The gradients reach what each paper says, and only that.
-* Short runs: 2 processes x 4 devices give the metrics of 1 process x 8 devices (one step's
-  loss and gradients on 8 devices against 1 above); a preempted run resumes as the
-  uninterrupted one.
+* Short runs: 2 processes x 4 devices (and for emdr2 1 process x 1 device) give the metrics of
+  1 process x 8 devices; a preempted run resumes as the uninterrupted one.
 
 The oracle's FiD: each (question, passage k) input encoded alone and unpadded by transformers'
 encoder, the K outputs laid end to end by hand (zeros at padding) as the decoder's memory; its
@@ -548,7 +547,7 @@ RUN = {"train.batch_size": 16, "train.accumulation": 2, "train.steps": 4, "train
 def test_the_loss_and_gradients_on_eight_devices_are_those_on_one(name, world, models, computed, tmp_path):
     """The same step on a mesh of 8 devices: the method's own batch, laid out over the data axis as
     the trainer lays it, and the loss partitioned by the compiler, give the one device's values (the
-    slow runs below compare whole runs, and 2 processes, on top of this)."""
+    runs below compare whole runs, as 2 processes and on 1 device, on top of this)."""
     cfg = _config(_settings(name, world, models))
     method = METHODS[name](cfg, str(tmp_path), make_mesh(devices=jax.devices()[:8]))
     batch, _ = method.batch(init_state(method.params, optax.identity(), 0), 0, FixedRows())
@@ -572,18 +571,22 @@ def _rows(workdir) -> list[dict]:
         return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")} for line in f]
 
 
-def _train_as_two_processes(settings: dict, workdir) -> None:
-    """`art-jax train` with ``settings`` as 2 processes of 4 CPU devices (launch/local.sh); its
-    config: default_config() and the same overrides."""
+def _train_elsewhere(settings: dict, workdir, *, devices: int, processes: int = 1) -> None:
+    """`art-jax train` with ``settings`` as its own process(es), ``devices`` CPU devices each
+    (several processes through launch/local.sh); its config: default_config() and the same overrides."""
     config = os.path.join(os.path.dirname(workdir), "base_config.py")
     with open(config, "w") as f:
         f.write(BASE_CONFIG)
     args = ["train", f"--config={config}", f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items())]
-    env = child_env()  # the suite's 8 devices are not theirs
-    env.update(ART_JAX=f"{sys.executable} -m art_jax", ART_JAX_LOCAL_DEVICES="4")
-    done = subprocess.run([LOCAL, "2", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"launch/local.sh 2 {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    assert "training on 8 devices (2 process(es))" in done.stdout
+    env = child_env(devices if processes == 1 else None)  # the suite's 8 devices are not theirs
+    if processes == 1:
+        command = [sys.executable, "-m", "art_jax", *args]
+    else:
+        command = [LOCAL, str(processes), *args]
+        env.update(ART_JAX=f"{sys.executable} -m art_jax", ART_JAX_LOCAL_DEVICES=str(devices))
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    assert f"training on {devices * processes} devices ({processes} process(es))" in done.stdout
 
 
 def _train_here(settings: dict, workdir) -> Trainer:
@@ -601,25 +604,30 @@ def _close_rows(rows, expected, rtol):
                                    err_msg=f"step {row['step']}: {sorted(row)}")
 
 
-# individual_topk's run differs from emdr2's in its loss alone, which the step test above partitions
-@pytest.mark.parametrize("method", ["emdr2", "joint_topk", "fid"])
-def test_two_processes_train_as_one(world, models, tmp_path, method):
+# individual_topk's run differs from emdr2's in its loss alone, which the step test above partitions;
+# one method's run on 1 device as well (its reader's dropout, the sums over devices, its evaluation unsplit)
+@pytest.mark.parametrize("method,one_device", [("emdr2", True), ("joint_topk", False), ("fid", False)])
+def test_two_processes_and_one_device_train_as_eight(world, models, tmp_path, method, one_device):
     """Every metric of every step (loss, its terms, |g|, lr, lambda, index staleness) and the dev
-    evaluations (EM and F1, each process decoding its share; top-k) of 2 processes x 4 devices:
-    those of 1 process x 8 devices. The index is refreshed after step 2 (each process embedding
-    its share), so steps 3-4 search the one the run's towers wrote."""
+    evaluations (EM and F1, each process decoding its share; top-k) of 2 processes x 4 devices (and
+    for emdr2 of 1 process x 1 device): those of 1 process x 8 devices. The index is refreshed after
+    step 2 (each process embedding its share), so steps 3-4 search the one the run's towers wrote."""
     refreshed = method in ("emdr2", "individual_topk")  # joint_topk's index is never refreshed, fid has none
     settings = _settings(method, world, models, **{**RUN, "data.dev_questions": world[1],
                                                    "data.dev_results": world[2], "train.eval_every": 2,
                                                    "train.eval_topk": "(1,2)", "train.refresh_every": 2 * refreshed})
     _train_here(settings, tmp_path / "eight")
-    _train_as_two_processes(settings, str(tmp_path / "two"))
+    _train_elsewhere(settings, str(tmp_path / "two"), devices=4, processes=2)
+    if one_device:
+        _train_elsewhere(settings, str(tmp_path / "one"), devices=1)
     eight = _rows(tmp_path / "eight")
     losses = [row["loss"] for row in eight]
     assert len(losses) == 4 and np.ptp(losses) > 1e-2, losses  # the steps train: a changed update would show
     if refreshed:
         assert [row["index_staleness"] for row in eight] == [0, 1, 0, 1]
     _close_rows(_rows(tmp_path / "two"), eight, rtol=1e-5)
+    if one_device:
+        _close_rows(_rows(tmp_path / "one"), eight, rtol=1e-5)
 
 
 def _leaves(trainer) -> list[np.ndarray]:
