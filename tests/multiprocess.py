@@ -48,3 +48,23 @@ def run_two_processes(job: str, *args: str) -> None:
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     for i, (w, output) in enumerate(zip(workers, outputs)):
         assert w.returncode == 0, f"process {i} failed:\n{output}"
+
+
+LOCAL = os.path.join(ROOT, "launch", "local.sh")
+
+
+def art_jax_job(*args: str, devices: int, processes: int = 1, check: bool = True,
+                timeout: int = 600) -> subprocess.CompletedProcess:
+    """`art-jax ARGS` as one process with ``devices`` CPU devices, or through launch/local.sh as
+    ``processes`` processes with ``devices`` each; returns the completed process (with ``check``,
+    one that succeeded)."""
+    env = child_env(devices if processes == 1 else None)  # the suite's 8 devices are not theirs
+    if processes == 1:
+        command = [sys.executable, "-m", "art_jax", *args]
+    else:
+        command = [LOCAL, str(processes), *args]
+        env.update(ART_JAX=f"{sys.executable} -m art_jax", ART_JAX_LOCAL_DEVICES=str(devices))
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done

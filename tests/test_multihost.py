@@ -16,24 +16,7 @@ import pytest
 
 from art_jax.core.checkpoints import Checkpoints
 from art_jax.retrieval.index import IndexVersion, published_versions
-from tests.multiprocess import ROOT, child_env
-
-LOCAL = os.path.join(ROOT, "launch", "local.sh")
-
-
-def _art_jax(*args, devices, processes=1, check=True, timeout=600):
-    """`art-jax ARGS` as one process with ``devices`` CPU devices, or through launch/local.sh as
-    ``processes`` processes with ``devices`` each; returns the completed process."""
-    env = child_env(devices if processes == 1 else None)  # the suite's 8 devices are not theirs
-    if processes == 1:
-        command = [sys.executable, "-m", "art_jax", *args]
-    else:
-        command = [LOCAL, str(processes), *args]
-        env.update(ART_JAX=f"{sys.executable} -m art_jax", ART_JAX_LOCAL_DEVICES=str(devices))
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
-    return done
+from tests.multiprocess import LOCAL, ROOT, art_jax_job, child_env
 
 
 def _losses(workdir):
@@ -69,8 +52,8 @@ def demo_runs(t5_sharp_dir, tmp_path_factory):
               "--config.train.eval_every=4", "--config.index.chunk_rows=128", "--config.scorer.kind=t5",
               f"--config.scorer.checkpoint={t5_sharp_dir}", "--config.scorer.dtype=float32",
               "--config.scorer.batch_size=16", "--config.mesh.model=2", "--config.mesh.fsdp=on"]
-    alone = _art_jax(*common, f"--workdir={root / 'one'}", "--config.data.shards=2", devices=4)
-    together = _art_jax(*common, f"--workdir={root / 'two'}", "--config.scorer.cache=100000", devices=2, processes=2)
+    alone = art_jax_job(*common, f"--workdir={root / 'one'}", "--config.data.shards=2", devices=4)
+    together = art_jax_job(*common, f"--workdir={root / 'two'}", "--config.scorer.cache=100000", devices=2, processes=2)
     return root, alone.stdout, together.stdout
 
 
@@ -106,8 +89,8 @@ def test_dpr_as_two_processes_trains_as_one(bert_dir, tmp_path):
               "--config.train.batch_size=8", "--config.train.accumulation=2",
               "--config.retriever.passage_max_length=32", "--config.retriever.train_passage_max_length=32",
               "--config.retriever.question_max_length=16", "--config.train.learning_rate=1e-3"]
-    _art_jax(*common, f"--workdir={tmp_path / 'one'}", devices=4)
-    _art_jax(*common, f"--workdir={tmp_path / 'two'}", devices=2, processes=2)
+    art_jax_job(*common, f"--workdir={tmp_path / 'one'}", devices=4)
+    art_jax_job(*common, f"--workdir={tmp_path / 'two'}", devices=2, processes=2)
     losses = _losses(tmp_path / "one")
     assert len(losses) == 3 and min(losses) > 0.1
     np.testing.assert_allclose(_losses(tmp_path / "two"), losses, rtol=1e-5)
@@ -127,15 +110,15 @@ def test_embed_and_search_as_two_processes_equal_one_process(demo_runs, tmp_path
     root = demo_runs[0] / "one"
     bert, store, dev = root / "demo" / "bert", root / "corpus_store", root / "demo" / "dev.jsonl"
     embed = ["embed", f"--retriever={bert}", f"--corpus={store}", "--chunk-rows=64", "--max-length=64"]
-    _art_jax(*embed, f"--out={tmp_path / 'one'}", devices=4)
-    _art_jax(*embed, f"--out={tmp_path / 'two'}", devices=2, processes=2)
+    art_jax_job(*embed, f"--out={tmp_path / 'one'}", devices=4)
+    art_jax_job(*embed, f"--out={tmp_path / 'two'}", devices=2, processes=2)
     _same_embeddings(_embeddings(tmp_path / "one"), _embeddings(tmp_path / "two"))
 
     # the same index searched by 1 process x 4 devices and by 2 x 2: the same DPR results file
     search = ["search", f"--retriever={bert}", f"--index={tmp_path / 'one'}", f"--questions={dev}",
               "--topk=20", "--max-length=16"]
-    one = _art_jax(*search, f"--out={tmp_path / 'one.json'}", devices=4)
-    two = _art_jax(*search, f"--out={tmp_path / 'two.json'}", devices=2, processes=2)
+    one = art_jax_job(*search, f"--out={tmp_path / 'one.json'}", devices=4)
+    two = art_jax_job(*search, f"--out={tmp_path / 'two.json'}", devices=2, processes=2)
     with open(tmp_path / "one.json") as f, open(tmp_path / "two.json") as g:
         assert json.load(f) == json.load(g)
     assert two.stdout.count("wrote ") == 1 and one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
@@ -149,10 +132,10 @@ def test_prepare_corpus_as_two_processes_writes_the_same_store(demo_runs, t5_v11
     root = demo_runs[0] / "one"
     prepare = ["prepare-corpus", f"--corpus={root / 'demo' / 'corpus.tsv'}", f"--retriever={root / 'demo' / 'bert'}",
                f"--scorer={t5_v11_dir}", "--batch-size=32", "--retriever-max-length=64"]
-    _art_jax(*prepare, f"--out={tmp_path / 'one'}", devices=1)
+    art_jax_job(*prepare, f"--out={tmp_path / 'one'}", devices=1)
     for run in ("two", "url"):
         out = f"file://{tmp_path / run}" if run == "url" else tmp_path / run
-        two = _art_jax(*prepare, f"--out={out}", devices=1, processes=2)
+        two = art_jax_job(*prepare, f"--out={out}", devices=1, processes=2)
         assert two.stdout.count("wrote ") == 1 and "400 passages" in two.stdout
     files = sorted(os.listdir(tmp_path / "one"))
     assert "scorer.bin" in files
@@ -171,8 +154,8 @@ def test_prepare_salient_spans_as_two_processes_writes_the_same_store(demo_runs,
     span store equals the one-process store file for file (meta.json aside from its creation time,
     process count and tagging rate)."""
     prepare = ["prepare-salient-spans", f"--corpus={demo_runs[0] / 'one' / 'corpus_store'}", "--chunk-passages=50"]
-    one = _art_jax(*prepare, f"--out={tmp_path / 'one'}", devices=1)
-    two = _art_jax(*prepare, f"--out={tmp_path / 'two'}", devices=1, processes=2)
+    one = art_jax_job(*prepare, f"--out={tmp_path / 'one'}", devices=1)
+    two = art_jax_job(*prepare, f"--out={tmp_path / 'two'}", devices=1, processes=2)
     assert two.stdout.count("wrote ") == 1 and "passages/s per process" in two.stdout
     assert one.stdout.splitlines()[-1].split(": ")[1] == two.stdout.splitlines()[-1].split(": ")[1]
     files = sorted(os.listdir(tmp_path / "one"))
@@ -191,14 +174,14 @@ def test_the_refresher_runs_as_a_two_process_job(tmp_path):
     """An async run's last checkpoint indexed by `art-jax refresh` as 2 processes x 2 devices
     and as 1 process: the same embeddings."""
     workdir = tmp_path / "run"
-    _art_jax("train", "--config=configs/demo.py:smoke", f"--workdir={workdir}", "--config.train.steps=2",
+    art_jax_job("train", "--config=configs/demo.py:smoke", f"--workdir={workdir}", "--config.train.steps=2",
              "--config.train.refresh_mode=async", "--config.train.refresh_every=2", "--config.index.chunk_rows=64",
              devices=1)
     shutil.copytree(workdir, tmp_path / "copy")
-    two = _art_jax("refresh", f"--workdir={workdir}", "--poll-seconds=0.2", devices=2, processes=2)
+    two = art_jax_job("refresh", f"--workdir={workdir}", "--poll-seconds=0.2", devices=2, processes=2)
     assert "published" in two.stdout and "from checkpoint step 2" in two.stdout
     assert "the trainer has finished" in two.stdout  # both processes agreed to stop
-    _art_jax("refresh", f"--workdir={tmp_path / 'copy'}", "--once", devices=1)
+    art_jax_job("refresh", f"--workdir={tmp_path / 'copy'}", "--once", devices=1)
     built = _embeddings(workdir / "index")
     assert len(built) == 2  # the trainer's initial index and the refresher's from step 2
     _same_embeddings(built, _embeddings(tmp_path / "copy" / "index"))
@@ -240,7 +223,7 @@ def _free_port():
 
 
 def test_an_unreachable_coordinator_is_one_clear_error_within_the_timeout():
-    done = _art_jax("evaluate", "--results=absent.json", f"--coordinator_address=127.0.0.1:{_free_port()}",
+    done = art_jax_job("evaluate", "--results=absent.json", f"--coordinator_address=127.0.0.1:{_free_port()}",
                     "--num_processes=2", "--process_id=1", "--distributed_timeout=3", devices=1, check=False,
                     timeout=60)
     assert done.returncode == 2
@@ -255,7 +238,7 @@ def test_processes_that_disagree_on_the_job_size_are_named(tmp_path):
                              "--num_processes=2", "--process_id=0", "--distributed_timeout=60"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        other = _art_jax("evaluate", "--results=absent.json", address, "--num_processes=3", "--process_id=1",
+        other = art_jax_job("evaluate", "--results=absent.json", address, "--num_processes=3", "--process_id=1",
                          "--distributed_timeout=60", devices=1, check=False, timeout=120)
     finally:
         lead.kill()

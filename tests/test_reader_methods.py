@@ -24,8 +24,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -42,7 +40,7 @@ from art_jax.methods.reading import READER_ARRAYS
 from art_jax.training.loop import Trainer
 from art_jax.training.state import init_state
 from tests import hf_fixtures
-from tests.multiprocess import ROOT, child_env
+from tests.multiprocess import art_jax_job
 
 transformers = pytest.importorskip("transformers")
 
@@ -562,7 +560,6 @@ def test_the_loss_and_gradients_on_eight_devices_are_those_on_one(name, world, m
 
 
 BASE_CONFIG = "from art_jax.config import default_config\n\n\ndef get_config():\n    return default_config()\n"
-LOCAL = os.path.join(ROOT, "launch", "local.sh")
 
 
 def _rows(workdir) -> list[dict]:
@@ -577,15 +574,9 @@ def _train_elsewhere(settings: dict, workdir, *, devices: int, processes: int = 
     config = os.path.join(os.path.dirname(workdir), "base_config.py")
     with open(config, "w") as f:
         f.write(BASE_CONFIG)
-    args = ["train", f"--config={config}", f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items())]
-    env = child_env(devices if processes == 1 else None)  # the suite's 8 devices are not theirs
-    if processes == 1:
-        command = [sys.executable, "-m", "art_jax", *args]
-    else:
-        command = [LOCAL, str(processes), *args]
-        env.update(ART_JAX=f"{sys.executable} -m art_jax", ART_JAX_LOCAL_DEVICES=str(devices))
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    done = art_jax_job("train", f"--config={config}", f"--workdir={workdir}",
+                       *(f"--config.{k}={v}" for k, v in settings.items()), devices=devices, processes=processes,
+                       timeout=900)
     assert f"training on {devices * processes} devices ({processes} process(es))" in done.stdout
 
 
