@@ -53,12 +53,13 @@ def run_two_processes(job: str, *args: str) -> None:
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
 
 
-def art_jax_job(*args: str, devices: int, processes: int = 1, check: bool = True,
-                timeout: int = 600) -> subprocess.CompletedProcess:
+def art_jax_job(*args: str, devices: int, processes: int = 1, check: bool = True, timeout: int = 600,
+                compile_fast: bool = True) -> subprocess.CompletedProcess:
     """`art-jax ARGS` as one process with ``devices`` CPU devices, or through launch/local.sh as
-    ``processes`` processes with ``devices`` each; returns the completed process (with ``check``,
-    one that succeeded)."""
-    env = child_env(devices if processes == 1 else None)  # the suite's 8 devices are not theirs
+    ``processes`` processes with ``devices`` each (``compile_fast``: as ``child_env``); returns the
+    completed process (with ``check``, one that succeeded)."""
+    # the suite's 8 devices are not theirs
+    env = child_env(devices if processes == 1 else None, compile_fast=compile_fast)
     if processes == 1:
         command = [sys.executable, "-m", "art_jax", *args]
     else:

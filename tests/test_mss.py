@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,15 +17,7 @@ from safetensors.numpy import load_file
 
 from art_jax import cli
 from art_jax.data.span_store import SpanStore
-from tests.multiprocess import ROOT, child_env
-
-
-def _art_jax(*args: str, learns: bool = False) -> str:
-    # a stage that learns runs optimised code, as on a fresh machine
-    run = subprocess.run([sys.executable, "-m", "art_jax", *args], env=child_env(compile_fast=not learns), cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return run.stdout
+from tests.multiprocess import art_jax_job
 
 
 def _steps(n: int) -> list[str]:
@@ -44,8 +34,9 @@ def chain(tmp_path_factory):
             ("mss", "configs/mss.py:demo", []),
             ("art", "configs/demo.py:smoke", [*_steps(4), "--config.train.refresh_every=4"])):
         given = [f"--config.retriever.checkpoint={previous}"] if previous else []
-        outputs[stage] = _art_jax("train", f"--config={config}", f"--workdir={root / stage}", *given, *settings,
-                                  learns=stage != "art")
+        # a stage that learns runs optimised code, as on a fresh machine
+        outputs[stage] = art_jax_job("train", f"--config={config}", f"--workdir={root / stage}", *given, *settings,
+                                     devices=1, timeout=900, compile_fast=stage == "art").stdout
         cli.main(["export", "--run", str(root / stage), "--out", str(root / f"{stage}_export")])
         previous = str(root / f"{stage}_export")
     return root, outputs

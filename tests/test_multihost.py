@@ -175,8 +175,8 @@ def test_the_refresher_runs_as_a_two_process_job(tmp_path):
     and as 1 process: the same embeddings."""
     workdir = tmp_path / "run"
     art_jax_job("train", "--config=configs/demo.py:smoke", f"--workdir={workdir}", "--config.train.steps=2",
-             "--config.train.refresh_mode=async", "--config.train.refresh_every=2", "--config.index.chunk_rows=64",
-             devices=1)
+                "--config.train.refresh_mode=async", "--config.train.refresh_every=2", "--config.index.chunk_rows=64",
+                devices=1)
     shutil.copytree(workdir, tmp_path / "copy")
     two = art_jax_job("refresh", f"--workdir={workdir}", "--poll-seconds=0.2", devices=2, processes=2)
     assert "published" in two.stdout and "from checkpoint step 2" in two.stdout
@@ -224,8 +224,8 @@ def _free_port():
 
 def test_an_unreachable_coordinator_is_one_clear_error_within_the_timeout():
     done = art_jax_job("evaluate", "--results=absent.json", f"--coordinator_address=127.0.0.1:{_free_port()}",
-                    "--num_processes=2", "--process_id=1", "--distributed_timeout=3", devices=1, check=False,
-                    timeout=60)
+                       "--num_processes=2", "--process_id=1", "--distributed_timeout=3", devices=1, check=False,
+                       timeout=60)
     assert done.returncode == 2
     assert "art-jax: error: jax.distributed could not start within 3s" in done.stderr
 
@@ -239,7 +239,7 @@ def test_processes_that_disagree_on_the_job_size_are_named(tmp_path):
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         other = art_jax_job("evaluate", "--results=absent.json", address, "--num_processes=3", "--process_id=1",
-                         "--distributed_timeout=60", devices=1, check=False, timeout=120)
+                            "--distributed_timeout=60", devices=1, check=False, timeout=120)
     finally:
         lead.kill()
         lead.communicate()
