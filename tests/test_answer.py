@@ -397,8 +397,8 @@ def exports(reader_runs, tmp_path_factory) -> dict[str, dict[str, str]]:
 def test_the_reader_demo_learns_to_answer(reader_runs):
     """The README's reader demo (Joint top-K on the generated world, its retriever pre-trained by 150
     steps of the ART demo), shortened to 400 of its 900 steps, raises dev EM by at least 20 points, the
-    answers judged by SQuAD's normalisation, and keeps the retriever's top-5 (measured: EM 0.0% -> 38.3%,
-    top-5 99.2% -> 99.6%; the whole demo 70.0%)."""
+    answers judged by SQuAD's normalisation, and keeps the retriever's top-5 (measured: EM 0.0% -> 31.7%,
+    top-5 99.2% -> 98.8%; the whole demo 73.8%)."""
     reader_runs.workdir(ReaderRuns.DEMO)
     out = (reader_runs.root / f"{ReaderRuns.DEMO}.log").read_text()
     assert "the retriever's pre-training: 150 steps of the ART demo" in out

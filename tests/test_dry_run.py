@@ -151,6 +151,9 @@ def test_reader_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
             "update", "question embedding", "search, one block", *last]
         assert report.fits and report.functions[0].flops > fid.functions[0].flops
     assert emdr2.functions[0].flops > joint.functions[0].flops
+    # joint top-K's frozen passage tower: the step reads the passages' vectors from the index, embeds none
+    update = joint.functions[0].name
+    assert "the passages' vectors from the index" in update and "re-embedded" not in update
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The reader methods as the trainer builds them: ``fid`` (the T5 reader alone) and ``emdr2``,
 ``individual_topk``, ``joint_topk`` (the reader with both retriever towers, end to end).
 
-* Each method's loss on a real batch (its own ``batch``, the index stubbed) equals an oracle
+* Each method's loss on a real batch (its own ``batch``, the index's search stubbed) equals an oracle
   written here: transformers' BertModel and T5ForConditionalGeneration on PyTorch in float64,
   then the papers' formulas as probabilities (products and sums). Dropout off (no keys).
 * The gradients reach what each paper says, and only that.
@@ -37,6 +37,7 @@ from art_jax.core.sharding import make_mesh
 from art_jax.methods import METHODS, make_trainer
 from art_jax.methods import fid as fid_method
 from art_jax.methods.reading import READER_ARRAYS
+from art_jax.retrieval.search import ShardedIndex
 from art_jax.training.loop import Trainer
 from art_jax.training.state import init_state
 from tests import hf_fixtures
@@ -127,11 +128,30 @@ def _config(settings: dict):
 
 
 class FixedRows:
-    """The index, stubbed: ROWS whatever the queries."""
+    """The index, its search stubbed: ROWS whatever the queries; its vectors those of ``index`` (a
+    ShardedIndex of every passage), for joint_topk's batch."""
+
+    def __init__(self, index=None):
+        self.index = index
 
     def search(self, queries, k, exclude=None):
         assert k == K and exclude is None
         return np.zeros((len(queries), k), np.float32), ROWS[:len(queries)]
+
+    def vectors(self, rows, sharding):
+        return self.index.vectors(rows, sharding)
+
+
+def _passage_vectors(method) -> np.ndarray:
+    """Every passage's float32 vector [8, H] by the method's passage tower, from the tokens the other
+    methods re-embed: an index of them is what the run builds (float32 here, no dropout)."""
+    tokens = method.store.retriever_tokens(np.arange(len(PASSAGES)), 24, multiple=8)
+    tower = method.groups.module(method.params, "passage")
+    return np.asarray(tower.embed_cls(jax.numpy.asarray(tokens.ids), jax.numpy.asarray(tokens.mask)))
+
+
+def _index_of(method, mesh) -> FixedRows:
+    return FixedRows(ShardedIndex.from_array(_passage_vectors(method), mesh))
 
 
 def _method(name, world, models, workdir, **overrides):
@@ -158,26 +178,33 @@ def _computed(loss, params, batch, keys) -> Computed:
                     {group: [np.asarray(g) for g in jax.tree.leaves(tree)] for group, tree in grads.items()})
 
 
+def _micro_batch(method, index) -> dict[str, np.ndarray]:
+    """Step 0's batch made by the method's own ``batch``, as its one micro-batch in numpy."""
+    batch, _ = method.batch(init_state(method.params, optax.identity(), 0), 0, index)
+    return {name: np.asarray(value[0]) for name, value in method.objective.split(batch, 1).items()}
+
+
 @pytest.fixture(scope="module")
 def setup(world, models, tmp_path_factory):
     """(the end-to-end methods by name, with emdr2's ``marginalise="token"`` as "emdr2_token", and
-    fid; step 0's micro-batch, numpy), the batch made by emdr2's own ``batch`` with the index stubbed."""
+    fid; step 0's micro-batch, numpy, by emdr2's own ``batch``; joint_topk's own, the passages' index
+    vectors in place of their tokens)."""
     root = tmp_path_factory.mktemp("methods")
     methods = {name: _method(name, world, models, str(root / name)) for name in END_TO_END}
     methods["emdr2_token"] = _method("emdr2", world, models, str(root / "token"), **{"train.marginalise": "token"})
     methods["fid"] = _method("fid", world, models, str(root / "fid"))
-    emdr2 = methods["emdr2"]
-    batch, _ = emdr2.batch(init_state(emdr2.params, optax.identity(), 0), 0, FixedRows())
-    micro = {name: np.asarray(value[0]) for name, value in emdr2.objective.split(batch, 1).items()}
-    return methods, micro
+    joint = methods["joint_topk"]
+    return (methods, _micro_batch(methods["emdr2"], FixedRows()),
+            _micro_batch(joint, _index_of(joint, make_mesh(devices=jax.devices()[:1]))))
 
 
 @pytest.fixture(scope="module")
 def computed(setup):
     """Each method's (loss, metrics, gradients) on the batch, no dropout; "fid_term" is the FiD
     term alone (``methods.fid``'s loss) on the end-to-end methods' reader."""
-    methods, batch = setup
-    done = {name: _computed(methods[name].objective.loss, methods[name].params, batch, (None,) * 4)
+    methods, batch, joint_batch = setup
+    done = {name: _computed(methods[name].objective.loss, methods[name].params,
+                            joint_batch if name == "joint_topk" else batch, (None,) * 4)
             for name in (*END_TO_END, "emdr2_token")}
     reader_batch = {name: batch[name] for name in READER_ARRAYS}
     fid = methods["fid"]
@@ -255,7 +282,7 @@ class Expected:
 
 @pytest.fixture(scope="module")
 def expected(setup, models):
-    _, batch = setup
+    _, batch, _ = setup
     oracle = Oracle(models, batch)
     scores = oracle.scores()
     prior = np.exp(scores / np.sqrt(32.0))  # tau = sqrt(hidden) (score scaling, multiplier 1)
@@ -292,12 +319,17 @@ def _entropy(prior) -> float:
 def test_the_batch_is_the_retrieved_passages_and_tells_them_apart(setup, expected):
     """The batch holds ROWS' passages, questions' answers of several lengths, and scores that
     do not tie: the retriever's and the one-passage reader's values differ between a question's
-    passages by far more than the tolerances below."""
-    methods, batch = setup
+    passages by far more than the tolerances below. Joint top-K's batch is the same but for the
+    passages, which it holds as their index vectors."""
+    methods, batch, joint_batch = setup
     store = methods["emdr2"].store
     tokens = store.retriever_tokens(ROWS.reshape(-1), 24, multiple=8)
     np.testing.assert_array_equal(batch["passage_ids"][batch["passage_index"]].reshape(len(ROWS) * K, -1),
                                   tokens.ids)
+    assert joint_batch.keys() == batch.keys() - {"passage_index", "passage_ids", "passage_mask"} | {"passage_vectors"}
+    for name in joint_batch.keys() - {"passage_vectors"}:
+        np.testing.assert_array_equal(joint_batch[name], batch[name])
+    np.testing.assert_array_equal(joint_batch["passage_vectors"], _passage_vectors(methods["joint_topk"])[ROWS])
     assert len(set(batch["label_mask"].sum(-1))) > 1
     e = expected
     assert np.all(e.prior.max(-1) / e.prior.min(-1) > 1.2), e.prior
@@ -306,7 +338,7 @@ def test_the_batch_is_the_retrieved_passages_and_tells_them_apart(setup, expecte
 
 
 def test_fid_loss_is_transformers_fid_nll_and_trains_the_reader_alone(setup, computed, expected):
-    methods, _ = setup
+    methods = setup[0]
     fid, e = computed["fid"], expected
     np.testing.assert_allclose(fid.loss, _token_mean_nll(e.fid, e.mask), rtol=RTOL)
     per_answer = -np.where(e.mask, e.fid, 0.0).sum(-1).mean()
@@ -428,7 +460,7 @@ def test_the_retrievers_compute_policy_reaches_both_towers(world, models, tmp_pa
 
 
 def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passage_tower(setup, computed):
-    methods, _ = setup
+    methods = setup[0]
     grads = computed["joint_topk"].grads
     assert set(grads) == {"question", "passage", "reader", "joint"}
     assert all(np.all(g == 0) for g in grads["passage"])
@@ -548,7 +580,8 @@ def test_the_loss_and_gradients_on_eight_devices_are_those_on_one(name, world, m
     runs below compare whole runs, as 2 processes and on 1 device, on top of this)."""
     cfg = _config(_settings(name, world, models))
     method = METHODS[name](cfg, str(tmp_path), make_mesh(devices=jax.devices()[:8]))
-    batch, _ = method.batch(init_state(method.params, optax.identity(), 0), 0, FixedRows())
+    index = _index_of(method, method.mesh) if name == "joint_topk" else FixedRows()
+    batch, _ = method.batch(init_state(method.params, optax.identity(), 0), 0, index)
     micro = {key: value[0] for key, value in method.objective.split(batch, 1).items()}
     assert len(micro["reader_ids"].sharding.device_set) == 8
     got = _computed(method.objective.loss, method.params, micro, (None,) * 4)

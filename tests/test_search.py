@@ -6,6 +6,8 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from art_jax.core.errors import UserError
 from art_jax.core.sharding import make_mesh
@@ -74,6 +76,25 @@ def test_low_precision_index_is_exact_on_its_own_values(dtype):
     got = np.take_along_axis(q.astype(np.float64) @ x.astype(np.float64).T, rows, 1)
     np.testing.assert_allclose(got, want_scores, rtol=1e-6)
     assert (rows == want_rows).mean() > 0.95
+
+
+@pytest.mark.parametrize("devices", [1, 8, (8, 4)])
+def test_the_vectors_of_rows_are_the_stored_ones(devices):
+    """``vectors``: the stored rows (any block, the last real row, repeats), bitwise in the index's
+    dtype, shaped as asked and laid out by the given sharding."""
+    x, _ = _data(203, dim=16)
+    x = x.astype(np.float16)
+    mesh = _mesh(*devices) if isinstance(devices, tuple) else _mesh(devices)
+    index = ShardedIndex.from_array(x, mesh, rows_per_device=8)
+    assert len(index.blocks) > 1
+    rows = np.random.default_rng(1).integers(0, len(x), (8, 5))
+    rows[0, :3] = [len(x) - 1, 0, len(x) - 1]
+    by_question = NamedSharding(mesh, P("data"))
+    got = index.vectors(rows, by_question)
+    assert got.shape == (8, 5, 16) and got.dtype == np.float16 and got.sharding == by_question
+    np.testing.assert_array_equal(np.asarray(got), x[rows])
+    with pytest.raises(ValueError, match="outside the index's 203"):
+        index.vectors(np.array([203]), by_question)
 
 
 def test_k_larger_than_index_is_an_error():

@@ -38,6 +38,17 @@ def _cls(folder, texts, pairs=None, max_length=None):
         return model(**batch).last_hidden_state[:, 0].numpy()
 
 
+def test_export_as_its_own_process_says_what_it_wrote_and_nothing_else(demo_run, tmp_path):
+    """What a user sees of `art-jax export`: the folder it wrote, and no library's warnings (Orbax warns
+    on every read of a run's checkpoints that a read-only view is read-only: those are dropped)."""
+    from tests.multiprocess import art_jax_job
+
+    out = str(tmp_path / "export")
+    done = art_jax_job("export", "--run", demo_run[0], "--out", out, devices=1)
+    assert done.stdout.splitlines() == [f"wrote {out}"], done.stdout
+    assert "WARNING" not in done.stderr, done.stderr
+
+
 def test_a_trained_run_is_exported_searched_and_reproduced_outside_art_jax(demo_run, tmp_path, capsys):
     workdir, stdout = demo_run
     [line] = [line for line in stdout.splitlines() if line.startswith("dev accuracy:")]

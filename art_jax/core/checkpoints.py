@@ -8,6 +8,7 @@ saves are asynchronous.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -19,6 +20,18 @@ from art_jax.core.storage import is_remote, split_url
 # A leaf of ``like`` that ``Checkpoints.restore`` does not read (it comes back as is): the
 # refresher reads only the passage tower out of a whole train state.
 SKIP = ocp.PLACEHOLDER
+
+
+class _ReadingNotices(logging.Filter):
+    """Drops the two warnings Orbax gives whenever a run's checkpoints are read (export, refresh,
+    answer, resume), which say nothing wrong: that a read-only view is read-only, and that the state's
+    own folder has no metadata file (a composite checkpoint keeps it one level up)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Given directory is read only", "Metadata file does not exist"))
+
+
+logging.getLogger("absl").addFilter(_ReadingNotices())
 
 
 def orbax_path(path: str) -> str:

@@ -5,11 +5,13 @@ here but their loss.
 A step, as ART's: this process's questions -> question tower (the step's dropout) -> exact top-K
 rows from the sharded index (stale, refreshed; joint_topk's never refreshed) -> the rows'
 retriever tokens, re-embedded in the loss by the passage tower (each micro-batch's distinct rows
-once, as ART), and the reader inputs (question + passage k, ``methods/reading.py``) with one gold
-answer drawn per epoch -> the generic update. Questions without answers are counted and left out.
+once, as ART; joint_topk's frozen tower's vectors are read from its index instead), and the reader
+inputs (question + passage k, ``methods/reading.py``) with one gold answer drawn per epoch -> the
+generic update. Questions without answers are counted and left out.
 
-Batch: question_ids/mask [B, Lq], passage_index [B, K] (which of the micro-batch's U passages),
-the reader arrays [B, K, N] and [B, T]; passage_ids/mask [A, U, Lp] per micro-batch.
+Batch: question_ids/mask [B, Lq], the reader arrays [B, K, N] and [B, T]; the retrieved passages
+as passage_index [B, K] (which of the micro-batch's U passages) and passage_ids/mask [A, U, Lp] per
+micro-batch, or as passage_vectors [B, K, D] (the index's, in its dtype).
 """
 
 from __future__ import annotations
@@ -60,8 +62,7 @@ from art_jax.retrieval.encoder import load_retriever_tokenizer
 from art_jax.training.state import ParamGroups, TrainState
 from art_jax.training.update import Objective, split_evenly, step_key
 
-PER_QUESTION = ("question_ids", "question_mask", "passage_index", *READER_ARRAYS)
-PASSAGE_ARRAYS = ("passage_ids", "passage_mask")
+PASSAGE_ARRAYS = ("passage_ids", "passage_mask")  # [A, U, Lp]; every other array is per question
 
 
 def step_keys(key: jax.Array) -> tuple[jax.Array, ...]:
@@ -72,22 +73,26 @@ def step_keys(key: jax.Array) -> tuple[jax.Array, ...]:
 
 def split_micro_batches(batch: dict[str, jax.Array], accumulation: int) -> dict[str, jax.Array]:
     """Per-question arrays cut into A micro-batches; the passage arrays are per micro-batch already."""
-    per_question = split_evenly({name: batch[name] for name in PER_QUESTION}, accumulation)
+    per_question = split_evenly({name: v for name, v in batch.items() if name not in PASSAGE_ARRAYS}, accumulation)
     return {name: per_question.get(name, value) for name, value in batch.items()}
 
 
-def retriever_scores(groups: ParamGroups, params, batch, keys, *, frozen_passages: bool = False) -> jax.Array:
-    """q . z [B, K] of each question and its K retrieved passages, both re-embedded (the passage
-    tower without dropout or gradient when ``frozen_passages``)."""
-    question_key, passage_key = keys[:2]
-    q = groups.module(params, "question").embed_cls(batch["question_ids"], batch["question_mask"],
-                                                    dropout_key=question_key)
-    # a frozen tower embeds as the index does: no dropout, no gradient
-    p = groups.module(params, "passage").embed_cls(batch["passage_ids"], batch["passage_mask"],
-                                                   dropout_key=None if frozen_passages else passage_key)
-    if frozen_passages:
-        p = jax.lax.stop_gradient(p)
-    return retrieval_scores(q, p[batch["passage_index"]])
+def _questions(groups: ParamGroups, params, batch, keys) -> jax.Array:
+    return groups.module(params, "question").embed_cls(batch["question_ids"], batch["question_mask"],
+                                                       dropout_key=keys[0])
+
+
+def retriever_scores(groups: ParamGroups, params, batch, keys) -> jax.Array:
+    """q . z [B, K] of each question and its K retrieved passages, both re-embedded."""
+    p = groups.module(params, "passage").embed_cls(batch["passage_ids"], batch["passage_mask"], dropout_key=keys[1])
+    return retrieval_scores(_questions(groups, params, batch, keys), p[batch["passage_index"]])
+
+
+def indexed_retriever_scores(groups: ParamGroups, params, batch, keys) -> jax.Array:
+    """q . z [B, K] of each re-embedded question and its K passages' vectors as the index stores them
+    (a frozen passage tower's own, at the index's dtype): what ranked them and what `art-jax answer`
+    reads, without the passage tower's pass."""
+    return retrieval_scores(_questions(groups, params, batch, keys), batch["passage_vectors"])
 
 
 def log_p_retrieved(groups: ParamGroups, params, batch, keys, *, tau: float) -> jax.Array:
@@ -102,10 +107,13 @@ def objective(loss, groups: ParamGroups, *, accumulation: int, **settings) -> Ob
                      split=split_micro_batches)
 
 
-def batch_shardings(mesh) -> dict[str, NamedSharding]:
-    """Per-question arrays split over `data` by question, the passage arrays [A, U, Lp] by passage."""
+def batch_shardings(mesh, *, vectors_from_index: bool = False) -> dict[str, NamedSharding]:
+    """Per-question arrays split over `data` by question, the passage arrays [A, U, Lp] by passage;
+    ``vectors_from_index``: passage_vectors [B, K, D] in place of the passages to re-embed."""
     questions, passages = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
-    return {**{name: questions for name in PER_QUESTION}, **{name: passages for name in PASSAGE_ARRAYS}}
+    retrieved = ({"passage_vectors": questions} if vectors_from_index else
+                 {"passage_index": questions, **{name: passages for name in PASSAGE_ARRAYS}})
+    return {**{name: questions for name in ("question_ids", "question_mask", *READER_ARRAYS)}, **retrieved}
 
 
 def unique_width(cfg, mesh) -> int:
@@ -135,6 +143,9 @@ class EndToEnd(TrainsTowers):
     log_labels = {"grad_norm": "|g|", "learning_rate": "lr", "index_staleness": "staleness"}
     objective_loss: Callable[..., tuple[jax.Array, dict]]
     biased_reader = False  # whether the reader reads with a cross-attention bias from the retriever
+    # whether the loss takes the retrieved passages' vectors from the index rather than re-embedding
+    # them (a frozen passage tower, its index never refreshed: the same vectors, without its pass)
+    vectors_from_index = False
 
     @staticmethod
     def loss_settings(cfg, tau: float) -> dict:
@@ -198,7 +209,7 @@ class EndToEnd(TrainsTowers):
         self.max_lengths["reader"] = self.settings.max_input_tokens
         self.objective = objective(self.objective_loss, self.groups, accumulation=train.accumulation,
                                    **self.loss_settings(cfg, self.tau))
-        self.batch_shardings = batch_shardings(mesh)
+        self.batch_shardings = batch_shardings(mesh, vectors_from_index=self.vectors_from_index)
         questions, replicated = self.batch_shardings["question_ids"], NamedSharding(mesh, P())
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
                                         in_shardings=(None, questions, questions),  # None: the state as placed
@@ -244,20 +255,28 @@ class EndToEnd(TrainsTowers):
             queries = self._embed_questions(state, question_ids, question_mask)
             _, rows = index.search(np.asarray(queries), cfg.train.topk, self.training.excluded(every))  # all B x K
         searched = time.perf_counter()
-        unique_rows, positions = unique_passages(rows, cfg.train.accumulation, self._unique_multiple)
-        passages = self.store.retriever_tokens(unique_rows.reshape(-1), cfg.retriever.train_passage_max_length,
-                                               multiple=8)
-        micro_batches, unique = unique_rows.shape
-        identical = {"passage_index": positions, "passage_ids": passages.ids.reshape(micro_batches, unique, -1),
-                     "passage_mask": passages.mask.reshape(micro_batches, unique, -1)}
+        if self.vectors_from_index:
+            retrieved = {"passage_vectors": index.vectors(rows, self.batch_shardings["passage_vectors"])}
+        else:
+            retrieved = {name: from_identical(self.batch_shardings[name], value)
+                         for name, value in self.passages_to_embed(rows).items()}
         answers = [drawn_answer(targets, seed=cfg.seed, epoch=epoch, index=i)
                    for targets, i in zip(questions.targets, indices)]
         local = reader_arrays(self.reader_tokenizer, self.settings, questions.reader,
                               self.passages_of(rows[self.my_rows]), answers)
         batch = {"question_ids": question_ids, "question_mask": question_mask,
-                 **{name: from_process_rows(mesh, value) for name, value in local.items()},
-                 **{name: from_identical(self.batch_shardings[name], value) for name, value in identical.items()}}
+                 **{name: from_process_rows(mesh, value) for name, value in local.items()}, **retrieved}
         return batch, {"time_search": searched - start}
+
+    def passages_to_embed(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Every question's retrieved ``rows`` [B, K] as the loss re-embeds them: each micro-batch's
+        distinct passages' tokens [A, U, Lp] and where each question's K are among them [B, K]."""
+        unique_rows, positions = unique_passages(rows, self.cfg.train.accumulation, self._unique_multiple)
+        passages = self.store.retriever_tokens(unique_rows.reshape(-1), self.cfg.retriever.train_passage_max_length,
+                                               multiple=8)
+        micro_batches, unique = unique_rows.shape
+        return {"passage_index": positions, "passage_ids": passages.ids.reshape(micro_batches, unique, -1),
+                "passage_mask": passages.mask.reshape(micro_batches, unique, -1)}
 
     def evaluate(self, state: TrainState, index) -> dict[str, float]:
         if not self.dev:

@@ -5,8 +5,10 @@ the retriever's probability biasing the decoder's cross-attention,
 
 in every decoder layer and head; lambda a trainable scalar, p(z | q) the softmax over the K of
 q.z / tau; loss -log p(a | q, z_1..K). The question tower learns through the bias; the passage
-tower stays frozen, as in the paper. Its reader records lambda and tau beside it
-(art_jax_reader.json): `art-jax answer` biases with the results' retriever scores.
+tower stays frozen, as in the paper, so its index never goes stale and z is read from it (the
+vectors that ranked the passages, at index.dtype) rather than re-embedded each step. Its reader
+records lambda and tau beside it (art_jax_reader.json): `art-jax answer` biases with the results'
+retriever scores, which are those vectors' too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from art_jax.core.errors import UserError
-from art_jax.methods.end_to_end import EndToEnd, retriever_scores
+from art_jax.methods.end_to_end import EndToEnd, indexed_retriever_scores
 from art_jax.methods.reading import fid_log_probs
 from art_jax.models.reader import passage_memory_bias
 from art_jax.objectives import fid_nll, joint_topk_memory_weights
@@ -33,7 +35,7 @@ class CrossAttentionWeight(nnx.Module):
 
 
 def loss(groups: ParamGroups, params, batch, keys, *, tau: float):
-    scores = retriever_scores(groups, params, batch, keys, frozen_passages=True)
+    scores = indexed_retriever_scores(groups, params, batch, keys)
     lam = groups.module(params, JOINT).weight[...]
     weights = joint_topk_memory_weights(scores, tau, lam)
     bias = passage_memory_bias(weights, batch["reader_ids"].shape[-1])
@@ -57,6 +59,7 @@ class JointTopK(EndToEnd):
     always_frozen = ("passage",)
     biased_reader = True  # its reader reads with lambda * p(z|q) on the cross-attention
     index_use = "fixed"  # the frozen passage tower's index stays what it was
+    vectors_from_index = True
     log_labels = {"token_nll": "nll/token", "lambda": "lambda", **EndToEnd.log_labels}
 
     objective_loss = staticmethod(loss)

@@ -118,6 +118,17 @@ class ShardedIndex:
                             "in the index)")
         return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
+    def vectors(self, rows, sharding: NamedSharding) -> jax.Array:
+        """The stored vectors of ``rows`` (row numbers below ``count``, the same on every process):
+        a global array of shape ``rows.shape + (dim,)`` in the index's dtype, placed as ``sharding``.
+        Each device takes the asked rows it holds and one psum over every device completes them."""
+        rows = np.asarray(rows, np.int32)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.count):
+            raise ValueError(f"rows outside the index's {self.count}")
+        flat = rows.reshape(-1)
+        asked = jax.make_array_from_callback(flat.shape, NamedSharding(self.mesh, P()), lambda index: flat[index])
+        return _gather_rows(self.mesh, len(self.blocks), rows.shape, sharding)(asked, tuple(self.blocks))
+
     def _search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k < 1:
             raise UserError(f"search: top-k must be positive, got {k}")
@@ -173,6 +184,25 @@ def _merge_devices(mesh: Mesh, k: int):
 
     # all_gather's result is the same everywhere but not typed as such, hence check_vma=False
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(ROWS, ROWS), out_specs=(P(), P()), check_vma=False))
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_rows(mesh: Mesh, num_blocks: int, shape: tuple[int, ...], sharding: NamedSharding):
+    """rows [N] -> their vectors, shaped ``shape + (dim,)``: every device takes its own rows of every
+    block, zeros for the rest, and a psum over the devices completes them (one device holds each row:
+    the sum is exact in any dtype)."""
+
+    def local(rows, blocks):
+        found = 0
+        for b, block in enumerate(blocks):
+            rows_here = block.shape[0]
+            at = rows - (b * mesh.size + lax.axis_index(DEVICES)) * rows_here
+            mine = (at >= 0) & (at < rows_here)
+            found = found + jnp.where(mine[:, None], block[jnp.clip(at, 0, rows_here - 1)], 0)
+        return lax.psum(found, DEVICES)
+
+    gather = jax.shard_map(local, mesh=mesh, in_specs=(P(), (ROWS,) * num_blocks), out_specs=P())
+    return jax.jit(lambda rows, blocks: gather(rows, blocks).reshape(*shape, -1), out_shardings=sharding)
 
 
 def _top_k(scores, rows, k):

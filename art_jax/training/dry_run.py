@@ -431,7 +431,8 @@ def _fid(cfg, layout: Layout) -> Report:
 
 def _end_to_end(cfg, layout: Layout) -> Report:
     """EMDR2, Individual and Joint top-K: the update of the towers and the reader together (the
-    step's B x K passages re-embedded, the reader over B x K x N tokens), the step's question
+    step's B x K passages re-embedded, or Joint top-K's vectors read from the index; the reader over
+    B x K x N tokens), the step's question
     embedding and search, the passage embedding that builds (and refreshes) the index, and with
     dev questions (or held-out span sentences) their search and answers' generation."""
     from art_jax.methods import METHODS, end_to_end
@@ -455,16 +456,22 @@ def _end_to_end(cfg, layout: Layout) -> Report:
 
     b, k, n, t = train.batch_size, train.topk, reader.max_input_tokens, reader.max_answer_tokens
     lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
-    unique = end_to_end.unique_width(cfg, mesh)
-    arrays = {"question_ids": (b, lq), "question_mask": (b, lq), "passage_index": (b, k),
-              "reader_ids": (b, k, n), "reader_mask": (b, k, n), "labels": (b, t), "label_mask": (b, t),
-              "passage_ids": (train.accumulation, unique, lp), "passage_mask": (train.accumulation, unique, lp)}
-    placed = end_to_end.batch_shardings(mesh)
-    batch = {name: _spec(shape, jnp.int32, placed[name]) for name, shape in arrays.items()}
+    arrays = {"question_ids": (b, lq), "question_mask": (b, lq), "reader_ids": (b, k, n), "reader_mask": (b, k, n),
+              "labels": (b, t), "label_mask": (b, t)}
+    if method.vectors_from_index:
+        arrays["passage_vectors"], passages = (b, k, dim), "the passages' vectors from the index"
+    else:
+        unique = end_to_end.unique_width(cfg, mesh)
+        arrays.update(passage_index=(b, k), passage_ids=(train.accumulation, unique, lp),
+                      passage_mask=(train.accumulation, unique, lp))
+        passages = f"{unique} passages re-embedded"
+    placed = end_to_end.batch_shardings(mesh, vectors_from_index=method.vectors_from_index)
+    batch = {name: _spec(shape, jnp.dtype(cfg.index.dtype) if name == "passage_vectors" else jnp.int32, placed[name])
+             for name, shape in arrays.items()}
     objective_of = functools.partial(end_to_end.objective, method.objective_loss, accumulation=train.accumulation,
                                      **method.loss_settings(cfg, end_to_end.retriever_tau(cfg, dim)))
-    functions = [shapes.update(f"update (batch {b} x K={k}: {unique} passages re-embedded, reader over {n} tokens "
-                               f"each, answers of {t})", mesh, objective_of, batch, micro_batches=train.accumulation)]
+    functions = [shapes.update(f"update (batch {b} x K={k}: {passages}, reader over {n} tokens each, answers of "
+                               f"{t})", mesh, objective_of, batch, micro_batches=train.accumulation)]
     excluded = int(bool(data.salient_spans))  # a span sentence's own passage is searched for and dropped
     if not data.salient_source_passage:  # (which reads its own passage alone: nothing searched)
         functions += _question_search(cfg, layout, shapes, end_to_end.embed_questions, batch, dim, per_device, blocks,
