@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="store folder (an existing store is replaced whole, any other "
                    "non-empty folder refused; a gs:// one is deleted, then uploaded)")
     p.add_argument("--retriever-max-length", type=int, default=512,
-                   help="tokens kept per passage (indexing re-cuts to 256, training re-embeds at 512)")
+                   help="tokens kept per passage (indexing re-cuts to 256, a training step re-embeds at 512)")
     p.add_argument("--scorer-max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--skip-bad-rows", action="store_true", help="count and report bad rows instead of failing")

@@ -101,7 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
         shared_towers=False,
         question_max_length=64,
         passage_max_length=256,  # when indexing
-        train_passage_max_length=512,  # when embedding a step's passages
+        # when a step re-embeds its passages (joint_topk re-embeds none: it reads the index's vectors)
+        train_passage_max_length=512,
         # which end of a question longer than question_max_length is cut: "right" keeps its start (BERT's
         # default), "left" its end (a dialogue's latest turns, as DPR-PAQ truncates dialogue contexts)
         question_truncation="right",

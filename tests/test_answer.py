@@ -28,7 +28,7 @@ import torch
 
 from art_jax import cli
 from tests.hf_fixtures import CORPUS
-from tests.multiprocess import child_env
+from tests.multiprocess import art_jax_job, child_env
 from tests.test_cli import _fails
 
 transformers = pytest.importorskip("transformers")
@@ -490,6 +490,19 @@ def test_exported_reader_loads_in_transformers(method, exports):
     assert np.std(expected) > 0.1
     run = np.asarray(logits(load_reader(exports[method]["workdir"]).model, *args))  # the run's own reader
     np.testing.assert_array_equal(run, ours)
+
+
+def test_answer_as_two_processes_writes_what_one_process_writes(exports, results_path, tmp_path):
+    """`art-jax answer` as a job of 2 processes x 2 devices (launch/local.sh): each batch of 8 split
+    over the 4 devices of both processes, the second padded, the answers gathered and written by the
+    first process: the file one process writes, from the demo's trained Joint top-K reader (its
+    answers differ between questions, and read the results' scores as its bias)."""
+    export, one, two = exports[ReaderRuns.DEMO]["export"], tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    rows = _answer(export, results_path, one, "--topk", str(TOPK))
+    assert len(set(_predictions(rows))) > 3, _predictions(rows)
+    art_jax_job("answer", "--reader", export, "--results", results_path, "--out", str(two), "--topk", str(TOPK),
+                devices=2, processes=2)
+    assert two.read_text(encoding="utf-8") == one.read_text(encoding="utf-8")
 
 
 def test_a_joint_topk_export_records_the_lambda_it_trained(exports):

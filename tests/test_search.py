@@ -78,12 +78,13 @@ def test_low_precision_index_is_exact_on_its_own_values(dtype):
     assert (rows == want_rows).mean() > 0.95
 
 
-@pytest.mark.parametrize("devices", [1, 8, (8, 4)])
-def test_the_vectors_of_rows_are_the_stored_ones(devices):
+@pytest.mark.parametrize("devices,dtype", [(1, np.float16), (8, np.float16), ((8, 4), np.float16),
+                                          (8, ml_dtypes.bfloat16), (8, np.float32)])
+def test_the_vectors_of_rows_are_the_stored_ones(devices, dtype):
     """``vectors``: the stored rows (any block, the last real row, repeats), bitwise in the index's
-    dtype, shaped as asked and laid out by the given sharding."""
+    dtype, shaped as asked and laid out by the given sharding; none asked, none given."""
     x, _ = _data(203, dim=16)
-    x = x.astype(np.float16)
+    x = x.astype(dtype)
     mesh = _mesh(*devices) if isinstance(devices, tuple) else _mesh(devices)
     index = ShardedIndex.from_array(x, mesh, rows_per_device=8)
     assert len(index.blocks) > 1
@@ -91,10 +92,13 @@ def test_the_vectors_of_rows_are_the_stored_ones(devices):
     rows[0, :3] = [len(x) - 1, 0, len(x) - 1]
     by_question = NamedSharding(mesh, P("data"))
     got = index.vectors(rows, by_question)
-    assert got.shape == (8, 5, 16) and got.dtype == np.float16 and got.sharding == by_question
+    assert got.shape == (8, 5, 16) and got.dtype == dtype and got.sharding == by_question
     np.testing.assert_array_equal(np.asarray(got), x[rows])
+    assert index.vectors(np.zeros((0, 5), np.int64), by_question).shape == (0, 5, 16)
     with pytest.raises(ValueError, match="outside the index's 203"):
         index.vectors(np.array([203]), by_question)
+    with pytest.raises(ValueError, match="outside the index's 203"):
+        index.vectors(np.array([2**32]), by_question)  # not wrapped to a row
 
 
 def test_k_larger_than_index_is_an_error():

@@ -24,11 +24,14 @@ SKIP = ocp.PLACEHOLDER
 
 class _ReadingNotices(logging.Filter):
     """Drops the two warnings Orbax gives whenever a run's checkpoints are read (export, refresh,
-    answer, resume), which say nothing wrong: that a read-only view is read-only, and that the state's
-    own folder has no metadata file (a composite checkpoint keeps it one level up)."""
+    answer, resume), which say nothing wrong: that a read-only view is read-only, and that the state
+    item's own folder has no metadata file (a composite checkpoint keeps it in the step's folder,
+    whose absence still warns)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(("Given directory is read only", "Metadata file does not exist"))
+        message = record.getMessage()
+        return not (message.startswith("Given directory is read only") or (
+            message.startswith("Metadata file does not exist") and message.endswith("/state/_CHECKPOINT_METADATA")))
 
 
 logging.getLogger("absl").addFilter(_ReadingNotices())

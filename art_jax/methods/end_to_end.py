@@ -214,7 +214,6 @@ class EndToEnd(TrainsTowers):
         self._embed_questions = jax.jit(functools.partial(embed_questions, self.groups),
                                         in_shardings=(None, questions, questions),  # None: the state as placed
                                         out_shardings=replicated)
-        self._unique_multiple = unique_width(cfg, mesh)
 
     def joint_settings(self, cfg) -> dict:
         """ReaderSettings' Joint top-K fields (joint_topk alone has them)."""
@@ -271,7 +270,7 @@ class EndToEnd(TrainsTowers):
     def passages_to_embed(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every question's retrieved ``rows`` [B, K] as the loss re-embeds them: each micro-batch's
         distinct passages' tokens [A, U, Lp] and where each question's K are among them [B, K]."""
-        unique_rows, positions = unique_passages(rows, self.cfg.train.accumulation, self._unique_multiple)
+        unique_rows, positions = unique_passages(rows, self.cfg.train.accumulation, unique_width(self.cfg, self.mesh))
         passages = self.store.retriever_tokens(unique_rows.reshape(-1), self.cfg.retriever.train_passage_max_length,
                                                multiple=8)
         micro_batches, unique = unique_rows.shape

@@ -122,10 +122,10 @@ class ShardedIndex:
         """The stored vectors of ``rows`` (row numbers below ``count``, the same on every process):
         a global array of shape ``rows.shape + (dim,)`` in the index's dtype, placed as ``sharding``.
         Each device takes the asked rows it holds and one psum over every device completes them."""
-        rows = np.asarray(rows, np.int32)
+        rows = np.asarray(rows)
         if rows.size and (rows.min() < 0 or rows.max() >= self.count):
             raise ValueError(f"rows outside the index's {self.count}")
-        flat = rows.reshape(-1)
+        flat = rows.reshape(-1).astype(np.int32)
         asked = jax.make_array_from_callback(flat.shape, NamedSharding(self.mesh, P()), lambda index: flat[index])
         return _gather_rows(self.mesh, len(self.blocks), rows.shape, sharding)(asked, tuple(self.blocks))
 
@@ -202,7 +202,8 @@ def _gather_rows(mesh: Mesh, num_blocks: int, shape: tuple[int, ...], sharding: 
         return lax.psum(found, DEVICES)
 
     gather = jax.shard_map(local, mesh=mesh, in_specs=(P(), (ROWS,) * num_blocks), out_specs=P())
-    return jax.jit(lambda rows, blocks: gather(rows, blocks).reshape(*shape, -1), out_shardings=sharding)
+    return jax.jit(lambda rows, blocks: gather(rows, blocks).reshape(*shape, blocks[0].shape[1]),
+                   out_shardings=sharding)
 
 
 def _top_k(scores, rows, k):

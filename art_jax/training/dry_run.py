@@ -458,7 +458,7 @@ def _end_to_end(cfg, layout: Layout) -> Report:
     lq, lp = cfg.retriever.question_max_length, cfg.retriever.train_passage_max_length
     arrays = {"question_ids": (b, lq), "question_mask": (b, lq), "reader_ids": (b, k, n), "reader_mask": (b, k, n),
               "labels": (b, t), "label_mask": (b, t)}
-    if method.vectors_from_index:
+    if method.vectors_from_index:  # in the index's dtype, index.dtype as its shard above is sized
         arrays["passage_vectors"], passages = (b, k, dim), "the passages' vectors from the index"
     else:
         unique = end_to_end.unique_width(cfg, mesh)
