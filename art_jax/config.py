@@ -109,6 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
         # the towers' compute in training, as the reader's: "bfloat16" computes in bf16 with float32 parameters,
         # softmax and embeddings; remat recomputes each layer's activations in the backward pass
         dtype="float32", remat=False,
+        # with remat, what each recomputed layer keeps: "nothing_saveable" (least memory),
+        # "dots_with_no_batch_dims_saveable" (its dense layers' outputs), "dots_saveable" (every matmul's)
+        remat_policy="nothing_saveable",
         # a Dense + LayerNorm head on [CLS] (DPR-PAQ's RoBERTa towers): True adds a fresh one to a checkpoint
         # without it; a checkpoint that has one keeps it either way
         projection=False,
@@ -138,6 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
         dropout=0.1,
         dtype="float32",  # compute dtype; "bfloat16" computes in bf16 with float32 parameters and softmax
         remat=False,  # recompute each block's activations in the backward pass: K x N tokens per question
+        remat_policy="nothing_saveable",  # with remat, what each recomputed block keeps (as retriever.remat_policy)
         eval_batch_size=8,  # dev questions per generation batch (greedy decoding)
         # joint_topk: the starting lambda of lambda * p(z|q) on the cross-attention logits; 0 means K, so that a
         # passage holding twice the uniform 1/K of the retriever's mass gets +1 on its logits

@@ -436,20 +436,25 @@ def test_a_shared_tower_cannot_be_frozen_in_one_role(method, frozen, world, mode
 
 
 def test_the_retrievers_compute_policy_reaches_both_towers(world, models, tmp_path):
-    """retriever.dtype and retriever.remat (as reader.dtype and reader.remat): the towers a run trains
-    compute so; another dtype is refused in one line."""
+    """retriever.dtype, retriever.remat and retriever.remat_policy (as the reader's): the towers a run
+    trains, and its reader, compute so; another dtype or policy is refused in one line."""
     from art_jax.core.errors import UserError
     from art_jax.models.hf import for_inference
 
-    policy = {"retriever.dtype": "bfloat16", "retriever.remat": True}
+    policy = {"retriever.dtype": "bfloat16", "retriever.remat": True,
+              "retriever.remat_policy": "dots_with_no_batch_dims_saveable", "reader.remat": True,
+              "reader.remat_policy": "dots_saveable"}
     for shared in (False, True):
         method = METHODS["emdr2"](_config(_settings("emdr2", world, models, **policy,
                                                     **{"retriever.shared_towers": shared})),
                                   str(tmp_path / str(shared)), make_mesh(devices=jax.devices()[:1]))
         assert (method.groups.roles["question"] == method.groups.roles["passage"]) == shared  # one module stays one
+        reader = method.groups.module(method.params, "reader")
+        assert reader.encoder.remat and reader.decoder.remat_policy == "dots_saveable"
         for role in ("question", "passage"):
             tower = method.groups.module(method.params, role)
             assert tower.config.dtype == "bfloat16" and tower.config.remat, role
+            assert tower.config.remat_policy == "dots_with_no_batch_dims_saveable", role
             # indexes and evaluations embed as the exported tower will: float32, no remat
             inference = for_inference(tower)
             assert inference.config.dtype == "float32" and not inference.config.remat
@@ -457,6 +462,11 @@ def test_the_retrievers_compute_policy_reaches_both_towers(world, models, tmp_pa
                                               jax.tree.leaves(nnx.state(tower, nnx.Param))))
     with pytest.raises(UserError, match=r"retriever\.dtype: 'float16' is not one of float32, bfloat16"):
         METHODS["emdr2"].check_config(_config(_settings("emdr2", world, models, **{"retriever.dtype": "float16"})))
+    for model in ("retriever", "reader"):  # what a recomputed layer keeps: a jax.checkpoint_policies name
+        with pytest.raises(UserError, match=rf"{model}\.remat_policy: 'everything' is not one of nothing_saveable, "
+                                            "dots_with_no_batch_dims_saveable, dots_saveable"):
+            METHODS["emdr2"].check_config(_config(_settings("emdr2", world, models,
+                                                            **{f"{model}.remat_policy": "everything"})))
 
 
 def test_joint_topk_trains_the_question_tower_lambda_and_reader_never_the_passage_tower(setup, computed):

@@ -16,7 +16,7 @@ from art_jax.core.sharding import local_replica
 from art_jax.data.corpus import CorpusStore, TokenizerSpec, prepare_corpus
 from art_jax.evaluation.answers import metric_name
 from art_jax.models.hf import for_inference, load_tokenizer, with_config
-from art_jax.models.layers import COMPUTE_DTYPES
+from art_jax.models.layers import COMPUTE_DTYPES, REMAT_POLICIES
 from art_jax.retrieval.encoder import (
     DualEncoder,
     load_retriever,
@@ -69,10 +69,17 @@ def epoch_steps(cfg, count: int, what: str) -> tuple[int, int]:
     return per_epoch, total
 
 
+def check_compute_policy(section, name: str) -> None:
+    """``NAME.dtype`` and ``NAME.remat_policy`` of a model's config section (retriever, reader)."""
+    if section.dtype not in COMPUTE_DTYPES:
+        raise UserError(f"{name}.dtype: {section.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    if section.remat_policy not in REMAT_POLICIES:
+        raise UserError(f"{name}.remat_policy: {section.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+
+
 def check_retriever(cfg) -> None:
     """``retriever.*`` keys every method reads."""
-    if cfg.retriever.dtype not in COMPUTE_DTYPES:
-        raise UserError(f"retriever.dtype: {cfg.retriever.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    check_compute_policy(cfg.retriever, "retriever")
     if cfg.retriever.question_truncation not in ("right", "left"):
         raise UserError(f"retriever.question_truncation: {cfg.retriever.question_truncation!r} is not "
                         "'right' or 'left'")
@@ -174,7 +181,7 @@ class TrainsTowers:
         question, passage = initial_towers(cfg.retriever.checkpoint, shared=cfg.retriever.shared_towers,
                                            projection=cfg.retriever.projection)
         # the compute policy every model takes (the reader's reader.dtype / reader.remat alike)
-        policy = dict(dtype=cfg.retriever.dtype, remat=cfg.retriever.remat)
+        policy = dict(dtype=cfg.retriever.dtype, remat=cfg.retriever.remat, remat_policy=cfg.retriever.remat_policy)
         shared = passage is question
         question = with_config(question, **policy)
         passage = question if shared else with_config(passage, **policy)

@@ -21,8 +21,8 @@ from art_jax.core.sharding import local_replica, make_mesh
 from art_jax.data.reader_inputs import encode_answers, encode_reader_batch, resolve_format, sample_answer
 from art_jax.evaluation.predict import Retrieved, predict_answers
 from art_jax.evaluation.reading import exact_match, f1
+from art_jax.methods.common import check_compute_policy
 from art_jax.models.hf import for_inference
-from art_jax.models.layers import COMPUTE_DTYPES
 from art_jax.models.reader import answer_log_probs, fid_encode
 from art_jax.models.reader_folder import ReaderSettings
 from art_jax.models.t5 import T5
@@ -38,8 +38,7 @@ def check_reader(cfg) -> None:
     for key in ("max_input_tokens", "max_answer_tokens", "eval_batch_size"):
         if reader[key] < 1:
             raise UserError(f"reader.{key}={reader[key]} must be at least 1")
-    if reader.dtype not in COMPUTE_DTYPES:
-        raise UserError(f"reader.dtype: {reader.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    check_compute_policy(reader, "reader")
     if not 0 <= reader.dropout < 1:
         raise UserError(f"reader.dropout={reader.dropout} is not in [0, 1)")
 
@@ -58,7 +57,7 @@ def initial_reader(cfg):
     from art_jax.workdir import load_reader
 
     return load_reader(cfg.reader.checkpoint, dropout_rate=cfg.reader.dropout, dtype=cfg.reader.dtype,
-                       remat=cfg.reader.remat)
+                       remat=cfg.reader.remat, remat_policy=cfg.reader.remat_policy)
 
 
 def reader_arrays(tokenizer, settings: ReaderSettings, questions: Sequence[str],

@@ -61,6 +61,7 @@ class BertConfig:
     with_pooler: bool = True  # kept only so exported checkpoints are complete
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass (layers.scanned_remat)
+    remat_policy: str = "nothing_saveable"  # what a recomputed layer keeps (layers.REMAT_POLICIES)
     model_type: str = "bert"  # one of MODEL_TYPES: the Hugging Face architecture
     pad_token_id: int = 0  # RoBERTa's padding_idx: its positions count from pad_token_id + 1
     hidden_act: str = "gelu"  # exact erf GELU; "gelu_new" is the tanh form (Megatron's fused bias-GELU)
@@ -235,7 +236,7 @@ class Bert(nnx.Module):
             scanned_keys = None if dropout_key is None else jnp.stack(
                 [jnp.stack([keys() for _ in range(KEYS_PER_LAYER)]) for _ in range(last)])
             x, _ = scanned_remat(self.layers[:last], lambda layer, x, k: (layer(x, bias, PresetKeys(k)), None), x,
-                                 scanned_keys)
+                                 scanned_keys, policy=self.config.remat_policy)
             unrolled = [last]
         for i in unrolled:
             x = self.layers[i](x, bias, keys, queries=1 if first_only and i == last else None)

@@ -127,12 +127,24 @@ class PresetKeys:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")  # every model's compute choice: float32 parameters, logits and softmax
+# What a rematerialised layer keeps for its backward pass (jax.checkpoint_policies): nothing (all of its
+# forward recomputed: least memory), its matmuls without batch dimensions (the dense layers' outputs;
+# attention and the elementwise work recomputed), or every matmul (attention's scores and mixes too)
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
-def scanned_remat(blocks, call, x, inputs=None):
+def remat_policy(name: str):
+    """The ``jax.checkpoint_policies`` member of a ``REMAT_POLICIES`` name."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={name!r}; expected one of {', '.join(REMAT_POLICIES)}")
+    return getattr(jax.checkpoint_policies, name)
+
+
+def scanned_remat(blocks, call, x, inputs=None, *, policy: str = "nothing_saveable"):
     """``x`` through ``blocks`` (modules of one structure) as one ``lax.scan`` of the rematerialised
     ``call(block, x, block_inputs) -> (x, output)`` over their stacked weights; ``inputs``: per-block
-    arrays stacked on a leading axis (or None). Returns (x, the stacked outputs). Every model's remat
+    arrays stacked on a leading axis (or None); ``policy``: what each block keeps (``REMAT_POLICIES``).
+    Returns (x, the stacked outputs). Every model's remat
     (T5's blocks, BERT's layers): unrolled, XLA may schedule every block's recomputation before the
     first backward one and keep all their activations alive at once (XLA:CPU did: T5-base FiD's
     step compiled to 66 GiB with remat as without), where a loop runs one block's backward at a time."""
@@ -143,7 +155,7 @@ def scanned_remat(blocks, call, x, inputs=None):
         state, block_inputs = per_block
         return call(nnx.merge(graph, state), x, block_inputs)
 
-    return jax.lax.scan(jax.checkpoint(step, prevent_cse=False), x, (weights, inputs))
+    return jax.lax.scan(jax.checkpoint(step, prevent_cse=False, policy=remat_policy(policy)), x, (weights, inputs))
 
 
 def attention_bias_from_mask(mask: jax.Array) -> jax.Array:

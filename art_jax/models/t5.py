@@ -8,6 +8,7 @@ Fusion-in-Decoder reader in ``art_jax.models.reader``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -23,6 +24,7 @@ from art_jax.models.layers import (
     dropout,
     embed,
     merge_heads,
+    remat_policy,
     scanned_remat,
     split_heads,
 )
@@ -49,6 +51,7 @@ class T5Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # the frozen teacher keeps bfloat16 parameters
     remat: bool = False  # recompute each block's activations in the backward pass (training memory)
+    remat_policy: str = "nothing_saveable"  # what a recomputed block keeps (layers.REMAT_POLICIES)
     # the checkpoint's special tokens (Hugging Face's config; a T5 with BERT's vocabulary has its own)
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -226,9 +229,12 @@ class T5Block(nnx.Module):
         return x + dropout(self.feed_forward(normed, keys), self.dropout_rate, keys()), self_kv
 
 
-# Tree mode: graph mode writes the blocks' state back after the call, which fails where they are
-# closed over inside a lax loop (decoding).
-_rematerialised_block = nnx.remat(T5Block.__call__, graph=False)
+@functools.cache
+def _rematerialised_block(policy: str):
+    """T5Block.__call__ recomputed in the backward pass, keeping what ``policy`` saves. Tree mode:
+    graph mode writes the blocks' state back after the call, which fails where they are closed over
+    inside a lax loop (decoding)."""
+    return nnx.remat(T5Block.__call__, graph=False, policy=remat_policy(policy))
 
 
 class T5Stack(nnx.Module):
@@ -239,7 +245,7 @@ class T5Stack(nnx.Module):
         self.final_layer_norm = RMSNorm(cfg)
         self.is_decoder = is_decoder
         self.dropout_rate = cfg.dropout_rate
-        self.remat = cfg.remat
+        self.remat, self.remat_policy = cfg.remat, cfg.remat_policy
 
     def self_attention_bias(self, length: int, mask=None) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Relative positions plus the causal mask (decoder, [1, H, L, L]), or the encoder's
@@ -264,7 +270,7 @@ class T5Stack(nnx.Module):
         block_keys = [keys() for _ in self.blocks]
         if self.remat and caches is None and not isinstance(cross, tuple) and len(self.blocks) > 1:
             return self._scanned_blocks(x, self_bias, block_keys, cross, cross_bias, packing)
-        call = _rematerialised_block if self.remat else T5Block.__call__
+        call = _rematerialised_block(self.remat_policy) if self.remat else T5Block.__call__
         self_kvs = []
         for i, block in enumerate(self.blocks):
             block_cross = cross[i] if isinstance(cross, tuple) else cross
@@ -277,12 +283,12 @@ class T5Stack(nnx.Module):
     def _scanned_blocks(self, x, self_bias, block_keys, cross, cross_bias, packing):
         """Training under remat: block 0 (it holds the relative-position table) alone, then the others
         as ``scanned_remat``."""
-        x, first_kv = _rematerialised_block(self.blocks[0], x, self_bias, block_keys[0], cross, cross_bias, None,
-                                            None, packing)
+        x, first_kv = _rematerialised_block(self.remat_policy)(self.blocks[0], x, self_bias, block_keys[0], cross,
+                                                               cross_bias, None, None, packing)
         x, kvs = scanned_remat(
             self.blocks[1:],
             lambda block, x, key: T5Block.__call__(block, x, self_bias, key, cross, cross_bias, packing=packing), x,
-            None if block_keys[0] is None else jnp.stack(block_keys[1:]))
+            None if block_keys[0] is None else jnp.stack(block_keys[1:]), policy=self.remat_policy)
         return x, (first_kv, *(jax.tree.map(lambda a, i=i: a[i], kvs) for i in range(len(self.blocks) - 1)))
 
     def __call__(self, x, mask, dropout_key=None, *, memory=None, memory_mask=None, memory_bias=None,

@@ -186,10 +186,14 @@ class TrainShapes:
 
 
 def _towers(cfg, tower_hf: dict, unrolled: bool) -> dict:
-    remat = cfg.retriever.remat and not unrolled
-    question = abstract_bert(tower_hf, projection=cfg.retriever.projection, dtype=cfg.retriever.dtype, remat=remat)
-    passage = question if cfg.retriever.shared_towers else abstract_bert(
-        tower_hf, projection=cfg.retriever.projection, dtype=cfg.retriever.dtype, remat=remat)
+    from art_jax.methods.common import check_compute_policy
+
+    retriever = cfg.retriever
+    check_compute_policy(retriever, "retriever")
+    policy = dict(projection=retriever.projection, dtype=retriever.dtype, remat=retriever.remat and not unrolled,
+                  remat_policy=retriever.remat_policy)
+    question = abstract_bert(tower_hf, **policy)
+    passage = question if retriever.shared_towers else abstract_bert(tower_hf, **policy)
     return {"question": question, "passage": passage}
 
 
@@ -203,8 +207,12 @@ def _tower_shapes(cfg, layout: Layout) -> tuple[dict, TrainShapes]:
 
 
 def _reader(cfg, reader_hf: dict, unrolled: bool):
+    from art_jax.methods.common import check_compute_policy
+
     reader = cfg.reader
-    return abstract_t5(reader_hf, dropout_rate=reader.dropout, dtype=reader.dtype, remat=reader.remat and not unrolled)
+    check_compute_policy(reader, "reader")
+    return abstract_t5(reader_hf, dropout_rate=reader.dropout, dtype=reader.dtype, remat=reader.remat and not unrolled,
+                       remat_policy=reader.remat_policy)
 
 
 def _index(cfg, layout: Layout, dim: int, use: str) -> tuple[tuple[str, int], int, int]:
