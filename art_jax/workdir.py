@@ -304,7 +304,7 @@ def read_run(spec: str, *, step: int | None = None, best: bool = False, mesh=Non
 def load_reader(spec: str, *, mesh=None, step: int | None = None, best: bool = False, **overrides) -> Reader:
     """The reader ``spec`` names: a training run that trains one (its newest checkpoint, ``step``'s
     or its best), an export with reader/, or a Hugging Face T5 folder or hub id; ``overrides``:
-    T5Config fields (dropout, compute dtype, remat)."""
+    T5Config fields (dropout, compute dtype, remat and its policy)."""
     if run_root(os.path.normpath(os.path.expanduser(spec)) if not storage.is_remote(spec) else spec.rstrip("/")):
         return read_run_reader(spec, step=step, best=best, mesh=mesh, **overrides)
     if step is not None or best:

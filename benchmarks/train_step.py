@@ -51,6 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.threads import add_threads_flag, pin_cpus  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 PAD, CLS, SEP = 0, 1, 2  # random token ids: which are special only matters to the mask
@@ -231,7 +233,7 @@ def both_sides(args, make_ours, make_peer):
     from tests.hf_fixtures import make_bert_checkpoint
 
     transformers.logging.set_verbosity_error()  # the peer leaves the checkpoint's pooler unused
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the CPUs --threads left, as XLA:CPU's pool
     optim = OptimConfig()
     with tempfile.TemporaryDirectory() as folder:
         make_bert_checkpoint(folder, vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -415,7 +417,9 @@ def main() -> None:
     parser.add_argument("--scorer", choices=("query_likelihood", "t5"), default="query_likelihood")
     parser.add_argument("--t5-size", choices=("tiny", "small"), default="tiny")
     parser.add_argument("--scorer-dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    add_threads_flag(parser)
     args = parser.parse_args()
+    pin_cpus(args.threads)
     if args.memory:
         return update_memory(args)
     compare_update(args)

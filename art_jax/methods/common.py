@@ -180,7 +180,7 @@ class TrainsTowers:
         """The towers, and ``other_modules`` by role (a reader), as the run's parameter groups."""
         question, passage = initial_towers(cfg.retriever.checkpoint, shared=cfg.retriever.shared_towers,
                                            projection=cfg.retriever.projection)
-        # the compute policy every model takes (the reader's reader.dtype / reader.remat alike)
+        # the compute policy every model takes (as the reader's reader.dtype / remat / remat_policy)
         policy = dict(dtype=cfg.retriever.dtype, remat=cfg.retriever.remat, remat_policy=cfg.retriever.remat_policy)
         shared = passage is question
         question = with_config(question, **policy)

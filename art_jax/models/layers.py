@@ -133,7 +133,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")  # every model's compute choice: float3
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
-def remat_policy(name: str):
+def checkpoint_policy(name: str):
     """The ``jax.checkpoint_policies`` member of a ``REMAT_POLICIES`` name."""
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={name!r}; expected one of {', '.join(REMAT_POLICIES)}")
@@ -155,7 +155,8 @@ def scanned_remat(blocks, call, x, inputs=None, *, policy: str = "nothing_saveab
         state, block_inputs = per_block
         return call(nnx.merge(graph, state), x, block_inputs)
 
-    return jax.lax.scan(jax.checkpoint(step, prevent_cse=False, policy=remat_policy(policy)), x, (weights, inputs))
+    return jax.lax.scan(jax.checkpoint(step, prevent_cse=False, policy=checkpoint_policy(policy)), x,
+                        (weights, inputs))
 
 
 def attention_bias_from_mask(mask: jax.Array) -> jax.Array:

@@ -81,7 +81,7 @@ def read_settings(folder: str) -> ReaderSettings:
 
 def read_reader_folder(folder: str, *, mesh=None, **overrides) -> Reader:
     """A reader from a local Hugging Face T5 folder (an export's reader/ or any T5 checkpoint);
-    ``overrides``: T5Config fields (dropout, compute dtype, remat)."""
+    ``overrides``: T5Config fields (dropout, compute dtype, remat and its policy)."""
     return Reader(load_t5(folder, mesh=mesh, **overrides), load_tokenizer(folder), read_settings(folder), folder)
 
 

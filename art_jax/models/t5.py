@@ -20,11 +20,11 @@ from art_jax.models.layers import (
     KeyStream,
     attend,
     attention_bias_from_mask,
+    checkpoint_policy,
     dense,
     dropout,
     embed,
     merge_heads,
-    remat_policy,
     scanned_remat,
     split_heads,
 )
@@ -234,7 +234,7 @@ def _rematerialised_block(policy: str):
     """T5Block.__call__ recomputed in the backward pass, keeping what ``policy`` saves. Tree mode:
     graph mode writes the blocks' state back after the call, which fails where they are closed over
     inside a lax loop (decoding)."""
-    return nnx.remat(T5Block.__call__, graph=False, policy=remat_policy(policy))
+    return nnx.remat(T5Block.__call__, graph=False, policy=checkpoint_policy(policy))
 
 
 class T5Stack(nnx.Module):

@@ -2,8 +2,9 @@
 same score whenever it is asked, and ART asks again for every pair a question retrieves again in a
 later epoch. ``ScoreCache`` keeps the run's teacher's scores in host memory, keyed by (global question
 index, corpus row) within the one teacher it holds (a run fixes its checkpoint, prompt and dtype: a
-cache is never shared between teachers), and scores only the pairs it does not hold; ``scorer.cache`` pairs at most, the
-least recently asked dropped first. It lives in the process: a resumed run starts empty.
+cache is never shared between teachers), and scores only the pairs it does not hold; ``scorer.cache``
+pairs at most, the least recently asked dropped first. It lives in the process: a resumed run starts
+empty.
 
 Each process asks for its own questions. A T5 teacher scores in batches every process runs together
 (its params sharded over all devices), so the processes agree on how many pairs they score: the

@@ -286,6 +286,18 @@ def _search_block(name: str, layout: Layout, queries: int, k: int, dim: int, per
     return Compiled.of(name, search, calls=calls, copies=mesh.size)
 
 
+def _vectors_gather(layout: Layout, vectors: jax.ShapeDtypeStruct, blocks: int, per_device: int) -> Compiled:
+    """The step's read of its passages' ``vectors`` (their batch array's shape, dtype and layout)
+    from the index's ``blocks`` of ``per_device`` rows a device (``ShardedIndex.vectors``)."""
+    from art_jax.retrieval.search import ROWS, _gather_rows
+
+    mesh, (*rows, dim) = layout.mesh, vectors.shape
+    block = _spec((per_device * mesh.size, dim), vectors.dtype, NamedSharding(mesh, ROWS))
+    gather = _gather_rows(mesh, blocks, tuple(rows), vectors.sharding).lower(
+        _spec((int(np.prod(rows)),), jnp.int32, NamedSharding(mesh, P())), (block,) * blocks)
+    return Compiled.of("the passages' vectors from the index", gather)
+
+
 def _question_search(cfg, layout: Layout, shapes: TrainShapes, embed, batch: dict, dim: int, per_device: int,
                      blocks: int, depth: int) -> list[Compiled]:
     """The step's question embedding (``embed(groups, state, ids, mask)``, as the method's) and its
@@ -484,6 +496,8 @@ def _end_to_end(cfg, layout: Layout) -> Report:
     if not data.salient_source_passage:  # (which reads its own passage alone: nothing searched)
         functions += _question_search(cfg, layout, shapes, end_to_end.embed_questions, batch, dim, per_device, blocks,
                                       k + excluded)
+    if method.vectors_from_index:
+        functions.append(_vectors_gather(layout, batch["passage_vectors"], blocks, per_device))
     functions.append(_passage_embedding(cfg, tower_hf, "refresh" if method.index_use == "train" else "start"))
     if data.dev_questions or (data.salient_spans and data.salient_dev):  # what the run evaluates on
         functions.append(_search_block(f"search at evaluation, one block ({per_device:,} rows a device)", layout,
