@@ -166,7 +166,7 @@ def test_reader_runs_are_sized(bert_dir, t5_v10_dir, tmp_path):
 def test_the_paper_configs_fit_sixteen_a100s(teacher):
     """The paper's NQ runs (BERT-base towers, 64 questions x 32 passages, the 3B and 11B teachers)
     compiled for 16 devices of 40 GB with the shipped model shapes: no weights, no download."""
-    run = _dry_run_on_sixteen_a100s(f"art_nq_base.py:nq,{teacher}")
+    run = _dry_run_fits(f"art_nq_base.py:nq,{teacher}")
     # the 11B teacher (22 GB) passes half a device: split over the fewest devices that bring it under
     assert f"model={ {'t0-3b': 1, 't5-xxl-lm-adapt': 2}[teacher]}," in run.stdout
     figures = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("  teacher parameters")]
@@ -174,14 +174,26 @@ def test_the_paper_configs_fit_sixteen_a100s(teacher):
     assert np.isclose(figures[0] * int(run.stdout.split("model=")[1].split(",")[0]), total, rtol=0.02)
 
 
-def _dry_run_on_sixteen_a100s(preset: str, *overrides: str) -> subprocess.CompletedProcess:
-    """`art-jax train --dry-run` of a shipped config for 16 devices of 40 GB, asserted to fit."""
+def _dry_run_fits(preset: str, *overrides: str, devices: int = 16, memory_gb: int = 40) -> subprocess.CompletedProcess:
+    """`art-jax train --dry-run` of a shipped config for 16 devices of 40 GB (or ``devices`` of
+    ``memory_gb``), asserted to fit."""
     run = subprocess.run([sys.executable, "-m", "art_jax", "train", f"--config=configs/{preset}", "--dry-run",
-                          "--config.mesh.device_memory_gb=40", *overrides], env=child_env(16), capture_output=True,
-                         text=True, timeout=1200, cwd=os.path.join(os.path.dirname(__file__), ".."))
+                          f"--config.mesh.device_memory_gb={memory_gb}", *overrides], env=child_env(devices),
+                         capture_output=True, text=True, timeout=1200,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert run.returncode == 0, run.stdout + run.stderr
     assert ": fits" in run.stdout
     return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,overrides", [
+    ("dpr_nq.py", ()),  # DPR's 8 V100s of 32 GB, its batch of 128 (float32, no remat)
+    # DPR-PAQ's largest BERT at its per-GPU batch of 12: 8 of its 64 V100s of 32 GB, each as in the whole run
+    ("paq.py:bert-large", ("--config.train.batch_size=96",))])
+def test_the_contrastive_paper_configs_fit_thirty_two_gigabyte_gpus(preset, overrides):
+    run = _dry_run_fits(preset, *overrides, devices=8, memory_gb=32)
+    assert "train state (replicated" in run.stdout
 
 
 @pytest.mark.slow
@@ -190,7 +202,7 @@ def test_the_reader_paper_configs_fit_sixteen_a100s(preset):
     """The reader methods' presets as shipped (T5-base; BERT-base towers for the end-to-end ones,
     whose shapes stand in for the retriever a run starts from; 64 questions x K passages) compiled
     for 16 devices of 40 GB: each fits, with its dev answers' generation sized."""
-    run = _dry_run_on_sixteen_a100s(preset, "--config.retriever.checkpoint=bert-base-uncased")
+    run = _dry_run_fits(preset, "--config.retriever.checkpoint=bert-base-uncased")
     assert "answer generation at evaluation" in run.stdout
 
 
