@@ -103,7 +103,7 @@ class JaxStep:
     for ``method`` (a module of art_jax/methods/ with ``objective`` and ``batch_shardings``)."""
 
     def __init__(self, folder: str, optim, temperature_multiplier: float, method=None, dtype: str = "float32",
-                 **objective_options):
+                 remat: bool = False, **objective_options):
         import jax
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -116,8 +116,8 @@ class JaxStep:
 
         method = method or art
         self.mesh = make_mesh()
-        self.towers, params = ParamGroups.split({"question": load_bert(folder, dtype=dtype),
-                                                 "passage": load_bert(folder, dtype=dtype)})
+        self.towers, params = ParamGroups.split({role: load_bert(folder, dtype=dtype, remat=remat)
+                                                 for role in ("question", "passage")})
         self.m = temperature_multiplier
         optimizer = make_optimizer(optim, self.towers, params)
         self.state = jax.device_put(init_state(params, optimizer, seed=0), NamedSharding(self.mesh, P()))
@@ -152,7 +152,8 @@ def autocast(torch, device: str, dtype: str):
 class TorchStep:
     """The peer: two transformers ``BertModel`` towers and the same loss and optimizer."""
 
-    def __init__(self, folder: str, optim, temperature_multiplier: float, dtype: str = "float32"):
+    def __init__(self, folder: str, optim, temperature_multiplier: float, dtype: str = "float32",
+                 remat: bool = False):
         import torch
         from transformers import BertModel
 
@@ -160,6 +161,9 @@ class TorchStep:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.towers = [BertModel.from_pretrained(folder, add_pooling_layer=False).to(self.device).train()
                        for _ in range(2)]
+        if remat:  # as art_jax's retriever.remat: each layer's activations recomputed in the backward pass
+            for tower in self.towers:
+                tower.gradient_checkpointing_enable()
         self.params = [p for tower in self.towers for p in tower.parameters()]
         groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": optim.weight_decay},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
@@ -209,23 +213,25 @@ def compare_update(args) -> None:
     import jax
     import torch
 
+    remat = args.remat == "on"
     ours, peer = both_sides(args, lambda folder, optim: JaxStep(folder, optim, args.temperature_multiplier,
-                                                                dtype=args.dtype),
-                            lambda folder, optim: TorchStep(folder, optim, args.temperature_multiplier, args.dtype))
+                                                                dtype=args.dtype, remat=remat),
+                            lambda folder, optim: TorchStep(folder, optim, args.temperature_multiplier, args.dtype,
+                                                            remat))
     batch, unique = make_batch(args, unique_multiple(args, ours.mesh.size))
     print(f"update: BERT towers hidden {args.hidden} x {args.layers} layers ({args.heads} heads, vocab {args.vocab}), "
           f"B={args.batch} K={args.k} Lq={args.question_length} Lp={args.passage_length}, "
           f"{unique} unique of {args.batch * args.k} retrieved rows padded to U={batch['passage_ids'].shape[1]} "
           f"(corpus {args.corpus:,}, zipf {args.zipf:g}); jax {jax.__version__} on {jax.device_count()} "
           f"{jax.default_backend()} device(s), torch {torch.__version__} on {peer.device} "
-          f"({torch.get_num_threads()} CPU threads), compute {args.dtype}")
+          f"({torch.get_num_threads()} CPU threads), compute {args.dtype}, remat {args.remat}")
     race(ours, peer, batch, batch, args, peer_label="transformers BertModel")
 
 
 def both_sides(args, make_ours, make_peer):
     """(art_jax side, PyTorch side), each ``make_*(folder, optim)`` on one random BERT folder
     written by transformers (``args``' size), with the default optimizer settings; torch on
-    every CPU thread."""
+    every CPU the process may use (``--threads``), as XLA:CPU."""
     import torch
     import transformers
 
@@ -315,7 +321,8 @@ def update_memory(args) -> None:
     hf = dict(model_type="bert", vocab_size=args.vocab, max_position_embeddings=max(512, args.passage_length),
               type_vocab_size=2, hidden_size=args.hidden, num_hidden_layers=args.layers,
               num_attention_heads=args.heads, intermediate_size=4 * args.hidden)
-    towers, optimizer, optim, state = abstract_state({role: abstract_bert(hf, dtype=args.dtype, with_pooler=False)
+    towers, optimizer, optim, state = abstract_state({role: abstract_bert(hf, dtype=args.dtype, with_pooler=False,
+                                                                          remat=args.remat == "on")
                                                       for role in ("question", "passage")})
     mesh = make_mesh(devices=jax.devices()[:1])
     batch, unique = make_batch(args, unique_multiple(args, mesh.size))
@@ -408,6 +415,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the towers' compute dtype (parameters stay float32; torch under autocast)")
+    parser.add_argument("--remat", choices=("off", "on"), default="off", help="the towers' rematerialisation "
+                        "(art_jax's retriever.remat; transformers' gradient checkpointing)")
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak for --dtype, to print MFU "
                         "(H100/H200 SXM bfloat16: 989)")
     parser.add_argument("--memory", action="store_true", help="only compile the update and print its memory")
