@@ -14,7 +14,8 @@
 #      CPU compiler's figures in the README.
 # usage: benchmarks/gpu.sh OUTDIR [BERT_FOLDER]    (run from the repository root)
 # PEAK_TFLOPS (default 989, an H100/H200 SXM's dense bfloat16 peak) is the MFU's denominator.
-# PARTS="art_update art_update_b64" runs only the parts named (default: all).
+# PARTS="art_update art_update_b64" runs only the parts named (default: all; the parts' limits add up
+# to 15-19 minutes: where one command may run 10, split them over two calls).
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [BERT_FOLDER]}
 bert=${2:-}
@@ -56,4 +57,4 @@ fi
 part fid_memory 200 python3 benchmarks/reader.py --part memory --memory-dtypes bfloat16 --memory-remat on off
 
 echo "== summary"
-grep -h "MFU\|ratio\|passages/s\|remat o[nf] \|^  [0-9.]* M parameters" "$out"/*.log
+grep -H "MFU\|ratio\|passages/s\|remat o[nf] \|^  [0-9.]* M parameters" "$out"/*.log | sed "s|^$out/||"

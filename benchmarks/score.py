@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.threads import add_threads_flag, pin_cpus  # noqa: E402
+
 SIZES = {
     "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
     "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
@@ -139,7 +141,9 @@ def main() -> None:
                         help="time the forward alone at this T5's shapes: random weights, no peer")
     parser.add_argument("--encoder-length", type=int, default=512, help="with --paper-shape")
     parser.add_argument("--decoder-length", type=int, default=32, help="with --paper-shape")
+    add_threads_flag(parser)
     args = parser.parse_args()
+    cpus = pin_cpus(args.threads)
     if args.paper_shape:
         return paper_shape(args)
 
@@ -150,7 +154,7 @@ def main() -> None:
     from art_jax.teachers.t5 import T5Scorer
     from tests.hf_fixtures import make_t5_checkpoint
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpus)
     titles, texts, questions = make_pairs(args.pairs)
     with tempfile.TemporaryDirectory() as folder:
         make_t5_checkpoint(folder, version="1.1", vocab_size=32128, **SIZES[args.size])

@@ -110,21 +110,32 @@ class JaxStep:
 
         from art_jax.core.sharding import make_mesh
         from art_jax.methods import art
-        from art_jax.models.hf import load_bert
+        from art_jax.models.hf import load_bert, with_config
         from art_jax.training.state import ParamGroups, init_state, learning_rate_schedule, make_optimizer
         from art_jax.training.update import jit_update
 
         method = method or art
         self.mesh = make_mesh()
-        self.towers, params = ParamGroups.split({role: load_bert(folder, dtype=dtype, remat=remat)
-                                                 for role in ("question", "passage")})
+        towers = {role: load_bert(folder, dtype=dtype, remat=remat) for role in ("question", "passage")}
+        self.towers, params = ParamGroups.split(towers)
         self.m = temperature_multiplier
         optimizer = make_optimizer(optim, self.towers, params)
         self.state = jax.device_put(init_state(params, optimizer, seed=0), NamedSharding(self.mesh, P()))
-        self.objective = method.objective(self.towers, temperature_multiplier=temperature_multiplier,
-                                          **objective_options)
-        self._update = jit_update(self.objective, optimizer, learning_rate_schedule(optim), self.mesh,
-                                  method.batch_shardings(self.mesh))
+
+        def update(groups):
+            objective = method.objective(groups, temperature_multiplier=temperature_multiplier, **objective_options)
+            return objective, jit_update(objective, optimizer, learning_rate_schedule(optim), self.mesh,
+                                         method.batch_shardings(self.mesh))
+
+        self.objective, self._update = update(self.towers)
+        # the model's FLOPs are those of the same step without remat's recomputation
+        self._plain_update = update(ParamGroups.split({role: with_config(tower, remat=False)
+                                                       for role, tower in towers.items()})[0])[1]
+
+    def model_flops(self, batch: dict[str, np.ndarray]) -> float:
+        from benchmarks.flops import matmul_flops
+
+        return matmul_flops(self._plain_update, self.state, batch)
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         self.state, metrics = self._update(self.state, batch)
@@ -278,10 +289,10 @@ def race(ours, peer, ours_batch, peer_batch, args, *, peer_label: str) -> None:
 def print_mfu(ours, batch, median: dict[str, float], peak_tflops: float) -> None:
     """Both sides' achieved rate and MFU at their median step. The FLOPs, for both sides, are the
     matrix products of art_jax's update counted in its jaxpr (benchmarks/flops.py): forward and
-    backward, without remat's recomputation where the side has ``model_flops``."""
-    from benchmarks.flops import matmul_flops, rate_line
+    backward, without remat's recomputation (``ours.model_flops``)."""
+    from benchmarks.flops import rate_line
 
-    flops = ours.model_flops(batch) if hasattr(ours, "model_flops") else matmul_flops(ours._update, ours.state, batch)
+    flops = ours.model_flops(batch)
     print(f"  {flops / 1e12:.3g} TFLOP of matrix products per step: " + "; ".join(
         f"{name} {rate_line(flops / seconds, peak_tflops)}" for name, seconds in median.items()))
 
