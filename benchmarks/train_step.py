@@ -129,8 +129,10 @@ class JaxStep:
 
         self.objective, self._update = update(self.towers)
         # the model's FLOPs are those of the same step without remat's recomputation
-        self._plain_update = update(ParamGroups.split({role: with_config(tower, remat=False)
-                                                       for role, tower in towers.items()})[0])[1]
+        self._plain_update = self._update
+        if remat:
+            self._plain_update = update(ParamGroups.split({role: with_config(tower, remat=False)
+                                                           for role, tower in towers.items()})[0])[1]
 
     def model_flops(self, batch: dict[str, np.ndarray]) -> float:
         from benchmarks.flops import matmul_flops
